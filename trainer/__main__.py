@@ -1,0 +1,5 @@
+import sys
+
+from trainer.worker.main import main
+
+sys.exit(main())

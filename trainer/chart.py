@@ -1,0 +1,32 @@
+"""Where the Helm chart lives: inside the wheel, or in the source checkout."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import yaml
+
+_PACKAGED = Path(__file__).resolve().parent / "chart"
+_SOURCE = Path(__file__).resolve().parent.parent / "helm" / "kubetrain"
+
+
+@functools.cache
+def chart_dir() -> Path:
+    for candidate in (_PACKAGED, _SOURCE):
+        if (candidate / "Chart.yaml").is_file() or (candidate / "values.yaml").is_file():
+            return candidate
+    raise FileNotFoundError("the kubetrain Helm chart is missing from this installation")
+
+
+@functools.cache
+def default_values() -> dict:
+    with open(chart_dir() / "values.yaml", encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+@functools.cache
+def values_schema() -> dict:
+    with open(chart_dir() / "values.schema.json", encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,207 @@
+"""`kubetrain run`: the PyTorchJob as local processes, one per replica.
+
+Each replica gets exactly the environment the Kubeflow training operator
+injects (DESIGN §3.3) with MASTER_ADDR=127.0.0.1 and a free port; torchrun
+runs inside a replica when nprocPerNode > 1, as in the pod. Output is streamed
+with a `[master-0]` / `[worker-1]` prefix. One failing replica stops the rest;
+retryable exits (>= 128) relaunch every replica under `job.restartPolicy`
+and `job.backoffLimit`, as the operator would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.config import trainer_config_document, trainer_config_from_values
+from trainer.errors import EXIT_PREEMPTED, is_retryable
+
+STOP_GRACE_SECONDS = 30.0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def replica_name(index: int) -> str:
+    return "master-0" if index == 0 else f"worker-{index}"
+
+
+def operator_env(index: int, nodes: int, nproc: int, port: int) -> dict[str, str]:
+    """What the training operator injects into replica `index` (DESIGN §3.3)."""
+    return {
+        "MASTER_ADDR": "127.0.0.1", "PET_MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port), "PET_MASTER_PORT": str(port),
+        "RANK": str(index), "PET_NODE_RANK": str(index),
+        "WORLD_SIZE": str(nodes * nproc),
+        "PET_NPROC_PER_NODE": str(nproc), "PET_NNODES": str(nodes),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def replica_command(config_path: Path, nproc: int) -> list[str]:
+    if nproc > 1:  # torchrun reads PET_* for nnodes, node rank and master, as in the pod
+        return [sys.executable, "-m", "torch.distributed.run", "-m", "trainer", "--config", str(config_path)]
+    return [sys.executable, "-m", "trainer", "--config", str(config_path)]
+
+
+def exit_code(returncode: int) -> int:
+    """A process killed by signal N exits 128+N, as a container does."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@dataclass
+class Attempt:
+    """One launch of every replica; owns the processes and their output threads."""
+
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    threads: list[threading.Thread] = field(default_factory=list)
+    summary: dict | None = None  # master-0's JSON summary line, when it printed one
+
+
+class LocalRunner:
+    def __init__(self, experiment: str, values: dict, workdir: Path, out=None):
+        self.experiment, self.values, self.workdir = experiment, values, workdir
+        self.out = out or sys.stdout
+        self.job = values["job"]
+        self.print_lock = threading.Lock()
+        self.stopping = False  # set by Ctrl-C/SIGTERM: no more restarts
+
+    def write_config(self) -> Path:
+        """The trainer config, written atomically: what the ConfigMap holds in a cluster."""
+        trainer_config_from_values(self.experiment, self.values)  # fail on a bad name before writing
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / "config.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(trainer_config_document(self.experiment, self.values), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    def _emit(self, line: str) -> None:
+        with self.print_lock:
+            self.out.write(line)
+            self.out.flush()
+
+    def _pump(self, attempt: Attempt, index: int, stream) -> None:
+        prefix = f"[{replica_name(index)}] "
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace")
+            if index == 0 and line.startswith('{"event": "summary"'):
+                try:
+                    attempt.summary = json.loads(line)
+                except json.JSONDecodeError:
+                    pass
+            self._emit(prefix + line if line.endswith("\n") else prefix + line + "\n")
+        stream.close()
+
+    def _launch(self, config_path: Path) -> Attempt:
+        nodes, nproc = self.job["nodes"], self.job["nprocPerNode"]
+        port = free_port()
+        threads_per_proc = max(1, (os.cpu_count() or 1) // (nodes * nproc))
+        attempt = Attempt()
+        for index in range(nodes):
+            env = dict(os.environ)
+            env.setdefault("OMP_NUM_THREADS", str(threads_per_proc))
+            env.update(operator_env(index, nodes, nproc, port))
+            proc = subprocess.Popen(
+                replica_command(config_path, nproc), env=env, cwd=self.workdir,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # our own signal forwarding reaches torchrun's children too
+            )
+            attempt.procs.append(proc)
+            t = threading.Thread(target=self._pump, args=(attempt, index, proc.stdout), daemon=True)
+            t.start()
+            attempt.threads.append(t)
+        return attempt
+
+    @staticmethod
+    def _signal_all(attempt: Attempt, sig: int) -> None:
+        for proc in attempt.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+
+    def _stop(self, attempt: Attempt) -> None:
+        """SIGTERM every live replica (they checkpoint and exit), SIGKILL after a grace period."""
+        self._signal_all(attempt, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while time.monotonic() < deadline and any(p.poll() is None for p in attempt.procs):
+            time.sleep(0.1)
+        self._signal_all(attempt, signal.SIGKILL)
+
+    def _wait(self, attempt: Attempt) -> tuple[int, int | None]:
+        """Wait for the attempt; returns (job exit code, index of the first failed replica)."""
+        while True:
+            for index, proc in enumerate(attempt.procs):
+                code = proc.poll()
+                if code is not None and code != 0:
+                    self._stop(attempt)
+                    return exit_code(code), index
+            if all(p.poll() == 0 for p in attempt.procs):
+                return 0, None
+            time.sleep(0.1)
+
+    def _should_restart(self, code: int, restarts: int) -> bool:
+        policy = self.job["restartPolicy"]
+        if self.stopping or code == 0 or restarts >= self.job["backoffLimit"]:
+            return False
+        return policy in ("Always", "OnFailure") or (policy == "ExitCode" and is_retryable(code))
+
+    def run(self) -> int:
+        config_path = self.write_config()
+        restarts = 0
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        attempt_box: list[Attempt] = []
+
+        def forward(signum, _frame):
+            self.stopping = True
+            if attempt_box:
+                self._signal_all(attempt_box[-1], signal.SIGTERM)
+
+        for sig in previous:
+            signal.signal(sig, forward)
+        try:
+            while True:
+                attempt = self._launch(config_path)
+                attempt_box.append(attempt)
+                code, failed = self._wait(attempt)
+                for t in attempt.threads:
+                    t.join(timeout=5)
+                if not self._should_restart(code, restarts):
+                    break
+                restarts += 1
+                self._emit(f"[kubetrain] {replica_name(failed or 0)} exited {code} (retryable): "
+                           f"restart {restarts}/{self.job['backoffLimit']} of every replica\n")
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        summary = self._final_summary(attempt, code, failed, restarts)
+        self._emit(json.dumps(summary) + "\n")
+        return code
+
+    def _final_summary(self, attempt: Attempt, code: int, failed: int | None, restarts: int) -> dict:
+        summary = dict(attempt.summary or {
+            "event": "summary", "experiment": self.experiment, "steps": 0, "train_loss": None,
+            "eval_loss": None, "eval_accuracy": None, "samples_per_second": 0.0,
+            "wall_seconds": 0.0, "checkpoint": None,
+        })
+        if code == 0:
+            summary["status"] = "succeeded"
+        else:
+            summary["status"] = "preempted" if code == EXIT_PREEMPTED else "failed"
+            summary["exit_code"] = code
+            summary["failed_replica"] = replica_name(failed or 0)
+        summary["restarts"] = restarts
+        return summary

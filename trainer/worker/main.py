@@ -1,0 +1,89 @@
+"""`python -m trainer --config FILE`: the in-pod entry point.
+
+Resolves the rank contract, owns the process group, runs one Trainer and
+prints the JSON summary as rank 0's last line. Exit codes follow DESIGN §3.4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from trainer import __version__
+from trainer.errors import EXIT_FAILURE, EXIT_OK, RetryableError, UserError
+
+log = logging.getLogger("trainer")
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s rank={rank} %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+def failed_summary(experiment: str | None, status: str, error: str, started: float) -> dict:
+    return {
+        "event": "summary", "status": status, "experiment": experiment, "steps": 0,
+        "train_loss": None, "eval_loss": None, "eval_accuracy": None, "samples_per_second": 0.0,
+        "wall_seconds": round(time.perf_counter() - started, 3), "checkpoint": None, "error": error,
+    }
+
+
+def run(config_path: str) -> int:
+    # Heavy imports happen here so `--help` and config errors answer fast.
+    from trainer.config import dump_config, load_trainer_config
+    from trainer.worker.distributed import (ProcessGroup, device_for, log_rank_table, pick_backend,
+                                            resolve_rank)
+    from trainer.worker.loop import Trainer
+
+    started = time.perf_counter()
+    rank = int(os.environ.get("RANK", "0") or 0)
+    setup_logging(rank)
+    experiment = None
+    try:
+        config = load_trainer_config(config_path)
+        experiment = config.experiment
+        info = resolve_rank()
+        backend = pick_backend(config.training.distributed.backend)
+        device = device_for(info, backend)
+        with ProcessGroup(info, backend, config.training.distributed.timeout_seconds):
+            log_rank_table(info, device, backend)
+            if info.is_main:
+                log.info("kubetrain %s, resolved config:\n%s", __version__, dump_config(config))
+            summary = Trainer(config, info, device).fit()
+        if info.is_main:
+            print(json.dumps(summary), flush=True)
+        return EXIT_OK
+    except UserError as e:
+        log.error("%s", e)
+        _print_if_main(failed_summary(experiment, "failed", str(e), started))
+        return e.exit_code
+    except RetryableError as e:
+        log.error("retryable: %s", e)
+        _print_if_main(failed_summary(experiment, "failed", str(e), started))
+        return e.exit_code
+    except Exception as e:  # a code error: keep the traceback for the developer
+        log.exception("training failed")
+        _print_if_main(failed_summary(experiment, "failed", f"{type(e).__name__}: {e}", started))
+        return EXIT_FAILURE
+
+
+def _print_if_main(summary: dict) -> None:
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(json.dumps(summary), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="kubetrain's in-pod trainer")
+    parser.add_argument("--config", required=True, help="trainer config file (YAML or JSON)")
+    parser.add_argument("--version", action="version", version=f"kubetrain {__version__}")
+    args = parser.parse_args(argv)
+    return run(args.config)
