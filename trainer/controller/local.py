@@ -55,6 +55,16 @@ def replica_command(config_path: Path, nproc: int) -> list[str]:
     return [sys.executable, "-m", "trainer", "--config", str(config_path)]
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the runner dies, so no replica outlives it (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def exit_code(returncode: int) -> int:
     """A process killed by signal N exits 128+N, as a container does."""
     return 128 - returncode if returncode < 0 else returncode
@@ -104,7 +114,7 @@ class LocalRunner:
             self._emit(prefix + line if line.endswith("\n") else prefix + line + "\n")
         stream.close()
 
-    def _launch(self, config_path: Path) -> Attempt:
+    def _launch(self, config_path: Path, restarts: int = 0) -> Attempt:
         nodes, nproc = self.job["nodes"], self.job["nprocPerNode"]
         port = free_port()
         threads_per_proc = max(1, (os.cpu_count() or 1) // (nodes * nproc))
@@ -113,10 +123,14 @@ class LocalRunner:
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", str(threads_per_proc))
             env.update(operator_env(index, nodes, nproc, port))
+            # Not from the operator: replicas share this host, so each gets its own /metrics ports.
+            env.update({"KUBETRAIN_METRICS_PORT_OFFSET": str(index * nproc),
+                        "KUBETRAIN_RESTART_COUNT": str(restarts)})
             proc = subprocess.Popen(
                 replica_command(config_path, nproc), env=env, cwd=self.workdir,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # our own signal forwarding reaches torchrun's children too
+                preexec_fn=_die_with_parent,
             )
             attempt.procs.append(proc)
             t = threading.Thread(target=self._pump, args=(attempt, index, proc.stdout), daemon=True)
@@ -174,7 +188,7 @@ class LocalRunner:
             signal.signal(sig, forward)
         try:
             while True:
-                attempt = self._launch(config_path)
+                attempt = self._launch(config_path, restarts)
                 attempt_box.append(attempt)
                 code, failed = self._wait(attempt)
                 for t in attempt.threads:

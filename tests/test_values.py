@@ -1,0 +1,107 @@
+"""Values: Helm's merge and --set rules, schema errors with key paths, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from trainer.errors import UserError
+from trainer.values import parse_set, resolve_values
+
+
+def test_later_values_files_win(values_file):
+    first = values_file({"training": {"batchSize": 16, "epochs": 5}, "job": {"nodes": 3}})
+    second = values_file({"training": {"batchSize": 8}})
+    values = resolve_values([first, second])
+    assert values["training"]["batchSize"] == 8  # later file wins
+    assert values["training"]["epochs"] == 5  # maps merge key by key
+    assert values["job"]["nodes"] == 3
+    assert values["training"]["optimizer"]["name"] == "adamw"  # chart default kept
+
+
+def test_set_wins_over_files_and_types_like_helm(values_file):
+    path = values_file({"training": {"batchSize": 16}})
+    values = resolve_values([path], ["training.batchSize=4,metrics.enabled=false"],
+                            ["image.tag=007"], ['training.optimizer.lr=0.01'])
+    assert values["training"]["batchSize"] == 4
+    assert values["metrics"]["enabled"] is False
+    assert values["image"]["tag"] == "007"
+    assert values["training"]["optimizer"]["lr"] == 0.01
+
+
+@pytest.mark.parametrize("expr, expected", [
+    ("a=1", {"a": 1}),
+    ("a=0", {"a": 0}),
+    ("a=007", {"a": "007"}),  # a leading zero keeps a string, as in Helm
+    ("a=1.5", {"a": "1.5"}),  # Helm --set never makes floats
+    ("a=true,b=FALSE", {"a": True, "b": False}),
+    ("a=null", {"a": None}),
+    ("a.b.c=x", {"a": {"b": {"c": "x"}}}),
+    ("a={x,2}", {"a": ["x", 2]}),
+    ("a[1]=z", {"a": [None, "z"]}),
+    (r"a=x\,y", {"a": "x,y"}),
+    (r"a\.b=1", {"a.b": 1}),
+])
+def test_set_parsing_follows_helm_strvals(expr, expected):
+    assert parse_set([expr]) == expected
+
+
+def test_null_removes_a_key():
+    values = resolve_values(set_values=["training.options=null"])
+    assert "options" not in values["training"]
+
+
+def _assert_user_error(result, *needles):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["job.nodes=0"], "job.nodes"),
+    (["training.batchSize=big"], "training.batchSize"),
+    (["training.bogus=1"], "Additional property bogus"),
+    (["training.precision=fp8"], "training.precision"),
+    (["checkpoint.uri=ftp://x"], "checkpoint.uri"),
+])
+def test_bad_values_exit_2_naming_the_key(tmp_path, sets, needle):
+    args = [a for s in sets for a in ("--set", s)]
+    _assert_user_error(run_cli("run", "bad", "--workdir", str(tmp_path / "w"), *args), needle)
+    assert not (tmp_path / "w").exists(), "nothing is written for rejected values"
+
+
+def test_every_violation_is_reported_at_once(tmp_path):
+    result = run_cli("run", "bad", "--workdir", str(tmp_path), "--set", "job.nodes=0,training.epochs=-1")
+    _assert_user_error(result, "job.nodes", "training.epochs")
+
+
+def test_wrong_type_in_a_values_file(values_file, tmp_path):
+    path = values_file({"job": {"nprocPerNode": "auto"}})
+    _assert_user_error(run_cli("run", "bad", "-f", str(path), "--workdir", str(tmp_path / "w")),
+                       "job.nprocPerNode")
+
+
+def test_missing_and_malformed_files_name_the_file(tmp_path):
+    _assert_user_error(run_cli("run", "x", "-f", str(tmp_path / "nope.yaml")), "nope.yaml", "not found")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training: [unclosed\n")
+    _assert_user_error(run_cli("run", "x", "-f", str(broken)), "broken.yaml", "not valid YAML")
+
+
+def test_bad_experiment_name_is_refused(tmp_path):
+    _assert_user_error(run_cli("run", "Bad_Name", "--workdir", str(tmp_path / "w")), "Bad_Name", "DNS-1035")
+
+
+def test_unknown_task_lists_the_registered_ones(tmp_path):
+    result = run_cli("run", "x", "--workdir", str(tmp_path), "--set", "job.nodes=1,training.task=nope")
+    assert result.returncode == 2
+    assert "unknown task 'nope'" in result.stdout and "cifar10-convnet" in result.stdout
+    assert json.loads(result.stdout.strip().splitlines()[-1])["status"] == "failed"
+
+
+def test_user_error_is_not_an_exception_leak():
+    with pytest.raises(UserError, match="training.batchSize"):
+        resolve_values(set_values=["training.batchSize=0"])
