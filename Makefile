@@ -1,0 +1,30 @@
+# The two commands of the README:
+#   make quickstart   set up, then train the quickstart job locally (2 gloo processes, no cluster)
+#   make test         set up, install the test tools (helm, Prometheus, kube-apiserver, ...), run the tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: quickstart test setup benchmark clean
+
+# --system-site-packages reuses a torch that the machine already has; pip installs what is missing.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+quickstart: setup
+	$(BIN)/kubetrain run quickstart -f examples/quickstart.yaml
+
+test: setup
+	eval "$$(bash scripts/install-test-tools.sh)" && $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+benchmark: setup
+	$(BIN)/python benchmarks/loop_vs_plain.py
+
+clean:
+	rm -rf $(VENV) .kubetrain .pytest_cache
