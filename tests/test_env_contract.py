@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from support import REPO
 from trainer.controller.local import operator_env
 from trainer.errors import UserError
 from trainer.worker.distributed import resolve_rank

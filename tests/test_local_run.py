@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import EXAMPLES, FAST_TRAINING, REPO, Result, run_cli
+from support import EXAMPLES, FAST_TRAINING, REPO, Result, run_cli
 
 
 def test_quickstart_two_gloo_processes_learn(tmp_path):

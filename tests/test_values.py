@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import run_cli
+from support import run_cli
 from trainer.errors import UserError
 from trainer.values import parse_set, resolve_values
 

@@ -1,0 +1,64 @@
+"""Shared test helpers: run the real `kubetrain` CLI and trainer as processes.
+
+Tests import these with `from support import ...` (not from conftest: tests/cluster
+has a conftest of its own, and two modules named `conftest` collide).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def summary(self) -> dict:
+        """The last stdout line: the JSON summary every run ends with."""
+        lines = [ln for ln in self.stdout.splitlines() if ln.strip()]
+        assert lines, f"no output; stderr:\n{self.stderr}"
+        return json.loads(lines[-1])
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> Result:
+    """Run `kubetrain ARGS` in a fresh interpreter, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.controller.cli", *args],
+        cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def values_file(tmp_path):  # re-exported by tests/conftest.py
+    """Write a values mapping to a YAML file and return its path."""
+    counter = iter(range(1000))
+
+    def write(values: dict, name: str | None = None) -> Path:
+        path = tmp_path / (name or f"values-{next(counter)}.yaml")
+        path.write_text(yaml.safe_dump(values))
+        return path
+
+    return write
+
+
+# Small, fast settings for training tests on 2 shared CPU cores.
+FAST_TRAINING = [
+    "--set", "training.data.trainSamples=2048,training.data.evalSamples=512",
+    "--set", "training.batchSize=32,training.logEverySteps=8",
+]
