@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# Build the binaries of the cluster test tier (envtest convention):
+#   kube-apiserver  from k8s.io/kubernetes (staging modules replaced by their v0.X.Y releases)
+#   etcd            from go.etcd.io/etcd/server/v3
+#   kubectl         copied from $KUBETRAIN_KUBECTL (or the kubectl on PATH)
+# plus the PyTorchJob CRD from the Go module github.com/kubeflow/training-operator.
+#
+# Everything comes from the Go module proxy configured in the environment
+# (`go env GOPROXY`); nothing here names a host. Output folder:
+#   $KUBETRAIN_CACHE/k8s-assets/<k8s-version>-etcd<etcd-version>/
+# A second run finds the binaries and returns in well under a second.
+#
+# Progress goes to stderr; stdout carries only `export NAME=value` lines:
+#   KUBEBUILDER_ASSETS, KUBETRAIN_PYTORCHJOB_CRD
+# KUBETRAIN_ASSETS_NO_BUILD=1: report a cache hit (or a usable KUBEBUILDER_ASSETS), never build.
+set -euo pipefail
+
+K8S_VERSION="${KUBETRAIN_K8S_VERSION:-1.31.14}"          # k8s.io/kubernetes v1.31.x (kubectl v1.31)
+ETCD_VERSION="${KUBETRAIN_ETCD_VERSION:-3.5.35}"         # go.etcd.io/etcd/server/v3
+TRAINING_OPERATOR_VERSION="${KUBETRAIN_TRAINING_OPERATOR_VERSION:-1.8.1}"
+CRD_PATH_IN_MODULE="manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
+
+CACHE="${KUBETRAIN_CACHE:-$HOME/.cache/kubetrain}"
+ASSETS="$CACHE/k8s-assets/${K8S_VERSION}-etcd${ETCD_VERSION}"
+CRD_DIR="$ASSETS/crds/training-operator-v${TRAINING_OPERATOR_VERSION}"
+CRD_FILE="$CRD_DIR/kubeflow.org_pytorchjobs.yaml"
+BUILD_ROOT="$CACHE/k8s-assets/build"
+
+log() { printf '[build-assets] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+have_binaries() { # DIR
+    local d="$1" b
+    for b in etcd kube-apiserver kubectl; do
+        [[ -x "$d/$b" ]] || return 1
+    done
+}
+
+emit() { # ASSET_DIR CRD_FILE
+    printf 'export KUBEBUILDER_ASSETS=%q\n' "$1"
+    printf 'export KUBETRAIN_PYTORCHJOB_CRD=%q\n' "$2"
+}
+
+# A user-provided KUBEBUILDER_ASSETS that holds the binaries wins.
+if [[ -n "${KUBEBUILDER_ASSETS:-}" ]] && have_binaries "$KUBEBUILDER_ASSETS"; then
+    USER_ASSETS="$KUBEBUILDER_ASSETS"
+    log "using KUBEBUILDER_ASSETS=$USER_ASSETS (already holds etcd, kube-apiserver, kubectl)"
+else
+    USER_ASSETS=""
+fi
+
+kubectl_current() { # true when $ASSETS/kubectl is there and, if KUBETRAIN_KUBECTL is set, identical to it
+    [[ -x "$ASSETS/kubectl" ]] || return 1
+    [[ -z "${KUBETRAIN_KUBECTL:-}" ]] || cmp -s "$KUBETRAIN_KUBECTL" "$ASSETS/kubectl"
+}
+
+# Fast path: everything already there.
+if [[ -z "$USER_ASSETS" && -x "$ASSETS/etcd" && -x "$ASSETS/kube-apiserver" && -s "$CRD_FILE" ]] && kubectl_current; then
+    log "cache hit: $ASSETS"
+    emit "$ASSETS" "$CRD_FILE"
+    exit 0
+fi
+if [[ -n "$USER_ASSETS" && -n "${KUBETRAIN_PYTORCHJOB_CRD:-}" && -s "${KUBETRAIN_PYTORCHJOB_CRD}" ]]; then
+    emit "$USER_ASSETS" "$KUBETRAIN_PYTORCHJOB_CRD"
+    exit 0
+fi
+if [[ -n "$USER_ASSETS" && -s "$CRD_FILE" ]]; then
+    emit "$USER_ASSETS" "$CRD_FILE"
+    exit 0
+fi
+
+if [[ "${KUBETRAIN_ASSETS_NO_BUILD:-0}" == "1" ]]; then
+    log "no cluster assets in $ASSETS and KUBETRAIN_ASSETS_NO_BUILD=1: not building"
+    exit 0
+fi
+
+command -v go >/dev/null || die "Go toolchain not found; it is needed to build kube-apiserver and etcd (or set KUBEBUILDER_ASSETS, or KUBETRAIN_SKIP_CLUSTER_BUILD=1 to skip the cluster tier)"
+
+mkdir -p "$ASSETS" "$BUILD_ROOT"
+# One builder at a time per cache (a second caller waits, then takes the cache hit).
+if command -v flock >/dev/null; then
+    exec 9>"$CACHE/k8s-assets/.lock"
+    flock 9
+fi
+
+# Go caches live under the cache root so that rebuilds are cached too.
+export GOPATH="$CACHE/go"
+export GOMODCACHE="$GOPATH/pkg/mod"
+export GOCACHE="$CACHE/go/build-cache"
+export GOFLAGS="${GOFLAGS:-} -mod=mod -modcacherw"
+export CGO_ENABLED=0
+export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+log "go: $(go version) GOPROXY=$(go env GOPROXY)"
+
+now() { date +%s; }
+
+build_kube_apiserver() {
+    local t0 mod dir gomod staging ldflags
+    t0=$(now)
+    dir="$BUILD_ROOT/kubernetes-v$K8S_VERSION"
+    mkdir -p "$dir"
+    log "resolving k8s.io/kubernetes@v$K8S_VERSION"
+    # Only the go.mod is needed to learn the staging modules.
+    gomod=$(cd "$dir" && GOFLAGS=-modcacherw go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" \
+        | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",*$/\1/p')
+    [[ -s "$gomod" ]] || die "could not download k8s.io/kubernetes@v$K8S_VERSION"
+    # Every `k8s.io/x => ./staging/src/k8s.io/x` becomes `k8s.io/x => k8s.io/x v0.<minor>.<patch>`.
+    staging=$(sed -n 's#^[[:space:]]*\(k8s\.io/[^[:space:]]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\1#p' "$gomod" | sort -u)
+    [[ -n "$staging" ]] || die "no staging replace directives found in $gomod"
+    {
+        echo "module kubetrain.test/kube-apiserver-build"
+        echo
+        echo "go 1.22.0"
+        echo
+        echo "require k8s.io/kubernetes v$K8S_VERSION"
+        echo
+        echo "replace ("
+        for mod in $staging; do
+            echo "	$mod => $mod v0.${K8S_VERSION#*.}"
+        done
+        echo ")"
+    } > "$dir/go.mod"
+    log "kube-apiserver: $(echo "$staging" | wc -l) staging modules replaced by v0.${K8S_VERSION#*.}"
+    ldflags="-s -w"
+    ldflags+=" -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION"
+    ldflags+=" -X k8s.io/component-base/version.gitMajor=${K8S_VERSION%%.*}"
+    ldflags+=" -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)"
+    ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
+    ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=v$K8S_VERSION"
+    log "building kube-apiserver v$K8S_VERSION (cold: several minutes)"
+    (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$ASSETS/.kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver)
+    mv -f "$ASSETS/.kube-apiserver.tmp" "$ASSETS/kube-apiserver"
+    log "kube-apiserver built in $(( $(now) - t0 ))s"
+}
+
+build_etcd() {
+    local t0 dir
+    t0=$(now)
+    dir="$BUILD_ROOT/etcd-v$ETCD_VERSION"
+    mkdir -p "$dir"
+    cat > "$dir/go.mod" <<EOF
+module kubetrain.test/etcd-build
+
+go 1.22.0
+
+require go.etcd.io/etcd/server/v3 v$ETCD_VERSION
+EOF
+    log "building etcd v$ETCD_VERSION"
+    (cd "$dir" && go build -trimpath -ldflags "-s -w" -o "$ASSETS/.etcd.tmp" go.etcd.io/etcd/server/v3)
+    mv -f "$ASSETS/.etcd.tmp" "$ASSETS/etcd"
+    log "etcd built in $(( $(now) - t0 ))s"
+}
+
+copy_kubectl() {
+    local src="${KUBETRAIN_KUBECTL:-}"
+    [[ -n "$src" ]] || src=$(command -v kubectl || true)
+    [[ -n "$src" && -x "$src" ]] || die "no kubectl to copy (set KUBETRAIN_KUBECTL; scripts/install-test-tools.sh does)"
+    cp -f "$src" "$ASSETS/.kubectl.tmp"
+    chmod +x "$ASSETS/.kubectl.tmp"
+    mv -f "$ASSETS/.kubectl.tmp" "$ASSETS/kubectl"
+    log "kubectl copied from $src"
+}
+
+fetch_crd() {
+    local dir
+    log "fetching github.com/kubeflow/training-operator@v$TRAINING_OPERATOR_VERSION"
+    dir=$(cd "$BUILD_ROOT" && GOFLAGS=-modcacherw go mod download -json \
+        "github.com/kubeflow/training-operator@v$TRAINING_OPERATOR_VERSION" \
+        | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')
+    [[ -s "$dir/$CRD_PATH_IN_MODULE" ]] || die "CRD not found at $dir/$CRD_PATH_IN_MODULE"
+    mkdir -p "$CRD_DIR"
+    cp -f "$dir/$CRD_PATH_IN_MODULE" "$CRD_FILE.tmp"
+    chmod 644 "$CRD_FILE.tmp"
+    mv -f "$CRD_FILE.tmp" "$CRD_FILE"
+    log "PyTorchJob CRD: $CRD_FILE"
+}
+
+T_START=$(now)
+if [[ -z "$USER_ASSETS" ]]; then
+    [[ -x "$ASSETS/kube-apiserver" ]] || build_kube_apiserver
+    [[ -x "$ASSETS/etcd" ]] || build_etcd
+    kubectl_current || copy_kubectl
+fi
+[[ -s "$CRD_FILE" ]] || fetch_crd
+log "cluster assets ready in $(( $(now) - T_START ))s: ${USER_ASSETS:-$ASSETS}"
+emit "${USER_ASSETS:-$ASSETS}" "$CRD_FILE"
