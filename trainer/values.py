@@ -36,6 +36,36 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+class HelmValuesLoader(yaml.SafeLoader):
+    """YAML scalars typed as Helm types them (go-yaml v2): `y`/`n` are booleans and `1e3`
+    a float; dates, `1:30` and `=` stay strings. Keeps render and helm template in step."""
+
+
+_BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_GO_DIFFERS = {_INT, _FLOAT, "tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value"}
+HelmValuesLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _GO_DIFFERS]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+HelmValuesLoader.bool_values = {**yaml.SafeLoader.bool_values, "y": True, "n": False}
+HelmValuesLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
+HelmValuesLoader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+|0b[01_]+|0[0-7_]+)$"), list("-+0123456789"))
+HelmValuesLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def _string_keys(node: Any) -> Any:
+    """Mapping keys as strings, as Helm's YAML-to-JSON step makes them (`n:` becomes "false")."""
+    if isinstance(node, dict):
+        return {(json.dumps(k) if isinstance(k, bool) or k is None else str(k)) if not isinstance(k, str) else k:
+                _string_keys(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_string_keys(v) for v in node]
+    return node
+
+
 def load_values_file(path: str | Path) -> dict:
     path = Path(path)
     try:
@@ -45,7 +75,7 @@ def load_values_file(path: str | Path) -> dict:
     except OSError as e:
         raise UserError(f"{path}: cannot read values file: {e.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = _string_keys(yaml.load(text, Loader=HelmValuesLoader))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

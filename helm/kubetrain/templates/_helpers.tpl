@@ -1,0 +1,243 @@
+{{/*
+Names, labels and checks shared by the templates. trainer/controller/render.py
+renders the same objects from the same values: change both together (the
+parity test in tests/test_chart_parity.py compares them).
+*/}}
+
+{{/* helm.sh/chart: name-version, as `helm create` spells it. */}}
+{{- define "kubetrain.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "kubetrain.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
+{{- end -}}
+
+{{/* Every object's labels; the experiment label is what `kubetrain list` selects on. */}}
+{{- define "kubetrain.labels" -}}
+helm.sh/chart: {{ include "kubetrain.chart" . }}
+{{ include "kubetrain.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetrain
+kubetrain.io/experiment: {{ .Release.Name | quote }}
+{{- end -}}
+
+{{/* The trainer pods: what the metrics Service and the PodMonitor select. */}}
+{{- define "kubetrain.trainerSelectorLabels" -}}
+{{ include "kubetrain.selectorLabels" . }}
+app.kubernetes.io/component: trainer
+{{- end -}}
+
+{{/* A scalar as a string: numbers as JSON spells them (1000000, never 1e+06). */}}
+{{- define "kubetrain.string" -}}
+{{- if kindIs "string" . -}}{{ . }}{{- else -}}{{ toJson . }}{{- end -}}
+{{- end -}}
+
+{{- define "kubetrain.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{ .Release.Name }}
+{{- else -}}
+{{ .Values.serviceAccount.name | default "default" }}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, or nothing. */}}
+{{- define "kubetrain.s3SecretName" -}}
+{{- if .Values.s3.credentialsSecret -}}
+{{ .Values.s3.credentialsSecret }}
+{{- else if .Values.s3.devSecret.enabled -}}
+{{ .Release.Name }}-s3-dev
+{{- end -}}
+{{- end -}}
+
+{{/* The most pods the job can have: job.nodes, or job.elastic.maxNodes when elastic. */}}
+{{- define "kubetrain.maxNodes" -}}
+{{- $nodes := int .Values.job.nodes -}}
+{{- if and .Values.job.elastic.enabled (gt (int .Values.job.elastic.maxNodes) 0) -}}
+{{ int .Values.job.elastic.maxNodes }}
+{{- else -}}
+{{ $nodes }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Checks the schema cannot express. render.py's check_values raises the same
+messages, in the same order, before anything is rendered.
+*/}}
+{{- define "kubetrain.validate" -}}
+{{- $name := .Release.Name -}}
+{{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) -}}
+{{- fail (printf "experiment name %q must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter and ending with a letter or digit" $name) -}}
+{{- end -}}
+{{- $lastWorker := printf "%s-worker-%d" $name (max 0 (sub (include "kubetrain.maxNodes" . | int) 2)) -}}
+{{- if gt (len $lastWorker) 63 -}}
+{{- fail (printf "experiment name %q is too long: pod name %q would exceed 63 characters" $name $lastWorker) -}}
+{{- end -}}
+{{- $job := .Values.job -}}
+{{- if $job.elastic.enabled -}}
+{{- if gt (int $job.elastic.minNodes) (int $job.nodes) -}}
+{{- fail (printf "job.elastic.minNodes (%d) must not exceed job.nodes (%d)" (int $job.elastic.minNodes) (int $job.nodes)) -}}
+{{- end -}}
+{{- if lt (include "kubetrain.maxNodes" . | int) (int $job.nodes) -}}
+{{- fail (printf "job.elastic.maxNodes (%d) must be 0 or at least job.nodes (%d)" (int $job.elastic.maxNodes) (int $job.nodes)) -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.metrics.enabled -}}
+{{- $first := int .Values.metrics.port -}}
+{{- $last := add $first (int $job.nprocPerNode) -1 -}}
+{{- if gt $last 65535 -}}
+{{- fail (printf "metrics.port (%d) + job.nprocPerNode (%d) - 1 exceeds 65535: local rank N listens on metrics.port + N" $first (int $job.nprocPerNode)) -}}
+{{- end -}}
+{{- if and (ge (int $job.masterPort) $first) (le (int $job.masterPort) $last) -}}
+{{- fail (printf "job.masterPort (%d) collides with the metrics ports %d-%d (metrics.port + local rank)" (int $job.masterPort) $first $last) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.s3.devSecret.enabled .Values.s3.credentialsSecret -}}
+{{- fail "s3.devSecret.enabled and s3.credentialsSecret are exclusive: use the existing Secret or the development one" -}}
+{{- end -}}
+{{- if and .Values.s3.devSecret.enabled (not (and .Values.s3.devSecret.accessKeyId .Values.s3.devSecret.secretAccessKey)) -}}
+{{- fail "s3.devSecret.enabled needs s3.devSecret.accessKeyId and s3.devSecret.secretAccessKey" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The trainer's command: torchrun reads PET_* (set by the operator) for nodes, rank and rendezvous. */}}
+{{- define "kubetrain.command" -}}
+{{- if or (gt (int .Values.job.nprocPerNode) 1) .Values.job.elastic.enabled -}}
+- torchrun
+{{- else -}}
+- python
+{{- end }}
+- -m
+- trainer
+- --config
+- /etc/kubetrain/config.json
+{{- end -}}
+
+{{/* The pod template of the Master and Worker replicas (identical but for the operator's labels). */}}
+{{- define "kubetrain.podTemplate" -}}
+{{- $nproc := int .Values.job.nprocPerNode -}}
+{{- $s3Secret := include "kubetrain.s3SecretName" . -}}
+metadata:
+  labels:
+    {{- mergeOverwrite (dict) (.Values.podLabels | default dict) (include "kubetrain.labels" . | fromYaml) (include "kubetrain.trainerSelectorLabels" . | fromYaml) | toYaml | nindent 4 }}
+  annotations:
+    {{- mergeOverwrite (dict "sidecar.istio.io/inject" "false") (.Values.podAnnotations | default dict) | toYaml | nindent 4 }}
+spec:
+  serviceAccountName: {{ include "kubetrain.serviceAccountName" . | quote }}
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: {{ int .Values.terminationGracePeriodSeconds }}
+  {{- with .Values.podSecurityContext }}
+  securityContext:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.image.pullSecrets }}
+  imagePullSecrets:
+    {{- range . }}
+    - name: {{ . | quote }}
+    {{- end }}
+  {{- end }}
+  {{- with .Values.priorityClassName }}
+  priorityClassName: {{ . | quote }}
+  {{- end }}
+  {{- with .Values.schedulerName }}
+  schedulerName: {{ . | quote }}
+  {{- end }}
+  {{- with .Values.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .Values.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: pytorch
+      image: {{ printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) | quote }}
+      imagePullPolicy: {{ .Values.image.pullPolicy }}
+      command:
+        {{- include "kubetrain.command" . | nindent 8 }}
+      env:
+        # A writable home on the read-only root filesystem (torch hub, triton caches).
+        - name: HOME
+          value: /tmp
+        {{- if $s3Secret }}
+        - name: AWS_ACCESS_KEY_ID
+          valueFrom:
+            secretKeyRef:
+              name: {{ $s3Secret | quote }}
+              key: AWS_ACCESS_KEY_ID
+        - name: AWS_SECRET_ACCESS_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ $s3Secret | quote }}
+              key: AWS_SECRET_ACCESS_KEY
+        {{- end }}
+        {{- range $key, $value := .Values.ncclEnv }}
+        - name: {{ $key }}
+          value: {{ include "kubetrain.string" $value | quote }}
+        {{- end }}
+        {{- with .Values.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      ports:
+        - name: pytorchjob-port
+          containerPort: {{ int .Values.job.masterPort }}
+          protocol: TCP
+        {{- if .Values.metrics.enabled }}
+        {{- range $rank := until $nproc }}
+        - name: {{ if eq $rank 0 }}metrics{{ else }}metrics-{{ $rank }}{{ end }}
+          containerPort: {{ add (int $.Values.metrics.port) $rank }}
+          protocol: TCP
+        {{- end }}
+        {{- end }}
+      resources:
+        requests:
+          {{- include "kubetrain.resourceList" . | nindent 10 }}
+        limits:
+          {{- include "kubetrain.resourceList" . | nindent 10 }}
+      {{- with .Values.securityContext }}
+      securityContext:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      volumeMounts:
+        - name: config
+          mountPath: /etc/kubetrain
+          readOnly: true
+        - name: dshm
+          mountPath: /dev/shm
+        - name: tmp
+          mountPath: /tmp
+        {{- with .Values.volumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ .Release.Name }}-config
+    - name: dshm
+      emptyDir:
+        medium: Memory
+        {{- with .Values.shm.sizeLimit }}
+        sizeLimit: {{ . | quote }}
+        {{- end }}
+    - name: tmp
+      emptyDir: {}
+    {{- with .Values.volumes }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end -}}
+
+{{/* requests = limits: cpu, memory and nvidia.com/gpu when GPUs are asked for. */}}
+{{- define "kubetrain.resourceList" -}}
+cpu: {{ include "kubetrain.string" .Values.resources.cpu | quote }}
+memory: {{ include "kubetrain.string" .Values.resources.memory | quote }}
+{{- if gt (int .Values.resources.gpu) 0 }}
+nvidia.com/gpu: {{ int .Values.resources.gpu | quote }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,306 @@
+"""`helm template` and `kubetrain render` give the same objects for the same values.
+
+Uses the real helm binary (KUBETRAIN_HELM or PATH; scripts/install-test-tools.sh
+provides it) and skips visibly without it. Objects are compared as parsed YAML
+keyed by (kind, name), document order aside; `*.json` data fields are compared
+after JSON-parsing them (toPrettyJson and json.dumps space differently).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from support import EXAMPLES, REPO, run_cli
+from trainer.controller.render import render
+from trainer.errors import UserError
+from trainer.values import resolve_values
+
+CHART = REPO / "helm" / "kubetrain"
+HELM = os.environ.get("KUBETRAIN_HELM") or shutil.which("helm")
+pytestmark = pytest.mark.skipif(
+    not HELM, reason="helm not found: set KUBETRAIN_HELM or run `eval \"$(scripts/install-test-tools.sh)\"`")
+
+
+def helm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([HELM, *args], capture_output=True, text=True, timeout=120)
+
+
+def helm_template(name: str, files: list[Path] = (), sets: list[str] = ()) -> subprocess.CompletedProcess:
+    args = ["template", name, str(CHART)]
+    for path in files:
+        args += ["-f", str(path)]
+    for expr in sets:
+        args += ["--set", expr]
+    return helm(*args)
+
+
+def objects(stream: str) -> dict[tuple[str, str], dict]:
+    """Parsed documents keyed by (kind, name), with JSON data fields parsed too."""
+    out = {}
+    for doc in yaml.safe_load_all(stream):
+        if not doc:
+            continue
+        for key, value in (doc.get("data") or {}).items():
+            if key.endswith(".json"):
+                doc["data"][key] = json.loads(value)
+        key = (doc["kind"], doc["metadata"]["name"])
+        assert key not in out, f"{key} rendered twice"
+        out[key] = doc
+    return out
+
+
+def differences(theirs, ours, path: str = "") -> list[str]:
+    """Where two parsed objects differ, as `path: helm=... ours=...` lines."""
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        return [line for key in sorted(set(theirs) | set(ours), key=str)
+                for line in differences(theirs.get(key, "<absent>"), ours.get(key, "<absent>"), f"{path}.{key}")]
+    if isinstance(theirs, list) and isinstance(ours, list) and len(theirs) == len(ours):
+        return [line for i, (a, b) in enumerate(zip(theirs, ours)) for line in differences(a, b, f"{path}[{i}]")]
+    return [] if theirs == ours else [f"{path}: helm={theirs!r} ours={ours!r}"]
+
+
+def assert_same_objects(helm_stream: str, ours_stream: str, context: str = "") -> None:
+    theirs, ours = objects(helm_stream), objects(ours_stream)
+    assert sorted(ours) == sorted(theirs), context
+    for key in theirs:
+        diff = differences(theirs[key], ours[key])
+        assert not diff, f"{key} differs between helm template and kubetrain render:\n" + "\n".join(diff) + context
+
+
+def schema_paths(stderr: str) -> set[str]:
+    """Key paths from helm's or our `- path: message` schema report."""
+    return {m.group(1) for m in re.finditer(r"^- ([^:\s]+): ", stderr, re.M)}
+
+
+# ---------------------------------------------------------------- examples, via the real CLI
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("example", EXAMPLE_FILES, ids=lambda p: p.name)
+def test_every_example_renders_the_same(example):
+    name = example.stem.replace("_", "-")
+    theirs = helm_template(name, [example])
+    assert theirs.returncode == 0, theirs.stderr
+    ours = run_cli("render", name, "-f", str(example))
+    assert ours.returncode == 0, ours.stderr
+    assert_same_objects(theirs.stdout, ours.stdout)
+
+
+def test_set_flags_and_int64_numbers_render_the_same():
+    """--set gives helm int64s where files give float64s: both print the same manifests."""
+    sets = ["job.nodes=3,job.nprocPerNode=4,resources.gpu=4,resources.cpu=1000000,resources.memory=68719476736",
+            "ncclEnv.NCCL_DEBUG=INFO,ncclEnv.NCCL_IB_DISABLE=1,job.ttlSecondsAfterFinished=3600"]
+    theirs = helm_template("set-flags", sets=sets)
+    assert theirs.returncode == 0, theirs.stderr
+    ours = run_cli("render", "set-flags", *[a for s in sets for a in ("--set", s)])
+    assert ours.returncode == 0, ours.stderr
+    assert_same_objects(theirs.stdout, ours.stdout)
+
+
+def test_helm_lint_strict_is_clean():
+    result = helm("lint", "--strict", str(CHART))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+# ---------------------------------------------------------------- schema failures
+BAD_VALUES = [
+    ["job.nodes=0"],
+    ["job.nprocPerNode=auto"],
+    ["image.bogus=1"],
+    ["bogus=1"],
+    ["training.optimizer.lr=0"],
+    ["training.pretrained=ftp://weights"],
+    ["checkpoint.resume=-1"],
+    ["resources.gpu=-1"],
+    ["metrics.port=70000"],
+    ["job.cleanPodPolicy=Sometimes"],
+    ["job.ttlSecondsAfterFinished=-5"],
+    ["job.elastic.minNodes=0"],
+    ["job.schedulingPolicy.minAvailable=x"],
+    ["ncclEnv.FOO=1"],
+    ["env[0].value=x"],
+    ["podLabels.team=1"],
+    ["metrics.podMonitor.interval=15"],
+    ["shm.sizeLimit=lots"],
+    ["kueue.queueName=Team_Queue"],
+    ["s3.devSecret.enabled=yes"],
+    ["serviceAccount.create=1", "job.restartPolicy=Sometimes", "training.batchSize=0"],
+]
+
+
+@pytest.mark.parametrize("sets", BAD_VALUES, ids=lambda s: ",".join(s))
+def test_schema_failures_name_the_same_keys(sets):
+    theirs = helm_template("bad-values", sets=sets)
+    assert theirs.returncode != 0
+    ours = run_cli("render", "bad-values", *[a for s in sets for a in ("--set", s)])
+    assert ours.returncode == 2, ours.stderr
+    assert "Traceback" not in ours.stderr and ours.stdout == ""
+    assert schema_paths(ours.stderr) == schema_paths(theirs.stderr) != set(), (ours.stderr, theirs.stderr)
+
+
+CHART_FAILURES = [
+    ("9lives", []),
+    ("dotted.name", []),
+    ("a" * 53, ["job.nodes=102"]),
+    ("elastic", ["job.elastic.enabled=true,job.elastic.minNodes=3,job.nodes=2"]),
+    ("elastic", ["job.elastic.enabled=true,job.elastic.maxNodes=2,job.nodes=4"]),
+    ("ports", ["metrics.port=65535,job.nprocPerNode=2"]),
+    ("ports", ["job.masterPort=9401,job.nprocPerNode=2"]),
+    ("secrets", ["s3.devSecret.enabled=true,s3.credentialsSecret=s3-keys"]),
+    ("secrets", ["s3.devSecret.enabled=true"]),
+]
+
+
+@pytest.mark.parametrize("name,sets", CHART_FAILURES, ids=lambda x: x if isinstance(x, str) else ",".join(x))
+def test_chart_checks_fail_with_the_same_message(name, sets):
+    theirs = helm_template(name, sets=sets)
+    assert theirs.returncode != 0
+    ours = run_cli("render", name, *[a for s in sets for a in ("--set", s)])
+    assert ours.returncode == 2 and ours.stdout == "", ours.stderr
+    message = ours.stderr.strip().removeprefix("Error: ")
+    assert "\n" not in message and "Traceback" not in ours.stderr
+    assert message in theirs.stderr, (message, theirs.stderr)
+
+
+@pytest.mark.parametrize("name", ["a" * 54, "ends-with-dash-", "Upper"])
+def test_names_helm_refuses_are_refused_too(name):
+    assert helm_template(name).returncode != 0
+    ours = run_cli("render", name)
+    assert ours.returncode == 2 and ours.stdout == "" and f'experiment name "{name}"' in ours.stderr
+
+
+# ---------------------------------------------------------------- generated values
+ODD_TEXT = st.text(
+    alphabet=st.one_of(
+        st.characters(codec="utf-8", exclude_categories=("Cc", "Cs", "Co", "Cn", "Cf", "Zl", "Zp")),
+        st.sampled_from("\n\t \"'\\:#{}[]&*!|>%@`,=-?~"),
+    ),
+    max_size=16,
+)
+LABEL_MAP = st.dictionaries(st.from_regex(r"[a-z][a-z0-9./-]{0,12}[a-z0-9]", fullmatch=True), ODD_TEXT, max_size=3)
+NAME = st.one_of(
+    st.from_regex(r"[a-z]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True),
+    st.integers(40, 53).map(lambda n: ("long-" + "x" * 60)[:n - 1] + "z"),
+)
+
+
+@st.composite
+def values_sets(draw) -> tuple[str, dict]:
+    nodes = draw(st.one_of(st.integers(1, 12), st.integers(90, 130)))
+    nproc = draw(st.integers(1, 8))
+    elastic = draw(st.booleans())
+    job: dict = {"nodes": nodes, "nprocPerNode": nproc,
+                 "restartPolicy": draw(st.sampled_from(["ExitCode", "OnFailure", "Never", "Always"])),
+                 "backoffLimit": draw(st.integers(0, 10)),
+                 "cleanPodPolicy": draw(st.sampled_from(["None", "Running", "All"])),
+                 "suspend": draw(st.booleans()),
+                 "ttlSecondsAfterFinished": draw(st.one_of(st.none(), st.integers(0, 10**6))),
+                 "activeDeadlineSeconds": draw(st.one_of(st.none(), st.integers(1, 10**7))),
+                 "schedulingPolicy": {"queue": draw(st.sampled_from(["", "research"])),
+                                      "priorityClass": draw(st.sampled_from(["", "high"])),
+                                      "minAvailable": draw(st.integers(0, 4))},
+                 "elastic": {"enabled": elastic, "minNodes": draw(st.integers(1, 4)),
+                             "maxNodes": draw(st.sampled_from([0, nodes, nodes + 3, max(1, nodes - 1)])),
+                             "maxRestarts": draw(st.integers(0, 5))}}
+    values: dict = {
+        "image": {"repository": "x" + draw(ODD_TEXT), "tag": draw(ODD_TEXT),
+                  "pullSecrets": draw(st.lists(st.sampled_from(["regcred", "mirror"]), max_size=2, unique=True))},
+        "job": job,
+        "training": {"data": {"root": draw(ODD_TEXT)}, "seed": draw(st.integers(0, 2**31)),
+                     "optimizer": {"lr": draw(st.floats(1e-7, 1.0))},
+                     "options": draw(st.dictionaries(st.sampled_from(["a", "b-c", "dim"]),
+                                                     st.one_of(ODD_TEXT, st.integers(-5, 10**9), st.booleans()),
+                                                     max_size=3))},
+        "s3": {"region": draw(ODD_TEXT), "endpoint": draw(st.sampled_from(["", "http://s3.local:9000"]))},
+        "metrics": {"enabled": draw(st.booleans()), "port": draw(st.sampled_from([9400, 9090, 65530])),
+                    "podMonitor": {"enabled": draw(st.booleans()), "labels": draw(LABEL_MAP)},
+                    "prometheusRule": {"enabled": draw(st.booleans()), "labels": draw(LABEL_MAP)},
+                    "dashboard": {"enabled": draw(st.booleans()), "labels": draw(LABEL_MAP)}},
+        "resources": {"gpu": draw(st.integers(0, 8)),
+                      "cpu": draw(st.sampled_from(["500m", 2, 0.5, "1.5", 16, 1000000, 0.000001])),
+                      "memory": draw(st.sampled_from(["4Gi", 1073741824, "512Mi", 68719476736]))},
+        "ncclEnv": draw(st.dictionaries(st.sampled_from(["NCCL_DEBUG", "NCCL_IB_DISABLE", "NCCL_SOCKET_IFNAME"]),
+                                        st.one_of(ODD_TEXT, st.integers(0, 10**7), st.booleans()), max_size=3)),
+        "env": draw(st.lists(st.builds(lambda i, v: {"name": f"EXTRA_{i}", "value": v}, st.integers(0, 9), ODD_TEXT),
+                             max_size=2, unique_by=lambda e: e["name"])),
+        "podAnnotations": draw(LABEL_MAP),
+        "podLabels": draw(LABEL_MAP),
+        "nodeSelector": draw(LABEL_MAP),
+        "priorityClassName": draw(st.sampled_from(["", "training-high"])),
+        "schedulerName": draw(st.sampled_from(["", "volcano"])),
+        "kueue": {"queueName": draw(st.sampled_from(["", "team-a"]))},
+        "terminationGracePeriodSeconds": draw(st.integers(0, 3600)),
+        "shm": {"sizeLimit": draw(st.sampled_from(["", "1Gi", "64Mi"]))},
+        "rbac": {"create": draw(st.booleans()),
+                 "subjects": draw(st.lists(st.builds(lambda kind, who: {"kind": kind, "name": who},
+                                                     st.sampled_from(["User", "Group"]), ODD_TEXT.filter(bool)),
+                                           max_size=2))},
+    }
+    if draw(st.booleans()):
+        values["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule",
+                                  "tolerationSeconds": draw(st.integers(0, 10**6))}]
+        values["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "gpu", "operator": "In", "values": [draw(ODD_TEXT)]}]}]}}}
+        values["volumes"] = [{"name": "data", "persistentVolumeClaim": {"claimName": "cifar"}}]
+        values["volumeMounts"] = [{"name": "data", "mountPath": "/data", "readOnly": True}]
+    if draw(st.booleans()):
+        values["podSecurityContext"] = None  # a null removes the chart's default
+        values["securityContext"] = {}
+    secret = draw(st.sampled_from(["none", "existing", "dev"]))
+    if secret == "existing":
+        values["s3"]["credentialsSecret"] = "s3-keys"
+    elif secret == "dev":
+        values["s3"]["devSecret"] = {"enabled": True, "accessKeyId": "x" + draw(ODD_TEXT),
+                                     "secretAccessKey": "y" + draw(ODD_TEXT)}
+    if draw(st.booleans()):
+        values["serviceAccount"] = {"create": False, "name": draw(st.sampled_from(["", "trainer"]))}
+    return draw(NAME), values
+
+
+def _render_both(case: tuple[str, dict], path: Path) -> tuple[str, dict, subprocess.CompletedProcess, str | Exception]:
+    name, values = case
+    path.write_text(yaml.safe_dump(values, allow_unicode=True))
+    theirs = helm_template(name, [path])
+    try:
+        ours: str | Exception = render(name, resolve_values([path]))
+    except UserError as e:
+        ours = e
+    return name, values, theirs, ours
+
+
+# Hypothesis draws batches; each batch's helm calls run concurrently (helm's start-up dominates).
+BATCH = 8
+
+
+# No shrinking: a batch is slow to shrink, and each failure message carries its release name and values.
+@settings(max_examples=26, deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(values_sets(), min_size=BATCH, max_size=BATCH))
+def test_generated_values_render_the_same(batch, tmp_path):
+    paths = [tmp_path / f"values-{i}.yaml" for i in range(len(batch))]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(_render_both, batch, paths))
+    for name, values, theirs, ours in results:
+        context = f"release {name!r}, values:\n{yaml.safe_dump(values, allow_unicode=True)}"
+        if isinstance(ours, Exception):
+            assert theirs.returncode != 0, f"only kubetrain render failed ({ours}); {context}"
+            if "schema" in str(ours):  # e.g. a bare `y` is a boolean to both (YAML 1.1)
+                assert schema_paths(str(ours)) == schema_paths(theirs.stderr), f"{ours} vs {theirs.stderr}; {context}"
+            else:
+                assert str(ours) in theirs.stderr, f"{ours} vs {theirs.stderr}; {context}"
+        else:
+            assert theirs.returncode == 0, f"only helm failed: {theirs.stderr}; {context}"
+            assert_same_objects(theirs.stdout, ours, context)
