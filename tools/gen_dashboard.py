@@ -1,0 +1,205 @@
+"""Generate the chart's Grafana dashboard: helm/kubetrain/files/dashboard.json.
+
+    python tools/gen_dashboard.py           # rewrite the JSON
+    python tools/gen_dashboard.py --check   # exit 1 when the committed JSON is stale
+
+Panels are declared below as (title, unit, [(PromQL, legend)]); the JSON is
+Grafana's dashboard model (schemaVersion 39). The chart ships it in a ConfigMap
+labelled grafana_dashboard: "1" for Grafana's sidecar. Variables: datasource,
+experiment (from kubetrain_info) and rank (multi-select).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent.parent / "helm" / "kubetrain" / "files" / "dashboard.json"
+
+SEL = 'experiment="$experiment", rank=~"$rank"'
+DS = {"type": "prometheus", "uid": "${datasource}"}
+
+
+def rate(metric: str, window: str = "$__rate_interval") -> str:
+    return f"rate({metric}{{{SEL}}}[{window}])"
+
+
+def quantile(q: float, histogram: str, by: str = "le", window: str = "$__rate_interval") -> str:
+    return f"histogram_quantile({q}, sum by ({by}) ({rate(histogram + '_bucket', window)}))"
+
+
+# One pod runs nprocPerNode ranks; the DCGM exporter labels each GPU series with the pod using it.
+PODS = f'group by (pod) (kubetrain_info{{{SEL}}})'
+
+STATS = [  # (title, unit, expr)
+    ("Step", "none", f'max(kubetrain_steps_total{{{SEL}}})'),
+    ("Progress", "percentunit",
+     f'max(kubetrain_steps_total{{{SEL}}}) / max(kubetrain_target_steps{{{SEL}}})'),
+    ("Samples/s (total)", "short", f"sum({rate('kubetrain_samples_total')})"),
+    ("Since last step", "s", f'time() - min(kubetrain_last_step_timestamp_seconds{{{SEL}}})'),
+    ("Restarts", "none", f'max(kubetrain_restarts_total{{{SEL}}})'),
+    ("Checkpoint failures", "none", f'sum(kubetrain_checkpoint_failures_total{{{SEL}}})'),
+]
+
+ROWS = [  # (row title, [(panel title, unit, [(expr, legend)])])
+    ("Learning", [
+        ("Loss", "none", [
+            (f'avg(kubetrain_train_loss{{{SEL}}})', "train"),
+            (f'avg(kubetrain_eval_loss{{{SEL}}})', "eval"),
+        ]),
+        ("Eval accuracy", "percentunit", [(f'avg(kubetrain_eval_accuracy_ratio{{{SEL}}})', "accuracy")]),
+        ("Learning rate", "none", [(f'avg(kubetrain_learning_rate{{{SEL}}})', "lr")]),
+        ("Gradient norm", "none", [(f'avg(kubetrain_grad_norm{{{SEL}}})', "grad norm")]),
+    ]),
+    ("Throughput", [
+        ("Samples/s per rank and total", "short", [
+            (f"sum by (rank) ({rate('kubetrain_samples_total')})", "rank {{rank}}"),
+            (f"sum({rate('kubetrain_samples_total')})", "total"),
+        ]),
+        ("Step time p50 / p95", "s", [
+            (quantile(0.5, "kubetrain_step_duration_seconds"), "p50"),
+            (quantile(0.95, "kubetrain_step_duration_seconds"), "p95"),
+            (quantile(0.95, "kubetrain_step_duration_seconds", by="le, rank"), "p95 rank {{rank}}"),
+        ]),
+        ("Data wait (share of step time)", "percentunit", [
+            (f"sum by (rank) ({rate('kubetrain_data_wait_seconds_total')}) / "
+             f"sum by (rank) ({rate('kubetrain_step_duration_seconds_sum')})", "rank {{rank}}"),
+        ]),
+        ("Epoch", "none", [(f'max(kubetrain_epoch{{{SEL}}})', "epoch")]),
+    ]),
+    ("Checkpoints", [
+        ("Checkpoint save / load duration (mean over 15m)", "s", [
+            (f"sum by (rank) ({rate('kubetrain_checkpoint_save_duration_seconds_sum', '15m')}) / "
+             f"sum by (rank) ({rate('kubetrain_checkpoint_save_duration_seconds_count', '15m')})",
+             "save rank {{rank}}"),
+            (f"sum by (rank) ({rate('kubetrain_checkpoint_load_duration_seconds_sum', '15m')}) / "
+             f"sum by (rank) ({rate('kubetrain_checkpoint_load_duration_seconds_count', '15m')})",
+             "load rank {{rank}}"),
+        ]),
+        ("Checkpoint bytes written / read per second", "Bps", [
+            (f"sum({rate('kubetrain_checkpoint_saved_bytes_total', '15m')})", "written"),
+            (f"sum({rate('kubetrain_checkpoint_loaded_bytes_total', '15m')})", "read"),
+        ]),
+        ("Last committed checkpoint step", "none", [
+            (f'max(kubetrain_checkpoint_last_saved_step{{{SEL}}})', "step"),
+        ]),
+    ]),
+    ("GPU", [
+        ("GPU memory allocated / peak", "bytes", [
+            (f'kubetrain_gpu_memory_allocated_bytes{{{SEL}}}', "allocated rank {{rank}}"),
+            (f'kubetrain_gpu_memory_peak_bytes{{{SEL}}}', "peak rank {{rank}}"),
+        ]),
+        ("GPU utilisation (DCGM)", "percent", [
+            (f"DCGM_FI_DEV_GPU_UTIL * on (pod) group_left() {PODS}", "{{pod}} GPU {{gpu}}"),
+        ]),
+    ]),
+]
+
+
+DESCRIPTIONS = {
+    "Data wait (share of step time)": "Time spent waiting for the next batch over wall time per step: "
+                                      "near 1 means the data loader is the bottleneck (raise numWorkers).",
+    "GPU utilisation (DCGM)": "DCGM_FI_DEV_GPU_UTIL of the GPUs used by this experiment's pods, joined on "
+                              "`pod`. The DCGM exporter must be scraped with honorLabels: true so that `pod` is "
+                              "the training pod (not the exporter's).",
+    "Step time p50 / p95": "Wall time per optimizer step, data wait included, from the step histogram.",
+}
+
+
+def target(expr: str, legend: str, ref: int) -> dict:
+    return {"datasource": DS, "expr": expr, "legendFormat": legend, "refId": chr(ord("A") + ref)}
+
+
+def timeseries(panel_id: int, title: str, unit: str, queries, grid: dict) -> dict:
+    return {
+        "id": panel_id, "type": "timeseries", "title": title, "description": DESCRIPTIONS.get(title, ""),
+        "datasource": DS, "gridPos": grid,
+        "fieldConfig": {"defaults": {"unit": unit, "custom": {"lineWidth": 1, "fillOpacity": 0,
+                                                              "spanNulls": True}},
+                        "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom"},
+                    "tooltip": {"mode": "multi", "sort": "none"}},
+        "targets": [target(expr, legend, i) for i, (expr, legend) in enumerate(queries)],
+    }
+
+
+def stat(panel_id: int, title: str, unit: str, expr: str, x: int) -> dict:
+    return {
+        "id": panel_id, "type": "stat", "title": title, "datasource": DS,
+        "gridPos": {"h": 4, "w": 4, "x": x, "y": 0},
+        "fieldConfig": {"defaults": {"unit": unit, **({"decimals": 0} if unit == "none" else {})},
+                        "overrides": []},
+        "options": {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                    "colorMode": "value", "graphMode": "none", "textMode": "auto"},
+        "targets": [target(expr, title, 0)],
+    }
+
+
+def variable(name: str, label: str, query: str, multi: bool) -> dict:
+    return {
+        "name": name, "label": label, "type": "query", "datasource": DS,
+        "query": {"query": query, "refId": f"{name}-query"}, "definition": query,
+        "refresh": 2, "sort": 3 if name == "rank" else 1, "multi": multi, "includeAll": multi,
+        **({"allValue": ".*", "current": {"text": "All", "value": "$__all"}} if multi else {"current": {}}),
+    }
+
+
+def dashboard() -> dict:
+    panels, next_id = [], 1
+    for i, (title, unit, expr) in enumerate(STATS):
+        panels.append(stat(next_id, title, unit, expr, 4 * i))
+        next_id += 1
+    y = 4
+    for row_title, row_panels in ROWS:
+        panels.append({"id": next_id, "type": "row", "title": row_title, "collapsed": False,
+                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
+        next_id, y = next_id + 1, y + 1
+        width = 24 // len(row_panels) if len(row_panels) < 4 else 12
+        for i, (title, unit, queries) in enumerate(row_panels):
+            per_line = 24 // width
+            grid = {"h": 8, "w": width, "x": (i % per_line) * width, "y": y + (i // per_line) * 8}
+            panels.append(timeseries(next_id, title, unit, queries, grid))
+            next_id += 1
+        y += 8 * ((len(row_panels) + (24 // width) - 1) // (24 // width))
+    return {
+        "uid": "kubetrain-training",
+        "title": "kubetrain: training",
+        "description": "One kubetrain experiment: loss, throughput, step time, data wait, checkpoints and GPUs "
+                       "per rank (metrics from every rank's /metrics; GPU utilisation from the DCGM exporter).",
+        "tags": ["kubetrain", "pytorch", "training"],
+        "editable": True, "graphTooltip": 1, "refresh": "30s", "schemaVersion": 39, "version": 1,
+        "time": {"from": "now-3h", "to": "now"}, "timepicker": {}, "timezone": "",
+        "annotations": {"list": []}, "links": [],
+        "templating": {"list": [
+            {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+             "current": {}, "hide": 0, "refresh": 1, "regex": ""},
+            variable("experiment", "Experiment", "label_values(kubetrain_info, experiment)", multi=False),
+            variable("rank", "Rank", 'label_values(kubetrain_info{experiment="$experiment"}, rank)', multi=True),
+        ]},
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail when the committed JSON differs")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not OUT.is_file() or OUT.read_text() != text:
+            print(f"{OUT.name} is stale: run python tools/gen_dashboard.py", file=sys.stderr)
+            return 1
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
