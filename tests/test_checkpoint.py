@@ -1,0 +1,83 @@
+"""Checkpoint safety as users meet it: one process, `kubetrain run`, file:// and s3:// stores."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from support import run_cli
+from tests.s3server import CREDENTIALS, free_port
+
+FAST = [
+    "--set", "job.nodes=1,job.backoffLimit=0,metrics.enabled=false",
+    "--set", "training.data.trainSamples=256,training.data.evalSamples=64,training.batchSize=32",
+    "--set", "training.maxSteps=4,training.epochs=1,checkpoint.everySteps=2",
+]
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def train(tmp_path, name: str, *extra: str):
+    uri = (tmp_path / "store").as_uri()
+    return run_cli("run", name, "--workdir", str(tmp_path / name), *FAST, "--set", f"checkpoint.uri={uri}",
+                   *extra, env=ENV)
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path):
+    first = train(tmp_path, "evil")
+    assert first.returncode == 0, first.stdout + first.stderr
+    step = tmp_path / "store" / "evil" / "step-00000004"
+    marker = tmp_path / "pwned"
+    torch.save({"weight": RunsCodeWhenUnpickled(str(marker))}, step / "model.pt")
+    commit = json.loads((step / "commit.json").read_text())  # a consistent, committed step
+    commit["files"]["model.pt"] = (step / "model.pt").stat().st_size
+    (step / "commit.json").write_text(json.dumps(commit))
+
+    again = train(tmp_path, "evil", "--set", "training.maxSteps=6")
+    assert again.returncode == 2, again.stdout
+    assert "refusing to load" in again.stdout and "step-00000004/model.pt" in again.stdout
+    assert "Traceback" not in again.stdout
+    assert not marker.exists()  # nothing ran
+
+
+def test_config_hash_mismatch_is_refused_unless_forced(tmp_path):
+    assert train(tmp_path, "hashed").returncode == 0
+    changed = train(tmp_path, "hashed", "--set", "training.seed=7,training.maxSteps=6")
+    assert changed.returncode == 2
+    message = changed.summary["error"]
+    assert "different config" in message and "training.seed: 1234 -> 7" in message
+    assert "checkpoint.force" in message
+
+    forced = train(tmp_path, "hashed", "--set", "training.seed=7,training.maxSteps=6,checkpoint.force=true")
+    assert forced.returncode == 0, forced.stdout
+    assert "resumed from" in forced.stdout and forced.summary["steps"] == 6
+    committed = sorted(p.parent.name for p in (tmp_path / "store" / "hashed").glob("step-*/commit.json"))
+    assert committed == ["step-00000002", "step-00000004", "step-00000006"]  # keepLast=3
+
+
+def test_resume_auto_with_the_store_unreachable_is_a_retryable_exit(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = run_cli("run", "offline", "--workdir", str(tmp_path / "w"), *FAST,
+                     "--set", f"checkpoint.uri=s3://ckpt/runs,s3.endpoint={dead}",
+                     env={**ENV, **CREDENTIALS, "AWS_MAX_ATTEMPTS": "1"})
+    assert result.returncode == 144, result.stdout
+    assert "refusing to start fresh" in result.summary["error"]
+    assert "resumed" not in result.stdout and "step 1" not in result.stdout
+    assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
+
+
+def test_missing_s3_credentials_is_a_clear_user_error(tmp_path):
+    env = {k: "" for k in CREDENTIALS}
+    result = run_cli("run", "nocreds", "--workdir", str(tmp_path / "w"), *FAST,
+                     "--set", "checkpoint.uri=s3://ckpt/runs,s3.endpoint=http://127.0.0.1:9", env={**ENV, **env})
+    assert result.returncode == 2
+    assert "AWS_ACCESS_KEY_ID" in result.summary["error"]

@@ -1,0 +1,79 @@
+"""The storage layer against a real S3 server process (moto) and a local directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from trainer.config import S3Config
+from trainer.errors import RetryableError, UserError
+from trainer.worker.storage import MULTIPART_THRESHOLD, open_store
+from tests.s3server import CREDENTIALS, S3Server, free_port
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server().start()
+    server.create_bucket("store")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch):
+    for key, value in {**CREDENTIALS, "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(key, value)
+
+
+def s3_store(endpoint: str, uri: str = "s3://store/some/prefix"):
+    return open_store(uri, S3Config(endpoint=endpoint, region="us-east-1", addressing_style="path",
+                                    credentials_secret=""))
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path, aws_env):
+    if request.param == "file":
+        return open_store((tmp_path / "root").as_uri())
+    return s3_store(request.getfixturevalue("s3").endpoint)
+
+
+def test_write_read_list_delete(store, tmp_path):
+    store.write_bytes("exp/step-1/a.pt", b"alpha")
+    source = tmp_path / "blob"
+    source.write_bytes(os.urandom(1000))
+    store.write_file("exp/step-1/b.pt", source)
+    assert store.read_bytes("exp/step-1/a.pt") == b"alpha"
+    store.read_file("exp/step-1/b.pt", tmp_path / "copy")
+    assert (tmp_path / "copy").read_bytes() == source.read_bytes()
+    assert store.sizes("exp") == {"exp/step-1/a.pt": 5, "exp/step-1/b.pt": 1000}
+    assert store.sizes("nothing-here") == {}
+    store.delete(["exp/step-1/a.pt", "exp/step-1/b.pt"])
+    assert store.sizes("exp") == {}
+
+
+def test_multipart_object_roundtrips(s3, aws_env):
+    store = s3_store(s3.endpoint)
+    data = os.urandom(MULTIPART_THRESHOLD + 3 * 1024 * 1024)  # above the threshold: multipart upload
+    store.write_bytes("big/blob", data)
+    assert store.read_bytes("big/blob") == data
+    assert s3.keys("store", "some/prefix/big/") == {"some/prefix/big/blob": len(data)}
+
+
+def test_unreachable_endpoint_is_retryable_and_never_logs_credentials(aws_env, caplog):
+    store = s3_store(f"http://127.0.0.1:{free_port()}")
+    caplog.set_level(logging.DEBUG, logger="trainer")
+    with pytest.raises(RetryableError) as failure:
+        store.write_bytes("x", b"1")
+    assert failure.value.exit_code == 144 and "unreachable" in str(failure.value)
+    assert "retry 1/2" in caplog.text
+    assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in caplog.text + str(failure.value)
+
+
+def test_missing_bucket_and_missing_credentials_are_user_errors(s3, aws_env, monkeypatch):
+    with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
+        s3_store(s3.endpoint, "s3://no-such-bucket/x").sizes("p")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(UserError, match="AWS_SECRET_ACCESS_KEY"):
+        s3_store(s3.endpoint)

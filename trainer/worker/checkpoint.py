@@ -1,0 +1,437 @@
+"""Checkpoints (DESIGN §3.5): `<uri>/<experiment>/step-<N:08d>/…`, commit marker last.
+
+A step directory holds
+  model.pt         rank 0: the model's state_dict (plain tensors; loadable on its own)
+  train.pt         rank 0: optimizer, LR scheduler and grad-scaler state
+  rank-<r:05d>.pt  every rank: its RNG states and data position (TrainState)
+  commit.json      rank 0, written last after every rank reported its files
+                   written: step, config hash, resolved config, file sizes.
+A step without commit.json does not exist: resume ignores it (and says so),
+retention deletes it once a newer step is committed. Deleting a step removes
+its marker first, so a crash mid-delete never leaves a committed partial step.
+
+Loading never unpickles objects: torch.load(weights_only=True) refuses anything
+but tensors and plain containers, so a crafted checkpoint cannot run code.
+
+Saving is synchronous, or with `checkpoint.asyncSave` a CPU snapshot is taken
+at the step boundary and a background thread serialises, uploads and commits
+while training continues; at most one save is in flight (the next save, the
+final save and preemption wait for it). The commit protocol's collectives run
+on a dedicated gloo group so they never interleave with the training's.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import random
+import re
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from trainer.config import TrainerConfig
+from trainer.errors import EXIT_STORAGE_UNAVAILABLE, RetryableError, UserError
+from trainer.worker.distributed import RankInfo
+from trainer.worker.storage import Store, open_store
+
+log = logging.getLogger(__name__)
+
+COMMIT = "commit.json"
+MODEL, TRAIN = "model.pt", "train.pt"
+STEP_DIR = re.compile(r"^step-(\d{8})/(.+)$")
+# Fault injection for tests: sleep this long after writing this rank's files, before the commit.
+PAUSE_BEFORE_COMMIT_ENV = "KUBETRAIN_TEST_PAUSE_BEFORE_COMMIT_SECONDS"
+
+
+def step_dir(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+# ------------------------------------------------------------------ RNG and serialisation
+def capture_rng() -> dict:
+    """This process's RNG states as tensors and plain values (weights_only-loadable)."""
+    state = np.random.get_state()
+    rng = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {"kind": state[0], "keys": torch.from_numpy(state[1].astype(np.int64)), "pos": int(state[2]),
+                  "has_gauss": int(state[3]), "cached_gaussian": float(state[4])},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in rng and torch.cuda.is_available():
+        states = rng["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def _is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def model_optimizer_state(model, raw_model, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state as plain tensors. DDP: the replica as is. FSDP: the full
+    (unsharded) state gathered to CPU, so rank 0 writes the same files as under DDP and a
+    checkpoint loads under either parallelism and any world size. Every rank calls this.
+    (torch.distributed.checkpoint's sharded writer is the seam for models too big to gather.)"""
+    if not _is_fsdp(model):
+        return raw_model.state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_model_optimizer_state(model, raw_model, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    if not _is_fsdp(model):
+        raw_model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def cpu_snapshot(obj: Any) -> Any:
+    """A deep copy with every tensor on CPU: what an async save uploads while training goes on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_snapshot(v) for v in obj)
+    return obj
+
+
+def serialize(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def safe_load(data: bytes, where: str) -> Any:
+    """torch.load that only accepts tensors and plain containers: never runs pickled code."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"refusing to load {where}: not a plain tensor checkpoint, it may be corrupt or "
+                        f"crafted to run code when unpickled ({first})") from None
+
+
+def _dotted_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _dotted_diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+# ------------------------------------------------------------------ the manager
+class CheckpointManager:
+    """Saves and restores a Trainer's state under `<checkpoint.uri>/<experiment>/`."""
+
+    def __init__(self, config: TrainerConfig, info: RankInfo, store: Store | None = None, metrics=None):
+        self.config, self.cfg, self.info = config, config.checkpoint, info
+        self.enabled = bool(self.cfg.uri)
+        self.store = store or (open_store(self.cfg.uri, config.s3) if self.enabled else None)
+        self.base = config.experiment
+        self.metrics = metrics  # trainer/worker/metrics.py MetricsProcessor (observe_checkpoint_*)
+        self.async_save = bool(getattr(self.cfg, "async_save", False))
+        self.force = bool(getattr(self.cfg, "force", False))
+        self.group = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and self.enabled:
+            import datetime
+
+            # Its own gloo group: commit collectives from the save thread never meet the training's.
+            timeout = datetime.timedelta(seconds=config.training.distributed.timeout_seconds)
+            self.group = dist.new_group(backend="gloo", timeout=timeout)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_committed: int | None = None
+
+    def url(self, step: int | None = None) -> str:
+        key = self.base if step is None else f"{self.base}/{step_dir(step)}"
+        return self.store.url(key) if self.store else ""
+
+    # ------------------------------------------------------------ listing
+    def scan(self) -> dict[int, dict[str, int]]:
+        """step -> {file name: size} for every step directory under the experiment."""
+        steps: dict[int, dict[str, int]] = {}
+        for key, size in self.store.sizes(self.base).items():
+            match = STEP_DIR.match(key[len(self.base) + 1:])
+            if match:
+                steps.setdefault(int(match.group(1)), {})[match.group(2)] = size
+        return steps
+
+    @staticmethod
+    def committed(steps: dict[int, dict[str, int]]) -> list[int]:
+        return sorted(s for s, files in steps.items() if COMMIT in files)
+
+    # ------------------------------------------------------------ collectives on the checkpoint group
+    def _all_ok(self, ok: bool) -> bool:
+        if self.group is None:
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(flag.item())
+
+    def _broadcast(self, obj: Any) -> Any:
+        if self.group is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    # ------------------------------------------------------------ resume
+    def resume(self, trainer) -> int | None:
+        """Load the step that `checkpoint.resume` names into `trainer`; returns it, or None (fresh)."""
+        if not self.enabled:
+            return None
+        decision = self._broadcast(self._decide() if self.info.is_main else None)
+        kind, value = decision
+        if kind == "retry":
+            raise RetryableError(value, EXIT_STORAGE_UNAVAILABLE)
+        if kind == "user":
+            raise UserError(value)
+        if kind == "fresh":
+            return None
+        step, files = value
+        self._load(trainer, step, files)
+        return step
+
+    def _decide(self) -> tuple[str, Any]:
+        """Rank 0 picks the step every rank loads (or why not), from one listing."""
+        mode = self.cfg.resume
+        try:
+            steps = self.scan()
+        except RetryableError as e:
+            if mode == "never":
+                return ("fresh", None)
+            return ("retry", f"checkpoint.resume: {mode}: cannot list {self.url()} ({e}); refusing to start "
+                             "fresh while committed checkpoints may exist")
+        except UserError as e:
+            return ("user", str(e))
+        committed = self.committed(steps)
+        incomplete = sorted(set(steps) - set(committed))
+        if incomplete:
+            log.warning("checkpoint: ignoring incomplete steps %s under %s (no %s: a save was interrupted)",
+                        incomplete, self.url(), COMMIT)
+        if mode == "never":
+            if committed:
+                log.warning("checkpoint.resume: never: starting fresh although %s holds committed steps %s",
+                            self.url(), committed)
+            return ("fresh", None)
+        if mode == "auto":
+            if not committed:
+                log.info("checkpoint: no committed step under %s: starting fresh", self.url())
+                return ("fresh", None)
+            step = committed[-1]
+        else:
+            step = int(mode)
+            if step not in committed:
+                return ("user", f"checkpoint.resume: {step}: no committed step {step} under {self.url()} "
+                                f"(committed: {committed or 'none'})")
+        return ("load", (step, steps[step]))
+
+    def _read(self, step: int, name: str) -> bytes:
+        return self.store.read_bytes(f"{self.base}/{step_dir(step)}/{name}")
+
+    def _load(self, trainer, step: int, files: dict[str, int]) -> None:
+        started = time.perf_counter()
+        where = self.url(step)
+        commit = json.loads(self._read(step, COMMIT))
+        for name, size in commit.get("files", {}).items():
+            if files.get(name) != size:
+                raise UserError(f"checkpoint {where} is committed but {name} is missing or has the wrong size "
+                                f"({files.get(name)} != {size} bytes); resume from another step "
+                                "(checkpoint.resume: <step>)")
+        ours = self.config.config_hash()
+        if commit.get("config_hash") != ours:
+            changes = _dotted_diff(commit.get("config", {}), self.config.as_dict())
+            detail = "; ".join(changes[:6]) + (" …" if len(changes) > 6 else "")
+            if not self.force:
+                raise UserError(
+                    f"checkpoint {where} was made with a different config (hash {commit.get('config_hash')}, "
+                    f"this run {ours}): {detail or 'unknown differences'}. Use another checkpoint.uri or "
+                    "experiment name, or set checkpoint.force: true to load it anyway")
+            log.warning("checkpoint.force: loading %s despite a config change: %s", where, detail)
+        nbytes = 0
+        blobs = {}
+        for name in (MODEL, TRAIN):
+            blobs[name] = self._read(step, name)
+            nbytes += len(blobs[name])
+        model = safe_load(blobs[MODEL], f"{where}/{MODEL}")
+        train = safe_load(blobs[TRAIN], f"{where}/{TRAIN}")
+        mine = rank_file(self.info.rank)
+        if mine in files:
+            data = self._read(step, mine)
+            nbytes += len(data)
+            rank_state = safe_load(data, f"{where}/{mine}")
+        else:  # the world grew: positions are shared, RNG starts from the seed
+            log.warning("checkpoint %s has no %s (saved with world size %s): this rank's RNG is re-seeded",
+                        where, mine, commit.get("world_size"))
+            rank_state = safe_load(self._read(step, rank_file(0)), f"{where}/{rank_file(0)}")
+            rank_state.pop("rng", None)
+        if commit.get("world_size") != self.info.world_size:
+            log.warning("checkpoint %s was saved by %s ranks, this run has %s: the data order of the "
+                        "current epoch differs", where, commit.get("world_size"), self.info.world_size)
+        trainer.load_state_dict({"model": model, **train, **rank_state})
+        self.last_committed = step
+        seconds = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.observe_checkpoint_load(seconds, nbytes)
+        if self.info.is_main:
+            log.info("checkpoint: resumed from %s (step %d, %.1f MB in %.2fs)", where, step, nbytes / 1e6, seconds)
+
+    # ------------------------------------------------------------ save
+    def save(self, trainer, blocking: bool = False) -> None:
+        """Save the trainer's state at its current step (all ranks call this at the same step)."""
+        if not self.enabled:
+            return
+        self.wait()  # at most one save in flight
+        step = trainer.state.step
+        state = trainer.state_dict()
+        replicated = {"model": state.pop("model"), "train": {k: state.pop(k) for k in
+                                                             ("optimizer", "scheduler", "scaler")}}
+        payload = {rank_file(self.info.rank): state}  # train_state + rng
+        if self.info.is_main:
+            payload[MODEL], payload[TRAIN] = replicated["model"], replicated["train"]
+        if self.async_save and not blocking:
+            started = time.perf_counter()
+            payload = cpu_snapshot(payload)
+            log.debug("checkpoint: snapshot of step %d took %.3fs", step, time.perf_counter() - started)
+            self._thread = threading.Thread(target=self._background, args=(step, payload),
+                                            name=f"checkpoint-step-{step}", daemon=True)
+            self._thread.start()
+        else:
+            self._write_step(step, payload)
+
+    def _background(self, step: int, payload: dict) -> None:
+        try:
+            self._write_step(step, payload)
+        except BaseException as e:  # re-raised in the training thread by wait()
+            self._error = e
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is committed; re-raise its failure."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write_step(self, step: int, payload: dict) -> None:
+        started = time.perf_counter()
+        prefix = f"{self.base}/{step_dir(step)}"
+        error: BaseException | None = None
+        nbytes = 0
+        try:
+            if self.info.is_main:  # re-saving a step (resume from an older one): uncommit it first
+                self.store.delete([f"{prefix}/{COMMIT}"])
+        except BaseException as e:
+            error = e
+        if self._all_ok(error is None):
+            try:
+                for name, obj in payload.items():
+                    data = serialize(obj)
+                    self.store.write_bytes(f"{prefix}/{name}", data)
+                    nbytes += len(data)
+                pause = float(os.environ.get(PAUSE_BEFORE_COMMIT_ENV) or 0)
+                if pause:
+                    log.warning("checkpoint: fault injection: pausing %.1fs before the commit of step %d",
+                                pause, step)
+                    time.sleep(pause)
+            except BaseException as e:
+                error = e
+        if self._all_ok(error is None) and self.info.is_main:
+            try:
+                self._commit(step, prefix)
+            except BaseException as e:
+                error = e
+        if not self._all_ok(error is None):
+            if self.metrics is not None:
+                self.metrics.observe_checkpoint_failure("save")
+            if isinstance(error, (RetryableError, UserError)):
+                raise error
+            if error is not None:
+                raise RetryableError(f"checkpoint step {step} to {self.url(step)} failed: "
+                                     f"{type(error).__name__}: {error}", EXIT_STORAGE_UNAVAILABLE) from error
+            raise RetryableError(f"checkpoint step {step} to {self.url(step)} failed on another rank "
+                                 "(see its log)", EXIT_STORAGE_UNAVAILABLE)
+        self.last_committed = step
+        seconds = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.observe_checkpoint_save(seconds, nbytes, step)
+        if self.info.is_main:
+            log.info("checkpoint: committed %s (%.1f MB from rank 0 in %.2fs)", self.url(step), nbytes / 1e6,
+                     seconds)
+
+    def _commit(self, step: int, prefix: str) -> None:
+        """Rank 0, after every rank wrote its files: the marker, then retention."""
+        steps = self.scan()
+        files = steps.get(step, {})
+        expected = {MODEL, TRAIN, *(rank_file(r) for r in range(self.info.world_size))}
+        missing = expected - set(files)
+        if missing:
+            raise RetryableError(f"checkpoint step {step}: {sorted(missing)} not visible in {self.url(step)} "
+                                 "after every rank wrote", EXIT_STORAGE_UNAVAILABLE)
+        marker = {
+            "step": step, "world_size": self.info.world_size, "time": time.time(),
+            "config_hash": self.config.config_hash(), "config": self.config.as_dict(),
+            "files": {name: files[name] for name in sorted(expected)},
+        }
+        self.store.write_bytes(f"{prefix}/{COMMIT}", json.dumps(marker, indent=1, default=str).encode())
+        steps[step][COMMIT] = 0
+        self._retain(steps, step)
+
+    def _retain(self, steps: dict[int, dict[str, int]], newest: int) -> None:
+        """Keep the newest keepLast committed steps; drop older ones and stale incomplete ones."""
+        committed = self.committed(steps)
+        doomed = [s for s in committed[:-self.cfg.keep_last] if s != newest]
+        doomed += [s for s in steps if COMMIT not in steps[s] and s < newest]
+        for step in sorted(doomed):
+            prefix = f"{self.base}/{step_dir(step)}"
+            self.store.delete([f"{prefix}/{COMMIT}"])  # uncommit first: never a committed partial step
+            self.store.delete([f"{prefix}/{name}" for name in steps[step] if name != COMMIT])
+        if doomed:
+            log.info("checkpoint: retention (keepLast=%d) deleted steps %s", self.cfg.keep_last, sorted(doomed))
+
+    def close(self) -> None:
+        """Finish the save in flight; called before the process group goes away."""
+        try:
+            self.wait()
+        finally:
+            if self.group is not None:
+                self.group = None

@@ -1,0 +1,266 @@
+"""Object storage for checkpoints and weights: `file://` and `s3://` URIs.
+
+One small interface, `Store`, over a local directory or an S3-compatible
+bucket reached through boto3. Keys are '/'-separated paths below the URI.
+
+S3 settings come from the `s3` values section (endpoint, region, addressing
+style); credentials only from the standard AWS environment variables, which the
+chart fills from `s3.credentialsSecret` — never from values, never logged.
+Every request gets botocore's adaptive retries (AWS_MAX_ATTEMPTS overrides the
+attempt count) and connect/read timeouts; large objects go through s3transfer
+multipart with a TransferConfig tuned by benchmarks/storage_throughput.py.
+A store that stays unreachable after the retries raises RetryableError (exit
+144) so the operator restarts the pod; bad buckets and credentials are UserErrors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+from urllib.parse import unquote, urlparse
+
+from trainer.errors import EXIT_STORAGE_UNAVAILABLE, RetryableError, UserError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MiB = 1024 * 1024
+# Multipart: 16 MiB parts keep a 1 GB object at 64 parts; 16 threads hide per-request latency.
+MULTIPART_THRESHOLD = 16 * MiB
+MULTIPART_CHUNKSIZE = 16 * MiB
+MAX_CONCURRENCY = 16
+CONNECT_TIMEOUT_SECONDS = 10
+READ_TIMEOUT_SECONDS = 120
+DEFAULT_MAX_ATTEMPTS = 6  # botocore attempts per request (adaptive mode, exponential backoff)
+OUTER_ATTEMPTS = 3  # whole-operation retries on top, for outages longer than botocore's backoff
+OUTER_BACKOFF_SECONDS = 1.0
+
+
+class Store:
+    """A place for named blobs. Implementations: FileStore, S3Store."""
+
+    uri: str
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def write_file(self, key: str, path: Path) -> None:
+        raise NotImplementedError
+
+    def read_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def read_file(self, key: str, path: Path) -> None:
+        raise NotImplementedError
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """Every key below `prefix` (recursively) with its size in bytes; {} when none."""
+        raise NotImplementedError
+
+    def delete(self, keys: list[str]) -> None:
+        raise NotImplementedError
+
+    def url(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key}"
+
+
+class FileStore(Store):
+    """A local or mounted directory (a PVC in a pod). Writes are atomic: temp file + rename."""
+
+    def __init__(self, uri: str):
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise UserError(f"checkpoint.uri: {uri!r} must be file:///absolute/path (no host)")
+        self.uri, self.root = uri, Path(unquote(parsed.path))
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._atomic(key, lambda tmp: tmp.write_bytes(data))
+
+    def write_file(self, key: str, path: Path) -> None:
+        self._atomic(key, lambda tmp: shutil.copyfile(path, tmp))
+
+    def _atomic(self, key: str, write: Callable[[Path], object]) -> None:
+        target = self._path(key)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())  # durable before it becomes visible
+            os.replace(tmp, target)
+        except OSError as e:
+            raise RetryableError(f"cannot write {self.url(key)}: {e}", EXIT_STORAGE_UNAVAILABLE) from e
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def read_file(self, key: str, path: Path) -> None:
+        shutil.copyfile(self._path(key), path)
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return {}
+        out = {}
+        for p in base.rglob("*"):
+            if p.is_file() and not p.name.endswith(".tmp"):
+                out[p.relative_to(self.root).as_posix()] = p.stat().st_size
+        return out
+
+    def delete(self, keys: list[str]) -> None:
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)
+        for parent in sorted({self._path(k).parent for k in keys}, key=lambda p: -len(p.parts)):
+            try:
+                parent.rmdir()  # remove now-empty step directories
+            except OSError:
+                pass
+
+
+def s3_client(endpoint: str = "", region: str = "us-east-1", addressing_style: str = "path"):
+    """A boto3 S3 client with adaptive retries and timeouts; credentials from the AWS env vars."""
+    import boto3
+    from botocore.config import Config
+
+    key_id, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    web_identity = os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE") and os.environ.get("AWS_ROLE_ARN")
+    if not (key_id and secret) and not web_identity:
+        raise UserError(
+            "S3 credentials are missing: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in a cluster "
+            "the chart sets them from the Secret named by s3.credentialsSecret)"
+        )
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
+    config = Config(
+        region_name=region or None,
+        retries={"mode": "adaptive", "max_attempts": attempts},
+        connect_timeout=CONNECT_TIMEOUT_SECONDS,
+        read_timeout=READ_TIMEOUT_SECONDS,
+        max_pool_connections=MAX_CONCURRENCY + 4,
+        s3={"addressing_style": addressing_style or "auto"},
+    )
+    # Explicit keys (not the default chain) so ~/.aws files and instance metadata never leak in.
+    session = boto3.session.Session(
+        aws_access_key_id=key_id or None, aws_secret_access_key=secret or None,
+        aws_session_token=os.environ.get("AWS_SESSION_TOKEN") or None, region_name=region or None,
+    )
+    return session.client("s3", endpoint_url=endpoint or None, config=config)
+
+
+def transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_CHUNKSIZE,
+                          max_concurrency=MAX_CONCURRENCY, use_threads=True)
+
+
+class S3Store(Store):
+    """`s3://bucket/prefix` on AWS or any S3-compatible server (s3.endpoint)."""
+
+    def __init__(self, uri: str, endpoint: str = "", region: str = "us-east-1", addressing_style: str = "path"):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise UserError(f"checkpoint.uri: {uri!r} has no bucket (expected s3://bucket/prefix)")
+        self.uri, self.bucket, self.prefix = uri, parsed.netloc, parsed.path.strip("/")
+        self.endpoint = endpoint or "AWS"
+        self.client = s3_client(endpoint, region, addressing_style)
+        self.transfer = transfer_config()
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
+        """Run one operation; connection trouble is retried, then becomes RetryableError."""
+        from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, NoCredentialsError
+
+        delay = OUTER_BACKOFF_SECONDS
+        for attempt in range(1, OUTER_ATTEMPTS + 1):
+            try:
+                return fn()
+            except ClientError as e:
+                code = e.response.get("Error", {}).get("Code", "")
+                status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code in ("NoSuchBucket",):
+                    raise UserError(f"checkpoint.uri: bucket {self.bucket!r} does not exist at "
+                                    f"{self.endpoint}") from None
+                if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+                    raise UserError(f"S3 refused {what} {self.url(key)} ({code}): check AWS_ACCESS_KEY_ID/"
+                                    "AWS_SECRET_ACCESS_KEY and the bucket policy") from None
+                if status < 500 and code not in ("SlowDown", "RequestTimeout", "Throttling"):
+                    raise
+                error: Exception = e
+            except NoCredentialsError:
+                raise UserError("S3 credentials are missing: set AWS_ACCESS_KEY_ID and "
+                                "AWS_SECRET_ACCESS_KEY") from None
+            except (ConnectionError, HTTPClientError, OSError) as e:
+                error = e
+            if attempt < OUTER_ATTEMPTS:
+                log.warning("storage: %s %s failed (%s); retry %d/%d in %.0fs", what, self.url(key),
+                            type(error).__name__, attempt, OUTER_ATTEMPTS - 1, delay)
+                time.sleep(delay)
+                delay *= 2
+        raise RetryableError(
+            f"checkpoint store {self.endpoint} unreachable: {what} {self.url(key)} failed after retries "
+            f"({type(error).__name__}: {error})", EXIT_STORAGE_UNAVAILABLE)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        import io
+
+        self._call("upload", key, lambda: self.client.upload_fileobj(
+            io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer))
+
+    def write_file(self, key: str, path: Path) -> None:
+        self._call("upload", key, lambda: self.client.upload_file(
+            str(path), self.bucket, self._key(key), Config=self.transfer))
+
+    def read_bytes(self, key: str) -> bytes:
+        import io
+
+        def get() -> bytes:
+            buf = io.BytesIO()
+            self.client.download_fileobj(self.bucket, self._key(key), buf, Config=self.transfer)
+            return buf.getvalue()
+
+        return self._call("download", key, get)
+
+    def read_file(self, key: str, path: Path) -> None:
+        self._call("download", key, lambda: self.client.download_file(
+            self.bucket, self._key(key), str(path), Config=self.transfer))
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        def listing() -> dict[str, int]:
+            out = {}
+            strip = len(self.prefix) + 1 if self.prefix else 0
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix.rstrip("/")) + "/")
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    out[obj["Key"][strip:]] = obj["Size"]
+            return out
+
+        return self._call("list", prefix, listing)
+
+    def delete(self, keys: list[str]) -> None:
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": self._key(k)} for k in keys[start:start + 1000]]
+            self._call("delete", keys[start], lambda: self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
+
+
+def open_store(uri: str, s3=None) -> Store:
+    """The store for a `file://` or `s3://` URI; `s3` is the S3Config (endpoint, region, style)."""
+    scheme = urlparse(uri).scheme
+    if scheme == "file":
+        return FileStore(uri)
+    if scheme == "s3":
+        if s3 is None:
+            return S3Store(uri)
+        return S3Store(uri, s3.endpoint, s3.region, s3.addressing_style)
+    raise UserError(f"checkpoint.uri: {uri!r} must start with file:// or s3://")
