@@ -1,0 +1,1 @@
+"""A worked example of a kubetrain custom task (see docs/tasks.md)."""

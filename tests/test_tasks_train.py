@@ -1,0 +1,98 @@
+"""Every workload trains a few dozen steps on 2 gloo processes (`kubetrain run`) and its loss falls."""
+
+from __future__ import annotations
+
+import pytest
+
+from fixtures.tasks_helpers import resnet_weights_uri, tiny_bert_dir
+from support import run_cli
+
+TWO_RANKS = {"job": {"nodes": 2, "nprocPerNode": 1}, "metrics": {"enabled": False}}
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def train(tmp_path, values_file, name: str, training: dict):
+    values = values_file({**TWO_RANKS, "training": {"logEverySteps": 4, **training}})
+    result = run_cli("run", name, "-f", str(values), "--workdir", str(tmp_path / "run"), env=ENV)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    summary = result.summary
+    assert summary["status"] == "succeeded" and summary["world_size"] == 2
+    return summary
+
+
+def test_resnet18_finetune_from_weights_file(tmp_path, values_file):
+    summary = train(tmp_path, values_file, "resnet", {
+        "task": "resnet18-finetune", "pretrained": resnet_weights_uri(tmp_path), "numClasses": 4,
+        "batchSize": 8, "maxSteps": 16, "optimizer": {"lr": 0.01}, "lrSchedule": {"warmupSteps": 2},
+        "data": {"trainSamples": 256, "evalSamples": 32}, "options": {"imageSize": 32},
+    })
+    assert summary["steps"] == 16
+    assert summary["train_loss"] < 0.8 * summary["first_train_loss"], summary
+
+
+def test_bert_sentiment_tiny_offline_model(tmp_path, values_file):
+    pytest.importorskip("transformers", reason="bert-sentiment needs the nlp extra: pip install 'kubetrain[nlp]'")
+    summary = train(tmp_path, values_file, "bert", {
+        "task": "bert-sentiment", "pretrained": tiny_bert_dir(tmp_path).as_uri(), "numClasses": 2,
+        "batchSize": 16, "epochs": 3, "maxSteps": 60, "optimizer": {"lr": 0.01},
+        "lrSchedule": {"warmupSteps": 4}, "data": {"trainSamples": 640, "evalSamples": 128},
+    })
+    assert summary["train_loss"] < 0.75 * summary["first_train_loss"], summary
+    assert summary["eval_accuracy"] > 0.7, summary
+
+
+def test_custom_entrypoint_from_a_package_outside_the_repo(tmp_path, values_file):
+    package = tmp_path / "user_src" / "ring_model"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "task.py").write_text(CUSTOM_TASK)
+    summary = train(tmp_path, values_file, "custom", {
+        "task": "custom", "entrypoint": "ring_model.task:build", "pythonPath": [str(tmp_path / "user_src")],
+        "numClasses": 3, "batchSize": 32, "epochs": 3, "optimizer": {"lr": 0.01},
+        "data": {"trainSamples": 1024, "evalSamples": 256}, "options": {"hidden": 32},
+    })
+    assert summary["train_loss"] < 0.7 * summary["first_train_loss"], summary
+    assert summary["eval_accuracy"] > 0.7, summary
+
+
+def test_custom_entrypoint_that_cannot_be_imported_is_a_user_error(tmp_path):
+    result = run_cli("run", "missing", "--workdir", str(tmp_path), "--set",
+                     "job.nodes=1,training.task=custom,training.entrypoint=not_installed.mod:build,metrics.enabled=false",
+                     env=ENV)
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert "training.entrypoint" in result.stdout and "not_installed.mod" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_unknown_task_on_two_ranks_exits_2_listing_every_task(tmp_path):
+    result = run_cli("run", "nope", "--workdir", str(tmp_path), "--set",
+                     "job.nodes=2,training.task=nope,metrics.enabled=false", env=ENV)
+    assert result.returncode == 2, result.stdout[-2000:]
+    line = next(ln for ln in result.stdout.splitlines() if "unknown task 'nope'" in ln)
+    for name in ("bert-sentiment", "cifar10-convnet", "custom", "resnet18-finetune", "speech-conv1d"):
+        assert name in line
+    assert result.summary["status"] == "failed"
+
+
+CUSTOM_TASK = '''
+import math
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def rings(n, classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    angle = 2 * math.pi * torch.rand(n, generator=g)
+    radius = 1.0 + labels.float() + 0.2 * torch.randn(n, generator=g)
+    return TensorDataset(torch.stack([radius * angle.cos(), radius * angle.sin()], 1) / classes, labels)
+
+
+def build(cfg):
+    hidden = cfg.options["hidden"]
+    model = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                          nn.Linear(hidden, cfg.num_classes))
+    return {"model": model, "train_dataset": rings(cfg.data.train_samples, cfg.num_classes, cfg.seed),
+            "eval_dataset": rings(cfg.data.eval_samples, cfg.num_classes, cfg.seed + 1)}
+'''

@@ -1,0 +1,113 @@
+"""Pretrained weights from a URI (`file://`, `s3://`), for clusters without internet.
+
+Reads through the checkpoint store (trainer/worker/storage.py), so S3 settings
+(endpoint, region, addressing style) and credentials work the same as for
+checkpoints. Loading never unpickles arbitrary objects: `.safetensors`, or
+`torch.load(weights_only=True)` for `.pt`/`.pth`/`.bin`.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path, PurePosixPath
+from urllib.parse import unquote, urlparse
+
+import torch
+
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_s3_config = None  # the run's `s3` values section, set once by the trainer before tasks build
+
+
+def configure(s3_config) -> None:
+    global _s3_config
+    _s3_config = s3_config
+
+
+def _split(uri: str, key: str) -> tuple[str, str]:
+    """('scheme://bucket-or-dir', 'name') for a file URI."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("file", "s3"):
+        raise UserError(f"{key}: {uri!r} must be a file:// or s3:// URI")
+    path = PurePosixPath(unquote(parsed.path))
+    if parsed.scheme == "file":
+        return f"file://{path.parent}", path.name
+    return f"s3://{parsed.netloc}{path.parent}".rstrip("/"), path.name
+
+
+def _store(base: str):
+    from trainer.worker.storage import open_store
+
+    return open_store(base, _s3_config)
+
+
+def fetch_file(uri: str, key: str, workdir: Path) -> Path:
+    """A local path holding the object at `uri` (file:// is used in place)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        path = Path(unquote(parsed.path))
+        if not path.is_file():
+            raise UserError(f"{key}: {uri!r}: no such file")
+        return path
+    base, name = _split(uri, key)
+    target = workdir / name
+    try:
+        _store(base).read_file(name, target)
+    except UserError:
+        raise
+    except Exception as e:  # botocore's NoSuchKey and friends
+        raise UserError(f"{key}: cannot read {uri!r}: {e}") from None
+    return target
+
+
+def fetch_directory(uri: str, key: str) -> Path:
+    """A local directory with the files below `uri` (a Hugging Face model folder)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        path = Path(unquote(parsed.path))
+        if not path.is_dir():
+            raise UserError(f"{key}: {uri!r}: no such directory")
+        return path
+    if parsed.scheme != "s3":
+        raise UserError(f"{key}: {uri!r} must be a file:// or s3:// URI, or a model name")
+    store = _store(f"s3://{parsed.netloc}")
+    prefix = unquote(parsed.path).strip("/")
+    target = Path(tempfile.mkdtemp(prefix="kubetrain-weights-"))
+    try:
+        keys = store.sizes(prefix)
+        for k in keys:
+            local = target / PurePosixPath(k).relative_to(prefix)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            store.read_file(k, local)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{key}: cannot read {uri!r}: {e}") from None
+    if not keys:
+        raise UserError(f"{key}: {uri!r} holds no files")
+    return target
+
+
+def load_state_dict(uri: str, key: str = "training.pretrained") -> dict[str, torch.Tensor]:
+    """A state dict from a weights file; a checkpoint-style {"model": {...}} is unwrapped."""
+    with tempfile.TemporaryDirectory(prefix="kubetrain-weights-") as tmp:
+        path = fetch_file(uri, key, Path(tmp))
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{key}: {uri!r} is not a weights file (.pt state dict or .safetensors): "
+                            f"{type(e).__name__}: {e}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{key}: {uri!r} does not hold a state dict of tensors")
+    log.info("loaded %d tensors from %s", len(state), uri)
+    return state

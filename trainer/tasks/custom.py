@@ -1,0 +1,81 @@
+"""`training.task: custom`: your own model through `training.entrypoint: "package.module:function"`.
+
+The package comes from the image, from PYTHONPATH, or from the directories in
+`training.pythonPath` (e.g. a mounted volume). The function takes the
+TrainingConfig (or nothing) and returns a TaskSpec, or a mapping with its keys:
+
+    model          nn.Module (required); forward takes a batch's inputs (a dict is
+                   passed as keyword arguments)
+    train_dataset  map-style Dataset of (inputs, target) pairs (required)
+    eval_dataset   the same, for evaluation (optional)
+    loss_fn        (outputs, targets) -> scalar (default: cross-entropy)
+    collate_fn     DataLoader collate function (optional)
+    accuracy       whether eval reports top-1 accuracy (default: True)
+
+Everything else the loop provides: DDP or FSDP, precision, accumulation,
+checkpoints, metrics. `training.options` reaches the function as `cfg.options`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import logging
+import sys
+from collections.abc import Mapping
+
+from trainer.errors import UserError
+from trainer.tasks import TaskSpec, register
+
+log = logging.getLogger(__name__)
+
+SPEC_FIELDS = {f.name for f in dataclasses.fields(TaskSpec)}
+
+
+def resolve_entrypoint(entrypoint: str, python_path: tuple[str, ...] = ()):
+    if not entrypoint:
+        raise UserError('training.entrypoint: set it to "package.module:function" for training.task: custom')
+    module_name, _, function_name = entrypoint.partition(":")
+    if not module_name or not function_name:
+        raise UserError(f'training.entrypoint: {entrypoint!r} must look like "package.module:function"')
+    for path in reversed(python_path):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):  # the entry point itself, not one of its imports
+            raise UserError(f"training.entrypoint: cannot import {module_name!r} ({e}); put the package in "
+                            "the image, on PYTHONPATH or in training.pythonPath") from None
+        raise
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UserError(f"training.entrypoint: {module_name!r} has no function {function_name!r}")
+    return function
+
+
+def as_spec(result, entrypoint: str) -> TaskSpec:
+    if isinstance(result, TaskSpec):
+        return result
+    if isinstance(result, Mapping):
+        unknown = set(result) - SPEC_FIELDS
+        if unknown:
+            raise UserError(f"training.entrypoint: {entrypoint} returned unknown keys {sorted(unknown)}; "
+                            f"allowed: {sorted(SPEC_FIELDS)}")
+        missing = {"model", "train_dataset"} - set(result)
+        if missing:
+            raise UserError(f"training.entrypoint: {entrypoint} returned no {', '.join(sorted(missing))}")
+        return TaskSpec(**result)
+    raise UserError(f"training.entrypoint: {entrypoint} returned {type(result).__name__}, "
+                    "expected a TaskSpec or a mapping with model and train_dataset")
+
+
+@register("custom")
+def build(cfg) -> TaskSpec:
+    function = resolve_entrypoint(cfg.entrypoint, cfg.python_path)
+    takes_config = bool(inspect.signature(function).parameters)
+    spec = as_spec(function(cfg) if takes_config else function(), cfg.entrypoint)
+    log.info("custom task from %s: %s, %d parameters", cfg.entrypoint, type(spec.model).__name__,
+             sum(p.numel() for p in spec.model.parameters()))
+    return spec
