@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_origin, get_type_hints
+from typing import Any, Optional, Union, get_origin, get_type_hints
 
 import yaml
 
@@ -44,6 +44,8 @@ class LrScheduleConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     freeze: tuple[str, ...]
+    unfreeze_after_epochs: Optional[int] = None  # None: the frozen parameters never train
+    backbone_lr_scale: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,12 @@ class DataConfig:
     train_samples: int
     eval_samples: int
     num_workers: int
+    path: str = ""
+    eval_path: str = ""
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    prefetch_factor: int = 2
+    on_device: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ class TrainingConfig:
     data: DataConfig
     distributed: DistributedConfig
     options: dict = field(default_factory=dict)
+    python_path: tuple[str, ...] = ()
+    step_log_file: str = ""  # JSON lines, one per optimizer step, appended by rank 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ class CheckpointConfig:
     every_steps: int
     keep_last: int
     resume: Union[str, int]
+    force: bool = False  # load a checkpoint made with a different config hash
+    async_save: bool = False  # upload in a background thread; at most one save in flight
 
 
 @dataclass(frozen=True)
@@ -161,9 +173,18 @@ def trainer_config_from_values(experiment: str, values: dict) -> TrainerConfig:
     return _build(TrainerConfig, {"experiment": experiment, **sections})
 
 
+# Chart-only keys inside the trainer's sections: never in the trainer's config file
+# (s3.devSecret holds credentials). The chart's configmap.yaml omits the same keys.
+CHART_ONLY_KEYS = {"s3": ("devSecret",), "metrics": ("podMonitor", "prometheusRule", "dashboard")}
+
+
 def trainer_config_document(experiment: str, values: dict) -> dict:
     """What the ConfigMap (or the local runner's workdir) holds for the trainer."""
-    return {"experiment": experiment, **{name: values[name] for name in TRAINER_SECTIONS}}
+    sections = {
+        name: {k: v for k, v in values[name].items() if k not in CHART_ONLY_KEYS.get(name, ())}
+        for name in TRAINER_SECTIONS
+    }
+    return {"experiment": experiment, **sections}
 
 
 def load_trainer_config(path: str | Path) -> TrainerConfig:

@@ -1,11 +1,20 @@
-"""DataLoaders: a DistributedSampler for training, an exact shard for evaluation."""
+"""DataLoaders: a DistributedSampler for training, an exact shard for evaluation.
+
+Input-pipeline knobs (training.data.*): numWorkers, pinMemory (GPU only),
+persistentWorkers and prefetchFactor (with workers), and onDevice, which keeps a
+small tensor dataset on the GPU and gathers batches there.
+"""
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, TensorDataset
 
 from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class ShardSampler(Sampler[int]):
@@ -22,12 +31,55 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class DeviceTensorDataset(TensorDataset):
+    """A TensorDataset living on the accelerator: a batch is one gather on the device
+    (DataLoader calls __getitems__ with the batch's indices), so there is no per-sample
+    collate and no host-to-device copy. The fastest CIFAR-10 trainers keep data this way."""
+
+    def __init__(self, dataset: TensorDataset, device: torch.device):
+        super().__init__(*(t.to(device) for t in dataset.tensors))
+
+    def __getitems__(self, indices: list[int]):
+        index = torch.as_tensor(indices, device=self.tensors[0].device)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _already_batched(batch):
+    return batch
+
+
+def _loader_options(spec, data, device: torch.device, on_device: bool) -> dict:
+    if on_device:  # batches are gathered on the device: no workers, no pinning
+        return dict(num_workers=0, collate_fn=_already_batched)
+    workers = data.num_workers
+    options = dict(num_workers=workers, pin_memory=data.pin_memory and device.type == "cuda",
+                   collate_fn=spec.collate_fn)
+    if workers > 0:
+        options.update(persistent_workers=data.persistent_workers, prefetch_factor=data.prefetch_factor)
+    return options
+
+
+def _to_device(spec, data, device: torch.device) -> bool:
+    """Apply training.data.onDevice: True when both datasets now live on the device."""
+    if not data.on_device:
+        return False
+    if device.type == "cpu":
+        log.info("training.data.onDevice: the device is the CPU, data already lives there")
+        return False
+    datasets = [d for d in (spec.train_dataset, spec.eval_dataset) if d is not None]
+    if not all(isinstance(d, TensorDataset) for d in datasets) or spec.collate_fn is not None:
+        raise UserError("training.data.onDevice: this task's data is not an in-memory tensor dataset; "
+                        "set it to false")
+    spec.train_dataset = DeviceTensorDataset(spec.train_dataset, device)
+    if spec.eval_dataset is not None:
+        spec.eval_dataset = DeviceTensorDataset(spec.eval_dataset, device)
+    return True
+
+
 def build_loaders(spec, cfg, info, device: torch.device):
     """(train_loader, train_sampler, eval_loader) for this rank."""
     data = cfg.data
-    pin = device.type == "cuda"
-    common = dict(num_workers=data.num_workers, pin_memory=pin, collate_fn=spec.collate_fn,
-                  persistent_workers=data.num_workers > 0)
+    common = _loader_options(spec, data, device, _to_device(spec, data, device))
     sampler = DistributedSampler(spec.train_dataset, num_replicas=info.world_size, rank=info.rank,
                                  shuffle=True, seed=cfg.seed, drop_last=True)
     train = DataLoader(spec.train_dataset, batch_size=cfg.batch_size, sampler=sampler,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -11,13 +13,17 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer.config import TrainerConfig, TrainingConfig
 from trainer.errors import UserError
 from trainer.tasks import get_task
+from trainer.tasks._finetune import freeze as freeze_parameters
+from trainer.tasks._weights import configure as configure_weights_storage
 from trainer.worker.data import build_loaders, move
 from trainer.worker.distributed import RankInfo
+from trainer.worker.parallel import (even_eval_batches, fsdp_mixed_precision, gradient_sync, parallelize,
+                                     run_epoch_start_hook)
+from trainer.worker.metrics import DISABLED, MetricsProcessor
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +59,13 @@ def lr_lambda(cfg: TrainingConfig, total_steps: int):
     return factor
 
 
-def freeze_parameters(model: nn.Module, prefixes: tuple[str, ...]) -> int:
-    """Freeze parameters whose name starts with any prefix; returns how many were frozen."""
-    frozen = 0
-    for name, param in model.named_parameters():
-        if any(name.startswith(p) for p in prefixes):
-            param.requires_grad_(False)
-            frozen += 1
-    if prefixes and not frozen:
-        raise UserError(f"training.finetune.freeze: no parameter name starts with any of {list(prefixes)}")
-    return frozen
-
-
-def build_optimizer(cfg: TrainingConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(cfg: TrainingConfig, model: nn.Module, spec=None) -> torch.optim.Optimizer:
     opt = cfg.optimizer
+    if spec is not None and spec.param_groups is not None:  # e.g. a backbone at a lower LR
+        params = [{"params": g["params"], "lr": opt.lr * g.get("lr_scale", 1.0)}
+                  for g in spec.param_groups(model) if g["params"]]
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
     if opt.name == "sgd":
         return torch.optim.SGD(params, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay)
     return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
@@ -81,20 +79,20 @@ def _mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, config: TrainerConfig, info: RankInfo, device: torch.device):
+    def __init__(self, config: TrainerConfig, info: RankInfo, device: torch.device,
+                 metrics: MetricsProcessor = DISABLED):
         self.config, self.info, self.device = config, info, device
+        self.metrics = metrics
+        self.grad_norm: torch.Tensor | None = None  # of the last step that measured it
         cfg = self.cfg = config.training
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        configure_weights_storage(config.s3)  # training.pretrained: s3:// reads like checkpoints
         self.spec = get_task(cfg.task)(cfg)
         model = self.spec.model.to(device)
         freeze_parameters(model, cfg.finetune.freeze)
+        # FSDP shards in place, so raw_model is the sharded module then (eval must use it).
         self.raw_model = model
-        if cfg.parallelism == "fsdp":
-            raise UserError("training.parallelism: fsdp is not available in this version; use ddp")
-        if info.world_size > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            model = DDP(model, device_ids=ids)
-        self.model = model
+        self.model = model = parallelize(model, self.spec, cfg, info.world_size, device)
         torch.manual_seed(cfg.seed + info.rank)  # per-rank randomness (dropout, augmentation)
 
         self.train_loader, self.sampler, self.eval_loader = build_loaders(self.spec, cfg, info, device)
@@ -107,10 +105,12 @@ class Trainer:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.optimizer = build_optimizer(cfg, model)
+        self.optimizer = build_optimizer(cfg, self.raw_model, self.spec)  # unprefixed names
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         self.autocast_dtype = AUTOCAST_DTYPES.get(cfg.precision)
+        if cfg.parallelism == "fsdp" and fsdp_mixed_precision(cfg.precision, device):
+            self.autocast_dtype = None  # FSDP's MixedPrecisionPolicy casts instead
         self.state = TrainState()
         self.samples_per_step = cfg.batch_size * cfg.grad_accum_steps * info.world_size
         self.history: list[tuple[int, float]] = []  # (step, mean train loss over the log window)
@@ -133,15 +133,19 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            # Skip the gradient all-reduce on all but the last micro-batch.
-            sync = contextlib.nullcontext() if last or not isinstance(self.model, DDP) else self.model.no_sync()
-            with sync:
+            # Skip the gradient all-reduce (reduce-scatter under FSDP) on all but the last micro-batch.
+            with gradient_sync(self.model, enabled=last):
                 loss = self._forward_loss(batch) / len(micro_batches)
                 self.scaler.scale(loss).backward()
             total += loss.detach().float()
+        next_step = self.state.step + 1
+        log_step = next_step % cfg.log_every_steps == 0 or next_step >= self.total_steps
         if cfg.grad_clip_norm > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
+        elif log_step and self.metrics.enabled:  # the norm for the metric, only where the loop syncs anyway
+            self.scaler.unscale_(self.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)  # clips nothing
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -156,11 +160,13 @@ class Trainer:
             return None, None
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
-        for batch in self.eval_loader:
+        for batch, counts in even_eval_batches(self.eval_loader, self.model):
             inputs, targets = move(batch, self.device)
             with self._autocast():
                 outputs = self.raw_model(**inputs) if isinstance(inputs, dict) else self.raw_model(inputs)
                 loss = self.spec.loss_fn(outputs, targets)
+            if not counts:
+                continue  # an FSDP filler forward that keeps ranks in step
             n = targets.shape[0]
             sums[0] += loss.double() * n
             if self.spec.accuracy:
@@ -180,7 +186,15 @@ class Trainer:
         """Yield lists of gradAccumSteps micro-batches, epoch by epoch, resuming mid-epoch."""
         accum = self.cfg.grad_accum_steps
         while self.state.epoch < self.cfg.epochs:
+            if self.spec.on_epoch_start:  # e.g. unfreeze a backbone
+                self.model = run_epoch_start_hook(self.spec, self.model, self.raw_model, self.device,
+                                                  self.state.epoch)
             self.sampler.set_epoch(self.state.epoch)
+            if isinstance(self.train_loader, torch.utils.data.DataLoader):
+                # Worker seeds from a per-epoch generator, not the global RNG: a mid-epoch resume that
+                # restores the RNG then recreates the iterator sees the same randomness as an unbroken run.
+                self.train_loader.generator = torch.Generator().manual_seed(
+                    (self.cfg.seed + self.state.epoch) * 1_000_003 + self.info.rank)
             group: list = []
             for index, batch in enumerate(self.train_loader):
                 if index < self.state.batch_in_epoch:
@@ -196,8 +210,51 @@ class Trainer:
             self.state.epoch += 1
             self.state.batch_in_epoch = 0
 
+    # ------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        """Replicated parts (model, optimizer, scheduler, scaler) and this rank's own (train_state,
+        rng). Under FSDP every rank must call it: it gathers the full state."""
+        from trainer.worker.checkpoint import capture_rng, model_optimizer_state
+
+        model, optimizer = model_optimizer_state(self.model, self.raw_model, self.optimizer)
+        return {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "train_state": dataclasses.asdict(self.state),
+                "rng": capture_rng()}
+
+    def load_state_dict(self, state: dict) -> None:
+        from trainer.worker.checkpoint import load_model_optimizer_state, restore_rng
+
+        load_model_optimizer_state(self.model, self.raw_model, self.optimizer, state["model"], state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.state = TrainState(**state["train_state"])
+        if "rng" in state:
+            restore_rng(state["rng"])
+
+    def _log_step(self, step_loss: torch.Tensor) -> None:
+        """training.stepLogFile: one JSON line per optimizer step (mean loss over ranks)."""
+        loss = _mean_across_ranks(step_loss.detach().clone()).item()
+        if self.info.is_main:
+            with open(self.cfg.step_log_file, "a") as f:
+                f.write(json.dumps({"step": self.state.step, "epoch": self.state.epoch, "loss": loss,
+                                    "lr": self.scheduler.get_last_lr()[0], "time": round(time.time(), 3)}) + "\n")
+
     def fit(self) -> dict:
+        from trainer.worker.checkpoint import CheckpointManager
+        from trainer.worker.preemption import PreemptionWatch
+
+        checkpoints = CheckpointManager(self.config, self.info, metrics=self.metrics)
+        preemption = PreemptionWatch(self.device).install()
+        try:
+            return self._fit(checkpoints, preemption)
+        finally:
+            preemption.uninstall()
+
+    def _fit(self, checkpoints, preemption) -> dict:
         cfg, info = self.cfg, self.info
+        checkpoints.resume(self)
+        every = self.config.checkpoint.every_steps
+        preempted = False
         self.model.train()
         start = time.perf_counter()
         window_loss = torch.zeros((), device=self.device)
@@ -205,21 +262,32 @@ class Trainer:
         eval_loss = eval_acc = None
         train_loss = float("nan")
         steps_at_start = self.state.step
-        for group in self._micro_batches():
+        self.metrics.observe_run_start(self.total_steps, self.state.step, self.state.epoch)
+        tick = time.perf_counter()  # end of the last step: what follows until the next batch is data wait
+        if self.state.step >= self.total_steps:
+            log.info("resumed at step %d of %d: nothing left to train", self.state.step, self.total_steps)
+        for group in self._micro_batches() if self.state.step < self.total_steps else ():
+            fetched = time.perf_counter()
             if group is None:
                 if (self.state.epoch + 1) % cfg.eval_every_epochs == 0 or self.state.step >= self.total_steps:
                     eval_loss, eval_acc = self.evaluate()
+                    self.metrics.observe_eval(eval_loss, eval_acc)
                     if info.is_main:
                         log.info("epoch %d eval: loss=%s accuracy=%s", self.state.epoch + 1,
                                  _fmt(eval_loss), _fmt(eval_acc))
+                tick = time.perf_counter()
                 if self.state.step >= self.total_steps:
                     break
                 continue
-            window_loss += self.train_step(group)
+            step_loss = self.train_step(group)
+            window_loss += step_loss
             window_steps += 1
             done = self.state.step >= self.total_steps
+            if cfg.step_log_file:
+                self._log_step(step_loss)
             if self.state.step % cfg.log_every_steps == 0 or done:
                 train_loss = _mean_across_ranks(window_loss / window_steps).item()
+                self.metrics.observe_log(train_loss, self.grad_norm, self.device)
                 if not math.isfinite(train_loss):
                     raise TrainingDiverged(f"train loss is {train_loss} at step {self.state.step}")
                 self.history.append((self.state.step, train_loss))
@@ -232,14 +300,30 @@ class Trainer:
                              self.scheduler.get_last_lr()[0], rate, eta)
                 window_loss.zero_()
                 window_steps, window_start = 0, now
+            now = time.perf_counter()
+            self.metrics.observe_step(now - tick, fetched - tick, self.samples_per_step // info.world_size,
+                                      self.scheduler.get_last_lr()[0], self.state.epoch)
+            tick = now
+            preempted = preemption.should_stop()  # every rank, every step: agree on one boundary
+            if preempted or done or (every and self.state.step % every == 0):
+                checkpoints.save(self, blocking=preempted or done)
+                tick = time.perf_counter()
+            if preempted and not done:
+                if not checkpoints.enabled:
+                    log.warning("preempted without checkpoint.uri: progress since the start is lost")
+                break
+            preempted = False
             if done and self.state.batch_in_epoch < self.steps_per_epoch * cfg.grad_accum_steps:
                 eval_loss, eval_acc = self.evaluate()  # maxSteps hit mid-epoch: evaluate once more
+                self.metrics.observe_eval(eval_loss, eval_acc)
                 break
+        preemption.drain()
+        checkpoints.close()
         wall = time.perf_counter() - start
         steps_run = self.state.step - steps_at_start
         return {
             "event": "summary",
-            "status": "succeeded",
+            "status": "preempted" if preempted else "succeeded",
             "experiment": self.config.experiment,
             "steps": self.state.step,
             "epochs": self.state.epoch + (1 if self.state.batch_in_epoch else 0),
@@ -250,7 +334,8 @@ class Trainer:
             "eval_accuracy": eval_acc,
             "samples_per_second": steps_run * self.samples_per_step / wall if wall > 0 else 0.0,
             "wall_seconds": round(wall, 3),
-            "checkpoint": None,
+            "checkpoint": checkpoints.url(checkpoints.last_committed) if checkpoints.last_committed is not None
+            else None,
         }
 
 

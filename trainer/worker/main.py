@@ -14,7 +14,7 @@ import sys
 import time
 
 from trainer import __version__
-from trainer.errors import EXIT_FAILURE, EXIT_OK, RetryableError, UserError
+from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, RetryableError, UserError
 
 log = logging.getLogger("trainer")
 
@@ -43,30 +43,38 @@ def run(config_path: str) -> int:
     from trainer.worker.distributed import (ProcessGroup, device_for, log_rank_table, pick_backend,
                                             resolve_rank)
     from trainer.worker.loop import Trainer
+    from trainer.worker.metrics import DISABLED, MetricsProcessor
 
     started = time.perf_counter()
     rank = int(os.environ.get("RANK", "0") or 0)
     setup_logging(rank)
-    experiment = None
+    experiment, metrics = None, DISABLED
     try:
         config = load_trainer_config(config_path)
         experiment = config.experiment
         info = resolve_rank()
         backend = pick_backend(config.training.distributed.backend)
         device = device_for(info, backend)
+        metrics = MetricsProcessor.from_config(config, info.local_rank, info.rank)
+        metrics.start()
+        metrics.describe_run(config, info.world_size, backend, __version__)
         with ProcessGroup(info, backend, config.training.distributed.timeout_seconds):
             log_rank_table(info, device, backend)
             if info.is_main:
                 log.info("kubetrain %s, resolved config:\n%s", __version__, dump_config(config))
-            summary = Trainer(config, info, device).fit()
+            summary = Trainer(config, info, device, metrics).fit()
         if info.is_main:
             print(json.dumps(summary), flush=True)
+        if summary["status"] == "preempted":  # SIGTERM: the checkpoint is committed, restart resumes it
+            metrics.close(wait_for_scrape=False)
+            return EXIT_PREEMPTED
         return EXIT_OK
     except UserError as e:
         log.error("%s", e)
         _print_if_main(failed_summary(experiment, "failed", str(e), started))
         return e.exit_code
     except RetryableError as e:
+        metrics.close(wait_for_scrape=False)  # a preempted pod's grace period belongs to the checkpoint
         log.error("retryable: %s", e)
         _print_if_main(failed_summary(experiment, "failed", str(e), started))
         return e.exit_code
@@ -74,6 +82,8 @@ def run(config_path: str) -> int:
         log.exception("training failed")
         _print_if_main(failed_summary(experiment, "failed", f"{type(e).__name__}: {e}", started))
         return EXIT_FAILURE
+    finally:
+        metrics.close()  # lets a scraping Prometheus take the final values (or the NaN loss) first
 
 
 def _print_if_main(summary: dict) -> None:
