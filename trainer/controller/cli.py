@@ -39,6 +39,60 @@ def cmd_run(args: argparse.Namespace) -> int:
     return LocalRunner(args.name, values, workdir.resolve()).run()
 
 
+def cmd_render(args: argparse.Namespace) -> int:
+    from trainer.controller.render import render
+
+    values = resolved_values(args)
+    manifests = render(args.name, values, include_tests=not args.skip_tests)  # all checks before any output
+    sys.stdout.write(manifests)
+    return 0
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the cluster is, spelled as in kubectl."""
+    parser.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+    parser.add_argument("--context", help="kubeconfig context to use")
+    parser.add_argument("-n", "--namespace", help="namespace (default: the context's, else default)")
+
+
+def connect(args: argparse.Namespace):
+    from trainer.controller.kube import Kube
+
+    return Kube.connect(args.kubeconfig, args.context, args.namespace)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from trainer.controller import jobs
+
+    values = resolved_values(args)
+    jobs.rendered_objects(args.name, values)  # every values/name check before touching the cluster
+    return jobs.submit(connect(args), args.name, values, dry_run=args.dry_run, force=args.force, wait=args.wait)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from trainer.controller import jobs
+
+    return jobs.status(connect(args), args.name, follow=args.watch)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from trainer.controller import jobs
+
+    return jobs.logs(connect(args), args.name, follow=args.follow, rank=args.rank, wait_seconds=args.wait_seconds)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from trainer.controller import jobs
+
+    return jobs.list_experiments(connect(args), all_namespaces=args.all_namespaces)
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    from trainer.controller import jobs
+
+    return jobs.delete(connect(args), args.name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubetrain",
@@ -52,6 +106,46 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", metavar="DIR",
                      help="where the trainer config and outputs go (default .kubetrain/runs/NAME)")
     run.set_defaults(handler=cmd_run)
+
+    render = sub.add_parser("render", help="print the manifests, as `helm template NAME helm/kubetrain` does")
+    add_values_arguments(render)
+    render.add_argument("--skip-tests", action="store_true", help="leave out the `helm test` pod, as helm does")
+    render.set_defaults(handler=cmd_render)
+
+    submit = sub.add_parser("submit", help="apply the experiment to the cluster (server-side apply)")
+    add_values_arguments(submit)
+    add_cluster_arguments(submit)
+    submit.add_argument("--dry-run", action="store_true",
+                        help="server-side dry run: the API server validates everything, nothing is stored")
+    submit.add_argument("--wait", action="store_true", help="follow the job until it succeeds or fails")
+    submit.add_argument("--force", action="store_true",
+                        help="replace an existing experiment of the same name that has different values")
+    submit.set_defaults(handler=cmd_submit)
+
+    status = sub.add_parser("status", help="conditions, replicas and pods; exit 0 succeeded, 1 failed, "
+                                           "3 not finished")
+    status.add_argument("name", metavar="NAME")
+    add_cluster_arguments(status)
+    status.add_argument("-w", "--watch", action="store_true", help="follow until the job finishes")
+    status.set_defaults(handler=cmd_status)
+
+    logs = sub.add_parser("logs", help="every replica's log, prefixed [master-0] / [worker-1]")
+    logs.add_argument("name", metavar="NAME")
+    add_cluster_arguments(logs)
+    logs.add_argument("-f", "--follow", action="store_true", help="keep streaming, across restarts")
+    logs.add_argument("--rank", type=int, help="only the pod that holds this global rank")
+    logs.add_argument("--wait-seconds", type=float, default=300, help="how long to wait for pending pods")
+    logs.set_defaults(handler=cmd_logs)
+
+    listing = sub.add_parser("list", help="the experiments in the namespace")
+    add_cluster_arguments(listing)
+    listing.add_argument("-A", "--all-namespaces", action="store_true")
+    listing.set_defaults(handler=cmd_list)
+
+    delete = sub.add_parser("delete", help="remove everything the experiment created, and nothing else")
+    delete.add_argument("name", metavar="NAME")
+    add_cluster_arguments(delete)
+    delete.set_defaults(handler=cmd_delete)
     return parser
 
 

@@ -1,0 +1,228 @@
+"""The controller's cluster verbs against a real kube-apiserver with the real PyTorchJob CRD.
+
+No training operator or kubelet runs here: tests that need status transitions
+write the PyTorchJob status subresource the way the operator does, and say so
+in their names.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from support import REPO, EXAMPLES, run_cli
+from trainer.controller import jobs
+from trainer.controller.kube import Kube
+
+pytestmark = pytest.mark.cluster
+
+QUICK = ["-f", str(EXAMPLES / "quickstart.yaml")]
+
+
+def kt(apiserver, namespace, *args, kubeconfig=None):
+    return run_cli(*args, "--kubeconfig", str(kubeconfig or apiserver.kubeconfig), "-n", namespace)
+
+
+def get(apiserver, namespace, kind, name, check=True):
+    proc = apiserver.kubectl("get", kind, name, "-n", namespace, "-o", "json", "--show-managed-fields",
+                            check=check)
+    return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+
+def operator_writes_status(apiserver, namespace, name, *conditions, replicas=None):
+    """What the training operator does: append conditions (and replica counts) on /status."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    status = {"conditions": [
+        {"type": t, "status": "True", "reason": f"PyTorchJob{t}", "message": f"job is {t.lower()}",
+         "lastUpdateTime": now, "lastTransitionTime": now} for t in conditions]}
+    if replicas:
+        status["replicaStatuses"] = replicas
+    apiserver.kubectl("patch", "pytorchjob", name, "-n", namespace, "--subresource=status",
+                      "--type=merge", "-p", json.dumps({"status": status}))
+
+
+def test_submit_applies_every_object_and_resubmit_is_a_no_op(apiserver, namespace):
+    first = kt(apiserver, namespace, "submit", "exp-a", *QUICK)
+    assert first.returncode == 0, first.stderr
+    assert "pytorchjob/exp-a applied" in first.stdout
+    job = get(apiserver, namespace, "pytorchjob", "exp-a")
+    managers = {m["manager"] for m in job["metadata"]["managedFields"]}
+    assert "kubetrain" in managers  # server-side apply with our field manager
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    assert get(apiserver, namespace, "configmap", "exp-a-config", check=False) or \
+        apiserver.kubectl("get", "configmap", "-n", namespace, "-l", "kubetrain.io/experiment=exp-a").stdout
+
+    again = kt(apiserver, namespace, "submit", "exp-a", *QUICK)
+    assert again.returncode == 0, again.stderr
+    job2 = get(apiserver, namespace, "pytorchjob", "exp-a")
+    assert job2["metadata"]["resourceVersion"] == job["metadata"]["resourceVersion"]
+    assert job2["metadata"]["generation"] == job["metadata"]["generation"]
+
+
+def test_different_values_under_a_taken_name_need_force(apiserver, namespace):
+    assert kt(apiserver, namespace, "submit", "exp-b", *QUICK).returncode == 0
+    refused = kt(apiserver, namespace, "submit", "exp-b", *QUICK, "--set", "job.nodes=3")
+    assert refused.returncode == 2
+    assert "already exists" in refused.stderr and "--force" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert get(apiserver, namespace, "pytorchjob", "exp-b")["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+
+    forced = kt(apiserver, namespace, "submit", "exp-b", *QUICK, "--set", "job.nodes=3", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert get(apiserver, namespace, "pytorchjob", "exp-b")["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+
+
+def test_dry_run_is_validated_by_the_server_and_stores_nothing(apiserver, namespace):
+    result = kt(apiserver, namespace, "submit", "exp-dry", *QUICK, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "(server dry run)" in result.stdout
+    assert get(apiserver, namespace, "pytorchjob", "exp-dry", check=False) is None
+
+
+@pytest.mark.parametrize("sets", [
+    ["job.nodes=1"],
+    ["job.nodes=4,job.nprocPerNode=2,resources.gpu=2"],
+    ["job.elastic.enabled=true,job.elastic.minNodes=1,job.elastic.maxNodes=4"],
+])
+def test_values_the_schema_accepts_the_crd_accepts(apiserver, namespace, sets):
+    args = [a for s in sets for a in ("--set", s)]
+    result = kt(apiserver, namespace, "submit", "exp-shape", *QUICK, *args, "--dry-run")
+    assert result.returncode == 0, result.stderr
+
+
+def test_status_exit_code_follows_operator_status_written_by_test(apiserver, namespace):
+    assert kt(apiserver, namespace, "submit", "exp-s", *QUICK).returncode == 0
+    fresh = kt(apiserver, namespace, "status", "exp-s")
+    assert fresh.returncode == 3 and "State:      Submitted" in fresh.stdout
+
+    operator_writes_status(apiserver, namespace, "exp-s", "Created", "Running",
+                           replicas={"Master": {"active": 1}, "Worker": {"active": 1}})
+    running = kt(apiserver, namespace, "status", "exp-s")
+    assert running.returncode == 3
+    assert "State:      Running" in running.stdout and "Master   active 1" in running.stdout
+
+    operator_writes_status(apiserver, namespace, "exp-s", "Created", "Running", "Succeeded")
+    assert kt(apiserver, namespace, "status", "exp-s").returncode == 0
+    operator_writes_status(apiserver, namespace, "exp-s", "Created", "Running", "Failed")
+    assert kt(apiserver, namespace, "status", "exp-s").returncode == 1
+
+
+def test_status_of_a_missing_experiment_is_a_clear_error(apiserver, namespace):
+    result = kt(apiserver, namespace, "status", "nope")
+    assert result.returncode == 2 and "no experiment 'nope'" in result.stderr
+
+
+def test_status_shows_why_a_pod_is_pending_from_events_written_by_test(apiserver, namespace):
+    assert kt(apiserver, namespace, "submit", "exp-p", *QUICK).returncode == 0
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "exp-p-master-0", "labels": {
+        "training.kubeflow.org/job-name": "exp-p", "training.kubeflow.org/replica-type": "master",
+        "training.kubeflow.org/replica-index": "0"}},
+        "spec": {"containers": [{"name": "pytorch", "image": "kubetrain/trainer:test"}]}}
+    apiserver.apply(pod, namespace=namespace)
+    event = {"apiVersion": "v1", "kind": "Event", "metadata": {"name": "exp-p-master-0.sched"},
+             "involvedObject": {"kind": "Pod", "name": "exp-p-master-0", "namespace": namespace},
+             "type": "Warning", "reason": "FailedScheduling",
+             "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}
+    apiserver.apply(event, namespace=namespace)
+    result = kt(apiserver, namespace, "status", "exp-p")
+    assert "[master-0] exp-p-master-0" in result.stdout
+    assert "Pending" in result.stdout and "Insufficient nvidia.com/gpu" in result.stdout
+
+
+def test_watch_follows_operator_status_written_by_test(apiserver, namespace):
+    assert kt(apiserver, namespace, "submit", "exp-w", *QUICK).returncode == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.controller.cli", "status", "exp-w", "--watch",
+         "--kubeconfig", str(apiserver.kubeconfig), "-n", namespace],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    operator_writes_status(apiserver, namespace, "exp-w", "Created", "Running")
+    time.sleep(1)
+    operator_writes_status(apiserver, namespace, "exp-w", "Created", "Running", "Succeeded")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "exp-w: Running" in out and out.rstrip().endswith("exp-w: Succeeded")
+
+
+def test_watch_survives_410_gone_with_operator_status_written_by_test(apiserver, namespace):
+    """Start the watch at a resourceVersion the watch cache no longer holds: the server answers
+    410 Gone; the watch re-lists and still sees the job finish."""
+    assert kt(apiserver, namespace, "submit", "exp-g", *QUICK).returncode == 0
+    kube = Kube.connect(str(apiserver.kubeconfig), namespace=namespace)
+    out = io.StringIO()
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(code=jobs.watch(
+        kube, "exp-g", out=out, resource_version="1", timeout=60)))
+    thread.start()
+    time.sleep(3)
+    operator_writes_status(apiserver, namespace, "exp-g", "Created", "Running", "Failed")
+    thread.join(timeout=90)
+    assert "410 Gone" in out.getvalue(), out.getvalue()
+    assert result.get("code") == 1, out.getvalue()
+
+
+def test_list_and_delete_touch_only_the_named_experiment(apiserver, namespace):
+    assert kt(apiserver, namespace, "submit", "exp-one", *QUICK).returncode == 0
+    assert kt(apiserver, namespace, "submit", "exp-two", *QUICK, "--set", "job.nodes=3").returncode == 0
+    apiserver.kubectl("create", "configmap", "unrelated", "-n", namespace, "--from-literal=a=b")
+    listing = kt(apiserver, namespace, "list")
+    assert listing.returncode == 0
+    rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:]}
+    assert rows["exp-one"][1:3] == ["Submitted", "2"] and rows["exp-two"][1:3] == ["Submitted", "3"]
+
+    deleted = kt(apiserver, namespace, "delete", "exp-one")
+    assert deleted.returncode == 0, deleted.stderr
+    assert "pytorchjob/exp-one deleted" in deleted.stdout
+    left = apiserver.kubectl("get", "pytorchjob,configmap,service,serviceaccount", "-n", namespace,
+                             "-o", "name").stdout.split()
+    assert not [n for n in left if "exp-one" in n], left
+    assert "pytorchjob.kubeflow.org/exp-two" in left and "configmap/unrelated" in left
+    assert kt(apiserver, namespace, "delete", "exp-one").returncode == 2  # nothing left to delete
+
+
+def test_helm_install_and_uninstall_against_the_api_server(apiserver, namespace):
+    helm = os.environ.get("KUBETRAIN_HELM")
+    if not helm:
+        pytest.skip("helm is absent: run scripts/install-test-tools.sh (KUBETRAIN_HELM)")
+    env = apiserver.env()
+    chart = str(REPO / "helm" / "kubetrain")
+    install = subprocess.run([helm, "install", "exp-helm", chart, "-n", namespace, *QUICK],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert install.returncode == 0, install.stderr
+    assert get(apiserver, namespace, "pytorchjob", "exp-helm")["metadata"]["name"] == "exp-helm"
+    listing = kt(apiserver, namespace, "list")
+    assert "exp-helm" in listing.stdout  # helm-installed experiments are kubetrain experiments too
+    uninstall = subprocess.run([helm, "uninstall", "exp-helm", "-n", namespace],
+                               env=env, capture_output=True, text=True, timeout=120)
+    assert uninstall.returncode == 0, uninstall.stderr
+    assert get(apiserver, namespace, "pytorchjob", "exp-helm", check=False) is None
+
+
+def test_the_chart_role_lets_a_user_submit_watch_and_delete_but_not_read_secrets(apiserver, namespace):
+    # An admin installs the Role (rbac.create) bound to user bob, as a platform team would.
+    bob_subject = '[{"kind":"User","name":"bob","apiGroup":"rbac.authorization.k8s.io"}]'
+    rbac = kt(apiserver, namespace, "submit", "team-rbac", *QUICK, "--set", "rbac.create=true",
+              "--set-json", f"rbac.subjects={bob_subject}")
+    assert rbac.returncode == 0, rbac.stderr
+    apiserver.kubectl("create", "secret", "generic", "s3-keys", "-n", namespace, "--from-literal=k=v")
+    bob = apiserver.user_kubeconfig("bob")
+
+    submitted = kt(apiserver, namespace, "submit", "bob-exp", *QUICK, kubeconfig=bob)
+    assert submitted.returncode == 0, submitted.stderr
+    assert kt(apiserver, namespace, "status", "bob-exp", kubeconfig=bob).returncode == 3  # not finished
+    assert "bob-exp" in kt(apiserver, namespace, "list", kubeconfig=bob).stdout
+    deleted = kt(apiserver, namespace, "delete", "bob-exp", kubeconfig=bob)
+    assert deleted.returncode == 0, deleted.stderr
+    assert get(apiserver, namespace, "pytorchjob", "bob-exp", check=False) is None
+
+    secrets = apiserver.kubectl("get", "secret", "s3-keys", "-n", namespace, kubeconfig=bob, check=False)
+    assert secrets.returncode != 0 and "forbidden" in secrets.stderr.lower()
+    can_i = apiserver.kubectl("auth", "can-i", "list", "secrets", "-n", namespace, kubeconfig=bob, check=False)
+    assert can_i.stdout.strip() == "no"

@@ -1,0 +1,297 @@
+"""The cluster verbs: submit, status, logs, list and delete one experiment.
+
+An experiment is everything the chart renders for one release name, found
+again through the `kubetrain.io/experiment` label. The PyTorchJob carries a
+digest of what was rendered, so submitting the same values twice is a no-op
+while submitting different values under a taken name is refused unless forced.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import sys
+import threading
+import time
+from typing import TextIO
+
+from trainer.controller.kube import (EXPERIMENT_KINDS, PYTORCHJOB_API, Kube, experiment_selector,
+                                     replica_prefix)
+from trainer.controller.render import render_manifests
+from trainer.errors import UserError
+
+SPEC_HASH = "kubetrain.io/spec-hash"
+TERMINAL = {"Succeeded": 0, "Failed": 1}
+EXIT_NOT_FINISHED = 3  # `status` of a job that is still pending or running
+
+
+# ---------------------------------------------------------------- submit
+def rendered_objects(name: str, values: dict) -> list[dict]:
+    """The release's objects (no helm test pod), each marked with the digest of them all."""
+    objects = [obj for _, obj in render_manifests(name, values, include_tests=False)]
+    digest = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16]
+    for obj in objects:
+        obj["metadata"].setdefault("annotations", {})
+        obj["metadata"]["annotations"] = {**(obj["metadata"]["annotations"] or {}), SPEC_HASH: digest}
+    return objects
+
+
+def submit(kube: Kube, name: str, values: dict, dry_run: bool = False, force: bool = False,
+           wait: bool = False, out: TextIO = sys.stdout) -> int:
+    objects = rendered_objects(name, values)
+    digest = objects[0]["metadata"]["annotations"][SPEC_HASH]
+    existing = kube.get(*PYTORCHJOB_API, name)
+    if existing is not None:
+        theirs = (existing["metadata"].get("annotations") or {}).get(SPEC_HASH)
+        if theirs != digest and not force:
+            raise UserError(
+                f"experiment {name!r} already exists in namespace {kube.namespace!r} with different "
+                f"values (spec {theirs or 'unknown'} vs {digest}); pick another name, "
+                f"`kubetrain delete {name}`, or pass --force to replace it"
+            )
+        if theirs != digest and not dry_run:
+            out.write(f"replacing experiment {name} (spec {theirs or 'unknown'} -> {digest})\n")
+            delete(kube, name, out=out)
+            _wait_gone(kube, name)
+    suffix = " (server dry run)" if dry_run else ""
+    for obj in objects:
+        kube.apply(obj, dry_run=dry_run)
+        out.write(f"{obj['kind'].lower()}/{obj['metadata']['name']} applied{suffix}\n")
+    out.flush()
+    if wait and not dry_run:
+        return watch(kube, name, out=out)
+    return 0
+
+
+def _wait_gone(kube: Kube, name: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while kube.get(*PYTORCHJOB_API, name) is not None:
+        if time.monotonic() > deadline:
+            raise UserError(f"pytorchjob/{name} is still being deleted after {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+# ---------------------------------------------------------------- status
+def job_state(job: dict) -> str:
+    """The newest true condition (Created, Running, Restarting, Succeeded, Failed, Suspended)."""
+    conditions = [c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
+    if not conditions:
+        return "Submitted"  # no operator has acted on it yet
+    return max(enumerate(conditions), key=lambda ic: (str(ic[1].get("lastTransitionTime") or ""), ic[0]))[1]["type"]
+
+
+def _age(timestamp: str | None) -> str:
+    if not timestamp:
+        return "-"
+    created = datetime.datetime.fromisoformat(str(timestamp).replace("Z", "+00:00"))
+    seconds = int((datetime.datetime.now(datetime.timezone.utc) - created).total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{max(seconds, 0)}s"
+
+
+def _replicas(job: dict) -> int:
+    specs = (job.get("spec") or {}).get("pytorchReplicaSpecs") or {}
+    return sum(int(spec.get("replicas", 1)) for spec in specs.values())
+
+
+def pending_reason(kube: Kube, pod) -> str:
+    """Why a pod waits: its scheduling condition, else its newest warning event."""
+    for cond in pod.status.conditions or []:
+        if cond.type == "PodScheduled" and cond.status != "True":
+            return f"{cond.reason}: {cond.message}"
+    for status in pod.status.container_statuses or []:
+        if status.state and status.state.waiting:
+            return f"{status.state.waiting.reason}: {status.state.waiting.message or ''}".strip()
+    warnings = [e for e in kube.pod_events(pod.metadata.name) if e.type == "Warning"]
+    return f"{warnings[-1].reason}: {warnings[-1].message}" if warnings else ""
+
+
+def describe(kube: Kube, job: dict, out: TextIO) -> None:
+    meta, status = job["metadata"], job.get("status") or {}
+    out.write(f"Name:       {meta['name']}\nNamespace:  {meta.get('namespace')}\n"
+              f"State:      {job_state(job)}\nAge:        {_age(meta.get('creationTimestamp'))}\n"
+              f"Nodes:      {_replicas(job)}\n")
+    replica_status = status.get("replicaStatuses") or {}
+    if replica_status:
+        out.write("Replicas:\n")
+        for kind, counts in replica_status.items():
+            parts = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("active", "succeeded", "failed"))
+            out.write(f"  {kind:<8} {parts}\n")
+    conditions = status.get("conditions") or []
+    if conditions:
+        out.write("Conditions:\n")
+        for c in conditions:
+            out.write(f"  {c.get('type', ''):<11} {c.get('status', ''):<6} {c.get('reason', '')}: "
+                      f"{c.get('message', '')}\n")
+    pods = kube.pods(meta["name"])
+    out.write("Pods:\n" if pods else "Pods:       none yet\n")
+    for pod in pods:
+        phase = pod.status.phase or "Unknown"
+        restarts = sum(s.restart_count for s in pod.status.container_statuses or [])
+        why = f"  ({pending_reason(kube, pod)})" if phase == "Pending" else ""
+        out.write(f"  [{replica_prefix(pod)}] {pod.metadata.name:<40} {phase:<10} restarts {restarts}{why}\n")
+    out.flush()
+
+
+def _require_job(kube: Kube, name: str) -> dict:
+    job = kube.get(*PYTORCHJOB_API, name)
+    if job is None:
+        raise UserError(f"no experiment {name!r} in namespace {kube.namespace!r} (`kubetrain list` shows them)")
+    return job
+
+
+def status(kube: Kube, name: str, follow: bool = False, out: TextIO = sys.stdout) -> int:
+    job = _require_job(kube, name)
+    describe(kube, job, out)
+    if follow:
+        return watch(kube, name, out=out)
+    return TERMINAL.get(job_state(job), EXIT_NOT_FINISHED)
+
+
+def watch(kube: Kube, name: str, out: TextIO = sys.stdout, resource_version: str | None = None,
+          timeout: float | None = None) -> int:
+    """Follow the job with the watch API until Succeeded or Failed.
+
+    Starts from `resource_version` (default: a fresh read); when the server has
+    compacted that version away (410 Gone) it re-lists and carries on.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    job = _require_job(kube, name)
+    state = job_state(job)
+    out.write(f"{_now()} {name}: {state}\n")
+    out.flush()
+    rv = resource_version or job["metadata"]["resourceVersion"]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while state not in TERMINAL:
+        if deadline is not None and time.monotonic() > deadline:
+            return EXIT_NOT_FINISHED
+        try:
+            for event in kube.watch(*PYTORCHJOB_API, name, rv, timeout=30):
+                obj = event["raw_object"]
+                if event["type"] == "ERROR":
+                    if obj.get("code") == 410:
+                        raise _Gone()
+                    raise UserError(f"watching pytorchjob/{name} failed: {obj.get('message')}")
+                if event["type"] == "DELETED":
+                    raise UserError(f"pytorchjob/{name} was deleted")
+                rv = obj["metadata"]["resourceVersion"]
+                new_state = job_state(obj)
+                if new_state != state:
+                    state = new_state
+                    out.write(f"{_now()} {name}: {state}\n")
+                    out.flush()
+                if state in TERMINAL:
+                    break
+        except (_Gone, ApiException) as e:
+            if isinstance(e, ApiException) and e.status != 410:
+                raise
+            out.write(f"{_now()} watch expired (410 Gone), re-listing\n")
+            job = _require_job(kube, name)
+            rv = job["metadata"]["resourceVersion"]
+            if job_state(job) != state:
+                state = job_state(job)
+                out.write(f"{_now()} {name}: {state}\n")
+    return TERMINAL[state]
+
+
+class _Gone(Exception):
+    pass
+
+
+def _now() -> str:
+    return datetime.datetime.now().strftime("%H:%M:%S")
+
+
+# ---------------------------------------------------------------- logs
+def logs(kube: Kube, name: str, follow: bool = False, rank: int | None = None,
+         wait_seconds: float = 300, out: TextIO = sys.stdout) -> int:
+    """Every replica's log, prefixed `[master-0]`/`[worker-1]`; waits for pending pods."""
+    job = _require_job(kube, name)
+    nproc = int(job["spec"].get("nprocPerNode", 1) or 1)
+    expected = _replicas(job)
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        pods = kube.pods(name)
+        if rank is not None:
+            pods = [p for p in pods if replica_prefix(p).endswith(f"-{rank // nproc}")]
+        ready = [p for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")]
+        wanted = 1 if rank is not None else expected
+        if len(ready) >= wanted and ready:
+            break
+        if time.monotonic() > deadline:
+            waiting = ", ".join(f"{p.metadata.name} {p.status.phase} {pending_reason(kube, p)}".strip()
+                                for p in pods) or "no pods yet (is the training operator running?)"
+            raise UserError(f"no logs after {wait_seconds:.0f}s: {waiting}")
+        time.sleep(2)
+    lock = threading.Lock()
+    threads = [threading.Thread(target=_stream_pod, args=(kube, p, follow, out, lock), daemon=True)
+               for p in ready]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return 0
+
+
+def _stream_pod(kube: Kube, pod, follow: bool, out: TextIO, lock: threading.Lock) -> None:
+    """Stream one pod's `pytorch` container; when following, pick up restarted containers."""
+    prefix = f"[{replica_prefix(pod)}] "
+    seen_restarts = -1
+    while True:
+        restarts = sum(s.restart_count for s in pod.status.container_statuses or [])
+        if restarts == seen_restarts:
+            break
+        seen_restarts = restarts
+        response = kube.core.read_namespaced_pod_log(pod.metadata.name, kube.namespace, container="pytorch",
+                                                     follow=follow, _preload_content=False)
+        for raw in response.stream():
+            for line in raw.decode("utf-8", errors="replace").splitlines():
+                with lock:
+                    out.write(prefix + line + "\n")
+                    out.flush()
+        if not follow:
+            break
+        pod = kube.core.read_namespaced_pod(pod.metadata.name, kube.namespace)
+        if pod.status.phase in ("Succeeded", "Failed"):
+            break
+
+
+# ---------------------------------------------------------------- list, delete
+def list_experiments(kube: Kube, all_namespaces: bool = False, out: TextIO = sys.stdout) -> int:
+    jobs = kube.list(*PYTORCHJOB_API, selector="app.kubernetes.io/part-of=kubetrain",
+                     all_namespaces=all_namespaces)["items"]
+    rows = [("NAMESPACE", "NAME", "STATE", "NODES", "AGE")]
+    for job in sorted(jobs, key=lambda j: (j["metadata"].get("namespace", ""), j["metadata"]["name"])):
+        meta = job["metadata"]
+        rows.append((meta.get("namespace", ""), meta["name"], job_state(job), str(_replicas(job)),
+                     _age(meta.get("creationTimestamp"))))
+    if not all_namespaces:
+        rows = [row[1:] for row in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() + "\n")
+    return 0
+
+
+def delete(kube: Kube, name: str, out: TextIO = sys.stdout) -> int:
+    """Delete what the experiment created (by its label), and nothing else."""
+    from kubernetes.client.exceptions import ApiException
+
+    removed = 0
+    for api_version, kind in EXPERIMENT_KINDS:
+        try:
+            items = kube.list(api_version, kind, selector=experiment_selector(name))["items"]
+        except (UserError, ApiException) as e:  # e.g. a Role without Secret access
+            out.write(f"skipped {kind}: {e}\n")
+            continue
+        for item in items:
+            if kube.delete(api_version, kind, item["metadata"]["name"]):
+                out.write(f"{kind.lower()}/{item['metadata']['name']} deleted\n")
+                removed += 1
+    if not removed:
+        raise UserError(f"no experiment {name!r} in namespace {kube.namespace!r}")
+    return 0
