@@ -21,7 +21,7 @@ quickstart: setup
 	$(BIN)/kubetrain run quickstart -f examples/quickstart.yaml
 
 test: setup
-	eval "$$(bash scripts/install-test-tools.sh)" && $(BIN)/python -m pytest $(PYTEST_ARGS)
+	exports="$$(bash scripts/install-test-tools.sh)" && eval "$$exports" && $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 benchmark: setup
 	$(BIN)/python benchmarks/loop_vs_plain.py

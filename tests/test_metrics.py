@@ -168,9 +168,10 @@ def live_run(tmp_path_factory):
     try:
         result = run_cli(
             "run", "metrics-demo", "-f", str(EXAMPLES / "quickstart.yaml"), "--workdir", str(workdir / "run"),
-            "--set", f"metrics.port={port},training.maxSteps=150,training.logEverySteps=5",
+            # Long enough (~10 s on an idle 2-core box) for several 1 s scrapes even on a fast machine.
+            "--set", f"metrics.port={port},training.maxSteps=600,training.epochs=10,training.logEverySteps=20",
             "--set", "training.data.trainSamples=2048,training.data.evalSamples=256,training.batchSize=16",
-            "--set", f"checkpoint.uri={(workdir / 'checkpoints').as_uri()},checkpoint.everySteps=50",
+            "--set", f"checkpoint.uri={(workdir / 'checkpoints').as_uri()},checkpoint.everySteps=200",
             env={"OMP_NUM_THREADS": "1"},
         )
         ended = time.time()
@@ -217,11 +218,11 @@ def test_prometheus_holds_both_ranks_falling_loss_and_fresh_heartbeat(live_run):
     samples = _by_rank(prom.query('max_over_time(kubetrain_samples_total[5m])'))
     assert sum(samples.values()) == summary["steps"] * 16 * 2
 
-    # Checkpoints every 50 of 150 steps, reported by the checkpoint manager on every rank.
+    # Checkpoints every 200 of 600 steps, reported by the checkpoint manager on every rank.
     saves = _by_rank(prom.query('max_over_time(kubetrain_checkpoint_save_duration_seconds_count[5m])'))
     assert saves == {"0": 3, "1": 3}
     last_saved = _by_rank(prom.query('last_over_time(kubetrain_checkpoint_last_saved_step[5m])'))
-    assert last_saved == {"0": 150, "1": 150}
+    assert last_saved == {"0": 600, "1": 600}
     written = _by_rank(prom.query('max_over_time(kubetrain_checkpoint_saved_bytes_total[5m])'))
     assert written["0"] > 0
 
