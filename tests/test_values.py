@@ -73,6 +73,15 @@ def test_bad_values_exit_2_naming_the_key(tmp_path, sets, needle):
     assert not (tmp_path / "w").exists(), "nothing is written for rejected values"
 
 
+def test_a_set_decimal_points_to_set_json(tmp_path):
+    # Helm's --set never makes floats; the message says what to type instead.
+    result = run_cli("run", "bad", "--workdir", str(tmp_path / "w"), "--set", "training.optimizer.lr=0.01")
+    _assert_user_error(result, "training.optimizer.lr", "--set-json")
+    assert run_cli("run", "ok", "--workdir", str(tmp_path / "ok"), "--set-json", "training.optimizer.lr=0.01",
+                   "--set", "job.nodes=1,training.maxSteps=1,training.data.trainSamples=128",
+                   "--set", "training.data.evalSamples=16,metrics.enabled=false").returncode == 0
+
+
 def test_every_violation_is_reported_at_once(tmp_path):
     result = run_cli("run", "bad", "--workdir", str(tmp_path), "--set", "job.nodes=0,training.epochs=-1")
     _assert_user_error(result, "job.nodes", "training.epochs")

@@ -214,7 +214,21 @@ def _message(error: jsonschema.ValidationError) -> str:
         return "; ".join(f"Additional property {name} is not allowed" for name in extra)
     if error.validator == "oneOf":
         return f"{error.instance!r} is not valid: {error.schema.get('description', 'no alternative matched')}"
+    if error.validator == "type" and "number" in error.validator_value and _is_decimal_text(error.instance):
+        # Helm's --set keeps 0.01 a string; say how to pass a number instead of only "wrong type".
+        return (f"{error.message} (--set keeps decimals as strings, as Helm does: "
+                f"use --set-json or a values file)")
     return error.message
+
+
+def _is_decimal_text(value) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def schema_violations(values: dict) -> list[str]:
