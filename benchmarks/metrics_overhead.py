@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import socket
 import statistics
 import threading
 import time
@@ -23,6 +22,7 @@ import urllib.request
 import torch
 
 from trainer.config import trainer_config_from_values
+from trainer.controller.local import free_port
 from trainer.values import resolve_values
 from trainer.worker.distributed import resolve_rank
 from trainer.worker.loop import Trainer
@@ -36,11 +36,6 @@ def config(steps: int, batch: int):
     ])
     return trainer_config_from_values("bench", values)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def step_seconds(cfg, metrics: MetricsProcessor) -> float:

@@ -8,21 +8,17 @@ S3-compatible store, through boto3 with `s3.endpoint`.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from trainer.controller.local import free_port
+
 # moto accepts any keys; these are test-only placeholders, never real credentials.
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetrain-test", "AWS_SECRET_ACCESS_KEY": "kubetrain-test-secret"}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
