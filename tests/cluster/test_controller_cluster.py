@@ -226,3 +226,12 @@ def test_the_chart_role_lets_a_user_submit_watch_and_delete_but_not_read_secrets
     assert secrets.returncode != 0 and "forbidden" in secrets.stderr.lower()
     can_i = apiserver.kubectl("auth", "can-i", "list", "secrets", "-n", namespace, kubeconfig=bob, check=False)
     assert can_i.stdout.strip() == "no"
+
+
+def test_logs_waits_for_pending_pods_then_says_why(apiserver, namespace):
+    # No kubelet runs here, so no pod ever starts: logs waits, then names what it waited for.
+    assert kt(apiserver, namespace, "submit", "exp-l", *QUICK).returncode == 0
+    started = time.monotonic()
+    result = kt(apiserver, namespace, "logs", "exp-l", "--wait-seconds", "3")
+    assert result.returncode == 2 and time.monotonic() - started >= 3
+    assert "no logs after 3s" in result.stderr and "training operator" in result.stderr
