@@ -3,6 +3,9 @@
 A step directory holds
   model.pt         rank 0: the model's state_dict (plain tensors; loadable on its own)
   train.pt         rank 0: optimizer, LR scheduler and grad-scaler state
+  dcp/             FSDP instead of model.pt and the optimizer: every rank's shards
+                   (`__<rank>_0.distcp`) and rank 0's index (`.metadata`), written
+                   through torch.distributed.checkpoint (sharded_checkpoint.py)
   rank-<r:05d>.pt  every rank: its RNG states and data position (TrainState)
   commit.json      rank 0, written last after every rank reported its files
                    written: step, config hash, resolved config, file sizes.
@@ -11,7 +14,8 @@ retention deletes it once a newer step is committed. Deleting a step removes
 its marker first, so a crash mid-delete never leaves a committed partial step.
 
 Loading never unpickles objects: torch.load(weights_only=True) refuses anything
-but tensors and plain containers, so a crafted checkpoint cannot run code.
+but tensors and plain containers, so a crafted checkpoint cannot run code (DCP's
+pickled index goes through an allowlisting unpickler, see sharded_checkpoint.py).
 
 Saving is synchronous, or with `checkpoint.asyncSave` a CPU snapshot is taken
 at the step boundary and a background thread serialises, uploads and commits
@@ -40,6 +44,7 @@ import torch.distributed as dist
 from trainer.config import TrainerConfig
 from trainer.errors import EXIT_STORAGE_UNAVAILABLE, RetryableError, UserError
 from trainer.worker.distributed import RankInfo
+from trainer.worker.sharded_checkpoint import DCP_DIR, is_sharded, load_sharded, save_sharded
 from trainer.worker.storage import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -94,18 +99,14 @@ def _is_fsdp(model) -> bool:
 
 
 def model_optimizer_state(model, raw_model, optimizer) -> tuple[dict, dict]:
-    """(model, optimizer) state as plain tensors. DDP: the replica as is. FSDP: the full
-    (unsharded) state gathered to CPU, so rank 0 writes the same files as under DDP and a
-    checkpoint loads under either parallelism and any world size. Every rank calls this.
-    (torch.distributed.checkpoint's sharded writer is the seam for models too big to gather.)"""
+    """(model, optimizer) state. DDP: the replica as is (plain tensors). FSDP: this rank's
+    shards as DTensors keyed by parameter name, never gathered: the checkpoint manager saves
+    them through torch.distributed.checkpoint. Every rank calls this."""
     if not _is_fsdp(model):
         return raw_model.state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, optimizer, options=options))
+    return get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
 
 
 def load_model_optimizer_state(model, raw_model, optimizer, model_state: dict, optimizer_state: dict) -> None:
@@ -116,9 +117,24 @@ def load_model_optimizer_state(model, raw_model, optimizer, model_state: dict, o
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
-    options = StateDictOptions(full_state_dict=True)
+    # Sharded state from DCP, or full plain tensors (a model.pt written by DDP or before sharded saves).
+    options = StateDictOptions(full_state_dict=not is_sharded(model_state))
     set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    set_optimizer_state_dict(model, optimizer, _keyed_by_name(raw_model, optimizer, optimizer_state),
+                             options=options)
+
+
+def _keyed_by_name(raw_model, optimizer, optimizer_state: dict) -> dict:
+    """A DDP checkpoint keys optimizer state by parameter index (torch.optim's own format);
+    FSDP's loader wants parameter names. Map index i to the i-th parameter this optimizer holds."""
+    state = optimizer_state.get("state", {})
+    if not state or not all(isinstance(k, int) for k in state):
+        return optimizer_state
+    names = {id(p): n for n, p in raw_model.named_parameters()}
+    ordered = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    return {"state": {ordered[i]: v for i, v in state.items()},
+            "param_groups": [{**g, "params": [ordered[i] for i in g["params"]]}
+                             for g in optimizer_state["param_groups"]]}
 
 
 def cpu_snapshot(obj: Any) -> Any:
@@ -286,13 +302,22 @@ class CheckpointManager:
                     f"this run {ours}): {detail or 'unknown differences'}. Use another checkpoint.uri or "
                     "experiment name, or set checkpoint.force: true to load it anyway")
             log.warning("checkpoint.force: loading %s despite a config change: %s", where, detail)
-        nbytes = 0
-        blobs = {}
-        for name in (MODEL, TRAIN):
-            blobs[name] = self._read(step, name)
-            nbytes += len(blobs[name])
-        model = safe_load(blobs[MODEL], f"{where}/{MODEL}")
-        train = safe_load(blobs[TRAIN], f"{where}/{TRAIN}")
+        sharded = commit.get("format") == "dcp"
+        if sharded and not _is_fsdp(trainer.model):
+            raise UserError(f"checkpoint {where} holds FSDP-sharded state (torch.distributed.checkpoint): "
+                            "resume it with training.parallelism: fsdp on more than one process")
+        data = self._read(step, TRAIN)
+        nbytes = len(data)
+        train = safe_load(data, f"{where}/{TRAIN}")
+        if sharded:  # every rank reads the shards it needs into its own (sharded) state
+            model, optimizer = model_optimizer_state(trainer.model, trainer.raw_model, trainer.optimizer)
+            state = {"model": model, "optimizer": optimizer}
+            nbytes += load_sharded(self.store, f"{self.base}/{step_dir(step)}/{DCP_DIR}", state, self.group)
+            model, train["optimizer"] = state["model"], state["optimizer"]
+        else:
+            data = self._read(step, MODEL)
+            nbytes += len(data)
+            model = safe_load(data, f"{where}/{MODEL}")
         mine = rank_file(self.info.rank)
         if mine in files:
             data = self._read(step, mine)
@@ -322,11 +347,15 @@ class CheckpointManager:
         self.wait()  # at most one save in flight
         step = trainer.state.step
         state = trainer.state_dict()
-        replicated = {"model": state.pop("model"), "train": {k: state.pop(k) for k in
-                                                             ("optimizer", "scheduler", "scaler")}}
+        model, optimizer = state.pop("model"), state.pop("optimizer")
+        train = {k: state.pop(k) for k in ("scheduler", "scaler")}
         payload = {rank_file(self.info.rank): state}  # train_state + rng
-        if self.info.is_main:
-            payload[MODEL], payload[TRAIN] = replicated["model"], replicated["train"]
+        if is_sharded(model):  # FSDP: every rank writes its shards through DCP (key DCP_DIR)
+            payload[DCP_DIR] = {"model": model, "optimizer": optimizer}
+            if self.info.is_main:
+                payload[TRAIN] = train
+        elif self.info.is_main:
+            payload[MODEL], payload[TRAIN] = model, {"optimizer": optimizer, **train}
         if self.async_save and not blocking:
             started = time.perf_counter()
             payload = cpu_snapshot(payload)
@@ -357,13 +386,21 @@ class CheckpointManager:
         prefix = f"{self.base}/{step_dir(step)}"
         error: BaseException | None = None
         nbytes = 0
+        sharded, dcp_files = payload.pop(DCP_DIR, None), None
         try:
             if self.info.is_main:  # re-saving a step (resume from an older one): uncommit it first
                 self.store.delete([f"{prefix}/{COMMIT}"])
+                if sharded is not None:  # and its old shards (maybe from another world size)
+                    self.store.delete(list(self.store.sizes(f"{prefix}/{DCP_DIR}")))
         except BaseException as e:
             error = e
         if self._all_ok(error is None):
             try:
+                if sharded is not None:  # a collective: every rank gets here (all_ok above)
+                    written, names = save_sharded(self.store, f"{prefix}/{DCP_DIR}", sharded, self.group,
+                                                  self.info.rank)
+                    nbytes += written
+                    dcp_files = [f"{DCP_DIR}/{name}" for name in names]
                 for name, obj in payload.items():
                     data = serialize(obj)
                     self.store.write_bytes(f"{prefix}/{name}", data)
@@ -377,7 +414,7 @@ class CheckpointManager:
                 error = e
         if self._all_ok(error is None) and self.info.is_main:
             try:
-                self._commit(step, prefix)
+                self._commit(step, prefix, dcp_files)
             except BaseException as e:
                 error = e
         if not self._all_ok(error is None):
@@ -398,17 +435,19 @@ class CheckpointManager:
             log.info("checkpoint: committed %s (%.1f MB from rank 0 in %.2fs)", self.url(step), nbytes / 1e6,
                      seconds)
 
-    def _commit(self, step: int, prefix: str) -> None:
-        """Rank 0, after every rank wrote its files: the marker, then retention."""
+    def _commit(self, step: int, prefix: str, dcp_files: list[str] | None = None) -> None:
+        """Rank 0, after every rank wrote its files: the marker, then retention.
+        `dcp_files`: the sharded checkpoint's files (DCP's index names them all), or None."""
         steps = self.scan()
         files = steps.get(step, {})
-        expected = {MODEL, TRAIN, *(rank_file(r) for r in range(self.info.world_size))}
+        expected = {TRAIN, *(rank_file(r) for r in range(self.info.world_size)), *(dcp_files or [MODEL])}
         missing = expected - set(files)
         if missing:
             raise RetryableError(f"checkpoint step {step}: {sorted(missing)} not visible in {self.url(step)} "
                                  "after every rank wrote", EXIT_STORAGE_UNAVAILABLE)
         marker = {
             "step": step, "world_size": self.info.world_size, "time": time.time(),
+            "format": "dcp" if dcp_files else "torch",
             "config_hash": self.config.config_hash(), "config": self.config.as_dict(),
             "files": {name: files[name] for name in sorted(expected)},
         }

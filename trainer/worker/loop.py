@@ -213,7 +213,7 @@ class Trainer:
     # ------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
         """Replicated parts (model, optimizer, scheduler, scaler) and this rank's own (train_state,
-        rng). Under FSDP every rank must call it: it gathers the full state."""
+        rng). Under FSDP every rank must call it: model and optimizer are its shards (DTensors)."""
         from trainer.worker.checkpoint import capture_rng, model_optimizer_state
 
         model, optimizer = model_optimizer_state(self.model, self.raw_model, self.optimizer)
