@@ -120,3 +120,28 @@ def test_sigterm_is_forwarded_to_every_replica(tmp_path):
     assert result.returncode == 143, result.stdout[-2000:]
     assert result.summary["status"] == "preempted"
     assert "Traceback" not in result.stderr
+
+
+def test_two_nodes_with_two_processes_each_train_under_torchrun(tmp_path):
+    result = run_cli("run", "twobytwo", "--workdir", str(tmp_path), *FAST_TRAINING,
+                     "--set", "job.nodes=2,job.nprocPerNode=2,training.maxSteps=12,metrics.enabled=false")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.summary["world_size"] == 4 and result.summary["steps"] == 12
+    assert "launcher=torchrun world_size=4 nnodes=2 nproc_per_node=2" in result.stdout
+
+
+def test_torchrun_replicas_keep_the_workers_exit_code(tmp_path):
+    # Plain torchrun turns every worker failure into 1; the operator must see 2 (permanent, bad input).
+    result = run_cli("run", "badtask", "--workdir", str(tmp_path), "--set",
+                     "job.nodes=1,job.nprocPerNode=2,training.task=nope,metrics.enabled=false")
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert "unknown task 'nope'" in result.stdout
+
+
+def test_sigterm_under_torchrun_exits_143_so_the_operator_retries(tmp_path):
+    proc = _start_run(tmp_path, "--set", "job.nodes=1,job.nprocPerNode=2,job.restartPolicy=Never")
+    _, lines = _read_until(proc, r"step \d+/")
+    proc.send_signal(signal.SIGTERM)
+    result = _finish(proc, lines)
+    assert result.returncode == 143, result.stdout[-2000:]
+    assert result.summary["status"] == "preempted"

@@ -59,7 +59,7 @@ def test_one_node_has_no_worker_and_many_processes_use_torchrun():
     job = objects[("PyTorchJob", "solo")]
     assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Master"] and job["spec"]["nprocPerNode"] == "4"
     container = trainer_container(objects, "solo")
-    assert container["command"][0] == "torchrun"
+    assert container["command"][:3] == ["python", "-m", "trainer.worker.launch"]
     assert [p["name"] for p in container["ports"]] == ["pytorchjob-port", "metrics", "metrics-1", "metrics-2",
                                                        "metrics-3"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
@@ -71,7 +71,7 @@ def test_elastic_jobs_rendezvous_on_the_master():
     policy = objects[("PyTorchJob", "stretch")]["spec"]["elasticPolicy"]
     assert policy == {"rdzvBackend": "c10d", "rdzvHost": "stretch-master-0", "rdzvPort": 23456,
                       "minReplicas": 1, "maxReplicas": 5, "maxRestarts": 3}
-    assert trainer_container(objects, "stretch", "Worker")["command"][0] == "torchrun"
+    assert trainer_container(objects, "stretch", "Worker")["command"][:3] == ["python", "-m", "trainer.worker.launch"]
 
 
 def test_s3_credentials_only_through_the_secret():

@@ -50,8 +50,8 @@ def operator_env(index: int, nodes: int, nproc: int, port: int) -> dict[str, str
 
 
 def replica_command(config_path: Path, nproc: int) -> list[str]:
-    if nproc > 1:  # torchrun reads PET_* for nnodes, node rank and master, as in the pod
-        return [sys.executable, "-m", "torch.distributed.run", "-m", "trainer", "--config", str(config_path)]
+    if nproc > 1:  # torchrun (keeping exit codes) reads PET_* for nnodes, node rank and master, as in the pod
+        return [sys.executable, "-m", "trainer.worker.launch", "-m", "trainer", "--config", str(config_path)]
     return [sys.executable, "-m", "trainer", "--config", str(config_path)]
 
 

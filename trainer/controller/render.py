@@ -165,10 +165,11 @@ def metrics_port_names(values: dict) -> list[tuple[str, int]]:
 
 # ---------------------------------------------------------------- the PyTorchJob
 def trainer_command(values: dict) -> list[str]:
-    """`kubetrain.command`: torchrun reads PET_* (set by the operator) for nodes, rank and rendezvous."""
+    """`kubetrain.command`: torchrun reads PET_* (set by the operator) for nodes, rank and rendezvous;
+    trainer.worker.launch is torchrun that keeps the workers' exit codes for restartPolicy ExitCode."""
     job = values["job"]
-    launcher = "torchrun" if int(job["nprocPerNode"]) > 1 or job["elastic"]["enabled"] else "python"
-    return [launcher, "-m", "trainer", "--config", CONFIG_PATH]
+    torchrun = ["python", "-m", "trainer.worker.launch"] if int(job["nprocPerNode"]) > 1 or job["elastic"]["enabled"] else ["python"]
+    return [*torchrun, "-m", "trainer", "--config", CONFIG_PATH]
 
 
 def resource_list(values: dict) -> dict:

@@ -104,10 +104,11 @@ messages, in the same order, before anything is rendered.
 
 {{/* The trainer's command: torchrun reads PET_* (set by the operator) for nodes, rank and rendezvous. */}}
 {{- define "kubetrain.command" -}}
-{{- if or (gt (int .Values.job.nprocPerNode) 1) .Values.job.elastic.enabled -}}
-- torchrun
-{{- else -}}
 - python
+{{- if or (gt (int .Values.job.nprocPerNode) 1) .Values.job.elastic.enabled }}
+{{- /* torchrun that keeps the workers' exit codes (restartPolicy: ExitCode) */}}
+- -m
+- trainer.worker.launch
 {{- end }}
 - -m
 - trainer
