@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,3 +65,36 @@ FAST_TRAINING = [
     "--set", "training.data.trainSamples=2048,training.data.evalSamples=512",
     "--set", "training.batchSize=32,training.logEverySteps=8",
 ]
+
+
+def start_run(tmp_path, *extra: str) -> subprocess.Popen:
+    """A long `kubetrain run` in the background, for tests that signal or kill its replicas."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer.controller.cli", "run", "longrun", "--workdir", str(tmp_path),
+         *FAST_TRAINING, "--set", "training.epochs=200,metrics.enabled=false", *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def read_until(proc: subprocess.Popen, pattern: str, timeout: float = 120) -> tuple[re.Match, list[str]]:
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m, lines
+    proc.kill()
+    raise AssertionError(f"never saw {pattern!r}:\n" + "".join(lines[-40:]))
+
+
+def finish(proc: subprocess.Popen, lines: list[str]) -> Result:
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # replicas die with the runner (PDEATHSIG)
+    return Result(proc.returncode, "".join(lines) + out, err)

@@ -5,13 +5,10 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from support import EXAMPLES, FAST_TRAINING, REPO, Result, run_cli
+from support import EXAMPLES, FAST_TRAINING, finish, read_until, run_cli, start_run
 
 
 def test_quickstart_two_gloo_processes_learn(tmp_path):
@@ -51,44 +48,12 @@ def test_world_size_one_and_two_see_the_same_first_global_batch(tmp_path):
     assert one == pytest.approx(two, rel=1e-5, abs=1e-6)
 
 
-def _start_run(tmp_path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "trainer.controller.cli", "run", "longrun", "--workdir", str(tmp_path),
-         *FAST_TRAINING, "--set", "training.epochs=200", *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-
-
-def _read_until(proc: subprocess.Popen, pattern: str, timeout: float = 120) -> tuple[re.Match, list[str]]:
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        m = re.search(pattern, line)
-        if m:
-            return m, lines
-    proc.kill()
-    raise AssertionError(f"never saw {pattern!r}:\n" + "".join(lines[-40:]))
-
-
-def _finish(proc: subprocess.Popen, lines: list[str]) -> Result:
-    try:
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # replicas die with the runner (PDEATHSIG)
-    return Result(proc.returncode, "".join(lines) + out, err)
-
-
 def test_one_failing_replica_stops_the_others(tmp_path):
-    proc = _start_run(tmp_path, "--set", "job.backoffLimit=0")
-    m, lines = _read_until(proc, r"^\[master-0\] 1 +0 +1 +worker-1 +\S+ +(\d+)")
-    _, more = _read_until(proc, r"step \d+/")
+    proc = start_run(tmp_path, "--set", "job.backoffLimit=0")
+    m, lines = read_until(proc, r"^\[master-0\] 1 +0 +1 +worker-1 +\S+ +(\d+)")
+    _, more = read_until(proc, r"step \d+/")
     os.kill(int(m.group(1)), signal.SIGKILL)  # the worker dies as if OOM-killed
-    result = _finish(proc, lines + more)
+    result = finish(proc, lines + more)
     assert result.returncode == 137, result.stdout[-2000:]
     assert result.summary["status"] == "failed"
     assert result.summary["failed_replica"] == "worker-1"
@@ -99,24 +64,24 @@ def test_one_failing_replica_stops_the_others(tmp_path):
 def test_retryable_exit_relaunches_every_replica(tmp_path):
     # restartPolicy ExitCode + backoffLimit 1: a SIGKILLed worker (137) is retried once,
     # as the operator would, then the second kill ends the job.
-    proc = _start_run(tmp_path, "--set", "job.restartPolicy=ExitCode,job.backoffLimit=1")
+    proc = start_run(tmp_path, "--set", "job.restartPolicy=ExitCode,job.backoffLimit=1")
     lines: list[str] = []
     for _ in range(2):
-        m, seen = _read_until(proc, r"^\[master-0\] 1 +0 +1 +worker-1 +\S+ +(\d+)")
-        _, more = _read_until(proc, r"step \d+/")
+        m, seen = read_until(proc, r"^\[master-0\] 1 +0 +1 +worker-1 +\S+ +(\d+)")
+        _, more = read_until(proc, r"step \d+/")
         lines += seen + more
         os.kill(int(m.group(1)), signal.SIGKILL)
-    result = _finish(proc, lines)
+    result = finish(proc, lines)
     assert result.returncode == 137
     assert "restart 1/1 of every replica" in result.stdout
     assert result.summary["restarts"] == 1
 
 
 def test_sigterm_is_forwarded_to_every_replica(tmp_path):
-    proc = _start_run(tmp_path, "--set", "job.restartPolicy=Never")
-    _, lines = _read_until(proc, r"step \d+/")
+    proc = start_run(tmp_path, "--set", "job.restartPolicy=Never")
+    _, lines = read_until(proc, r"step \d+/")
     proc.send_signal(signal.SIGTERM)
-    result = _finish(proc, lines)
+    result = finish(proc, lines)
     assert result.returncode == 143, result.stdout[-2000:]
     assert result.summary["status"] == "preempted"
     assert "Traceback" not in result.stderr
@@ -139,9 +104,9 @@ def test_torchrun_replicas_keep_the_workers_exit_code(tmp_path):
 
 
 def test_sigterm_under_torchrun_exits_143_so_the_operator_retries(tmp_path):
-    proc = _start_run(tmp_path, "--set", "job.nodes=1,job.nprocPerNode=2,job.restartPolicy=Never")
-    _, lines = _read_until(proc, r"step \d+/")
+    proc = start_run(tmp_path, "--set", "job.nodes=1,job.nprocPerNode=2,job.restartPolicy=Never")
+    _, lines = read_until(proc, r"step \d+/")
     proc.send_signal(signal.SIGTERM)
-    result = _finish(proc, lines)
+    result = finish(proc, lines)
     assert result.returncode == 143, result.stdout[-2000:]
     assert result.summary["status"] == "preempted"

@@ -193,7 +193,8 @@ def _by_rank(results: list[dict]) -> dict[str, float]:
 def test_prometheus_holds_both_ranks_falling_loss_and_fresh_heartbeat(live_run):
     prom, summary = live_run.prometheus, live_run.summary
     steps = _by_rank(prom.query('max_over_time(kubetrain_steps_total{experiment="metrics-demo"}[5m])'))
-    assert set(steps) == {"0", "1"}, f"series from both ranks expected, got {steps}"
+    assert set(steps) == {"0", "1"}, (f"series from both ranks expected, got {steps}; targets: "
+                                      f"{http_get(prom.url + '/api/v1/targets')[:2000]}")
     # The trainer waits for one more scrape before it exits: the final step count is in Prometheus.
     assert steps == {"0": summary["steps"], "1": summary["steps"]}
 

@@ -68,6 +68,7 @@ class DataConfig:
 class DistributedConfig:
     backend: str
     timeout_seconds: int
+    hang_timeout_seconds: int = 1800
 
 
 @dataclass(frozen=True)

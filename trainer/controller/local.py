@@ -150,6 +150,7 @@ class LocalRunner:
     def _stop(self, attempt: Attempt) -> None:
         """SIGTERM every live replica (they checkpoint and exit), SIGKILL after a grace period."""
         self._signal_all(attempt, signal.SIGTERM)
+        self._signal_all(attempt, signal.SIGCONT)  # a stopped (frozen) replica must run to see the SIGTERM
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         while time.monotonic() < deadline and any(p.poll() is None for p in attempt.procs):
             time.sleep(0.1)

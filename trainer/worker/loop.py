@@ -24,6 +24,7 @@ from trainer.worker.distributed import RankInfo
 from trainer.worker.parallel import (even_eval_batches, fsdp_mixed_precision, gradient_sync, parallelize,
                                      run_epoch_start_hook)
 from trainer.worker.metrics import DISABLED, MetricsProcessor
+from trainer.worker.watchdog import HangWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -245,14 +246,17 @@ class Trainer:
 
         checkpoints = CheckpointManager(self.config, self.info, metrics=self.metrics)
         preemption = PreemptionWatch(self.device).install()
+        watchdog = HangWatchdog(self.cfg.distributed.hang_timeout_seconds)
         try:
-            return self._fit(checkpoints, preemption)
+            return self._fit(checkpoints, preemption, watchdog)
         finally:
+            watchdog.stop()
             preemption.uninstall()
 
-    def _fit(self, checkpoints, preemption) -> dict:
+    def _fit(self, checkpoints, preemption, watchdog) -> dict:
         cfg, info = self.cfg, self.info
         checkpoints.resume(self)
+        watchdog.start()  # after the resume: downloading a checkpoint is not a hang
         every = self.config.checkpoint.every_steps
         preempted = False
         self.model.train()
@@ -275,6 +279,7 @@ class Trainer:
                     if info.is_main:
                         log.info("epoch %d eval: loss=%s accuracy=%s", self.state.epoch + 1,
                                  _fmt(eval_loss), _fmt(eval_acc))
+                    watchdog.beat("evaluation")
                 tick = time.perf_counter()
                 if self.state.step >= self.total_steps:
                     break
@@ -304,9 +309,11 @@ class Trainer:
             self.metrics.observe_step(now - tick, fetched - tick, self.samples_per_step // info.world_size,
                                       self.scheduler.get_last_lr()[0], self.state.epoch)
             tick = now
+            watchdog.beat(f"step {self.state.step}")
             preempted = preemption.should_stop()  # every rank, every step: agree on one boundary
             if preempted or done or (every and self.state.step % every == 0):
                 checkpoints.save(self, blocking=preempted or done)
+                watchdog.beat(f"checkpoint at step {self.state.step}")
                 tick = time.perf_counter()
             if preempted and not done:
                 if not checkpoints.enabled:

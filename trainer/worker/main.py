@@ -14,7 +14,7 @@ import sys
 import time
 
 from trainer import __version__
-from trainer.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, RetryableError, UserError
+from trainer.errors import EXIT_FAILURE, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, RetryableError, UserError
 
 log = logging.getLogger("trainer")
 
@@ -79,11 +79,29 @@ def run(config_path: str) -> int:
         _print_if_main(failed_summary(experiment, "failed", str(e), started))
         return e.exit_code
     except Exception as e:  # a code error: keep the traceback for the developer
+        if is_collective_failure(e):  # a peer died or hung: the restart, not the code, fixes it
+            metrics.close(wait_for_scrape=False)
+            log.error("retryable: a collective failed (%s); exiting %d", str(e).splitlines()[0][:300], EXIT_HANG)
+            _print_if_main(failed_summary(experiment, "failed", f"collective failed: {e}", started))
+            return EXIT_HANG
         log.exception("training failed")
         _print_if_main(failed_summary(experiment, "failed", f"{type(e).__name__}: {e}", started))
         return EXIT_FAILURE
     finally:
         metrics.close()  # lets a scraping Prometheus take the final values (or the NaN loss) first
+
+
+# What gloo and NCCL say when a peer is gone or a collective timed out (gloo raises a plain RuntimeError).
+_COLLECTIVE_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
+                        "NCCL communicator was aborted", "Watchdog caught collective operation timeout")
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in _COLLECTIVE_FAILURES)
 
 
 def _print_if_main(summary: dict) -> None:

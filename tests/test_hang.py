@@ -1,0 +1,64 @@
+"""A hung or vanished peer ends the job with a retryable exit (DESIGN §3.4), not a stuck one."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from support import finish, read_until, start_run
+from trainer.controller.local import free_port, operator_env
+from trainer.errors import EXIT_HANG
+from trainer.worker.watchdog import HangWatchdog
+
+
+def test_watchdog_stays_quiet_while_beaten_and_fires_after_the_timeout():
+    fired = threading.Event()
+    watchdog = HangWatchdog(0.3, on_hang=fired.set).start()
+    for _ in range(10):  # 0.5 s of progress
+        watchdog.beat("step")
+        time.sleep(0.05)
+    assert not fired.is_set()
+    assert fired.wait(2), "no progress for longer than the timeout must fire"
+    watchdog.stop()
+
+
+def test_a_frozen_peer_makes_the_others_exit_142(tmp_path):
+    proc = start_run(tmp_path, "--set",
+                      "job.restartPolicy=Never,training.distributed.hangTimeoutSeconds=5")
+    m, lines = read_until(proc, r"^\[master-0\] 1 +0 +1 +worker-1 +\S+ +(\d+)")
+    _, more = read_until(proc, r"step \d+/")
+    os.kill(int(m.group(1)), signal.SIGSTOP)  # the worker freezes (as on a wedged GPU or NFS)
+    result = finish(proc, lines + more)
+    assert result.returncode == EXIT_HANG, result.stdout[-2000:]
+    assert "hang detected: no progress for" in result.stdout
+    assert result.summary["failed_replica"] == "master-0"
+
+
+def test_a_vanished_peer_is_a_retryable_exit_without_the_runner(tmp_path):
+    # Two trainer processes as the operator starts them (no local runner to stop the survivor).
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"experiment": "vanish", "metrics": {"enabled": False},
+                                  "training": {"epochs": 200, "data": {"trainSamples": 2048, "evalSamples": 64},
+                                               "batchSize": 32, "logEverySteps": 5}}))
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "trainer", "--config", str(config)], cwd=tmp_path,
+                              env={**os.environ, **operator_env(i, 2, 1, port), "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        for line in procs[0].stdout:
+            if re.search(r"step \d+/", line):
+                break
+        procs[1].kill()
+        out, _ = procs[0].communicate(timeout=120)
+        assert procs[0].returncode == EXIT_HANG, out[-2000:]
+        assert "retryable: a collective failed" in out and "Traceback" not in out
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
