@@ -3,7 +3,8 @@
 #   kube-apiserver  from k8s.io/kubernetes (staging modules replaced by their v0.X.Y releases)
 #   etcd            from go.etcd.io/etcd/server/v3
 #   kubectl         copied from $KUBETRAIN_KUBECTL (or the kubectl on PATH)
-# plus the PyTorchJob CRD from the Go module github.com/kubeflow/training-operator.
+# plus the PyTorchJob CRD from the Go module github.com/kubeflow/training-operator and the
+# PodMonitor/PrometheusRule CRDs from github.com/prometheus-operator/prometheus-operator.
 #
 # Everything comes from the Go module proxy configured in the environment
 # (`go env GOPROXY`); nothing here names a host. Output folder:
@@ -11,7 +12,7 @@
 # A second run finds the binaries and returns in well under a second.
 #
 # Progress goes to stderr; stdout carries only `export NAME=value` lines:
-#   KUBEBUILDER_ASSETS, KUBETRAIN_PYTORCHJOB_CRD
+#   KUBEBUILDER_ASSETS, KUBETRAIN_PYTORCHJOB_CRD, KUBETRAIN_MONITORING_CRDS (a folder)
 # KUBETRAIN_ASSETS_NO_BUILD=1: report a cache hit (or a usable KUBEBUILDER_ASSETS), never build.
 set -euo pipefail
 
@@ -19,11 +20,15 @@ K8S_VERSION="${KUBETRAIN_K8S_VERSION:-1.31.14}"          # k8s.io/kubernetes v1.
 ETCD_VERSION="${KUBETRAIN_ETCD_VERSION:-3.5.35}"         # go.etcd.io/etcd/server/v3
 TRAINING_OPERATOR_VERSION="${KUBETRAIN_TRAINING_OPERATOR_VERSION:-1.8.1}"
 CRD_PATH_IN_MODULE="manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
+PROMETHEUS_OPERATOR_VERSION="${KUBETRAIN_PROMETHEUS_OPERATOR_VERSION:-0.79.2}"
+MONITORING_CRDS_IN_MODULE="example/prometheus-operator-crd"
+MONITORING_CRDS=(monitoring.coreos.com_podmonitors.yaml monitoring.coreos.com_prometheusrules.yaml)
 
 CACHE="${KUBETRAIN_CACHE:-$HOME/.cache/kubetrain}"
 ASSETS="$CACHE/k8s-assets/${K8S_VERSION}-etcd${ETCD_VERSION}"
 CRD_DIR="$ASSETS/crds/training-operator-v${TRAINING_OPERATOR_VERSION}"
 CRD_FILE="$CRD_DIR/kubeflow.org_pytorchjobs.yaml"
+MONITORING_CRD_DIR="$ASSETS/crds/prometheus-operator-v${PROMETHEUS_OPERATOR_VERSION}"
 BUILD_ROOT="$CACHE/k8s-assets/build"
 
 log() { printf '[build-assets] %s\n' "$*" >&2; }
@@ -39,6 +44,33 @@ have_binaries() { # DIR
 emit() { # ASSET_DIR CRD_FILE
     printf 'export KUBEBUILDER_ASSETS=%q\n' "$1"
     printf 'export KUBETRAIN_PYTORCHJOB_CRD=%q\n' "$2"
+    if have_monitoring_crds; then
+        printf 'export KUBETRAIN_MONITORING_CRDS=%q\n' "$MONITORING_CRD_DIR"
+    fi
+}
+
+have_monitoring_crds() {
+    local f
+    for f in "${MONITORING_CRDS[@]}"; do
+        [[ -s "$MONITORING_CRD_DIR/$f" ]] || return 1
+    done
+}
+
+fetch_monitoring_crds() {
+    local dir f
+    log "fetching github.com/prometheus-operator/prometheus-operator@v$PROMETHEUS_OPERATOR_VERSION (CRDs)"
+    mkdir -p "$BUILD_ROOT"
+    dir=$(cd "$BUILD_ROOT" && GOFLAGS=-modcacherw go mod download -json \
+        "github.com/prometheus-operator/prometheus-operator@v$PROMETHEUS_OPERATOR_VERSION" \
+        | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')
+    mkdir -p "$MONITORING_CRD_DIR"
+    for f in "${MONITORING_CRDS[@]}"; do
+        [[ -s "$dir/$MONITORING_CRDS_IN_MODULE/$f" ]] || die "CRD not found at $dir/$MONITORING_CRDS_IN_MODULE/$f"
+        cp -f "$dir/$MONITORING_CRDS_IN_MODULE/$f" "$MONITORING_CRD_DIR/$f.tmp"
+        chmod 644 "$MONITORING_CRD_DIR/$f.tmp"
+        mv -f "$MONITORING_CRD_DIR/$f.tmp" "$MONITORING_CRD_DIR/$f"
+    done
+    log "monitoring CRDs: $MONITORING_CRD_DIR"
 }
 
 # A user-provided KUBEBUILDER_ASSETS that holds the binaries wins.
@@ -53,6 +85,11 @@ kubectl_current() { # true when $ASSETS/kubectl is there and, if KUBETRAIN_KUBEC
     [[ -x "$ASSETS/kubectl" ]] || return 1
     [[ -z "${KUBETRAIN_KUBECTL:-}" ]] || cmp -s "$KUBETRAIN_KUBECTL" "$ASSETS/kubectl"
 }
+
+# The monitoring CRDs are a download, not a build: fetch them unless told to stay offline.
+if ! have_monitoring_crds && [[ "${KUBETRAIN_ASSETS_NO_BUILD:-0}" != "1" ]]; then
+    GOPATH="$CACHE/go" GOMODCACHE="$CACHE/go/pkg/mod" fetch_monitoring_crds
+fi
 
 # Fast path: everything already there.
 if [[ -z "$USER_ASSETS" && -x "$ASSETS/etcd" && -x "$ASSETS/kube-apiserver" && -s "$CRD_FILE" ]] && kubectl_current; then

@@ -225,6 +225,11 @@ class Cluster:
     workdir: Path
     ca_file: Path
     _ca: _CertAuthority = dataclasses.field(repr=False)
+    monitoring_crds: bool = False  # PodMonitor/PrometheusRule served (prometheus-operator CRDs installed)
+
+    def require_monitoring_crds(self) -> None:
+        if not self.monitoring_crds:
+            _require(f"the PodMonitor/PrometheusRule CRDs are absent (KUBETRAIN_MONITORING_CRDS); {_HOW_TO}")
 
     def user_kubeconfig(self, name: str = "alice", groups: tuple[str, ...] = ()) -> Path:
         """A kubeconfig for user `name` (client certificate; member of `groups` only,
@@ -366,6 +371,13 @@ def apiserver(tmp_path_factory) -> Cluster:
                           crd_path=crd, workdir=work, ca_file=ca.cert, _ca=ca)
         cluster.kubectl("apply", "--server-side", "--field-manager=kubetrain-tests", "-f", str(crd))
         _wait_established(cluster, PYTORCHJOB_CRD_NAME)
+        monitoring = sorted(glob.glob(os.path.join(os.environ.get("KUBETRAIN_MONITORING_CRDS", "") or
+                                                   str(assets / "crds" / "prometheus-operator-*"),
+                                                   "monitoring.coreos.com_*.yaml")))
+        for path in monitoring:  # PodMonitor and PrometheusRule, as kube-prometheus-stack installs them
+            cluster.kubectl("apply", "--server-side", "--field-manager=kubetrain-tests", "-f", path)
+            _wait_established(cluster, Path(path).stem.split("_", 1)[1] + ".monitoring.coreos.com")
+        cluster.monitoring_crds = len(monitoring) >= 2
         yield cluster
     finally:
         for p in reversed(procs):  # kube-apiserver first, then etcd

@@ -235,3 +235,21 @@ def test_logs_waits_for_pending_pods_then_says_why(apiserver, namespace):
     result = kt(apiserver, namespace, "logs", "exp-l", "--wait-seconds", "3")
     assert result.returncode == 2 and time.monotonic() - started >= 3
     assert "no logs after 3s" in result.stderr and "training operator" in result.stderr
+
+
+def test_monitoring_objects_validate_against_their_crds_and_go_with_delete(apiserver, namespace):
+    apiserver.require_monitoring_crds()
+    monitoring = ["--set", "metrics.podMonitor.enabled=true,metrics.prometheusRule.enabled=true",
+                  "--set-string", "metrics.podMonitor.labels.release=kube-prometheus-stack"]
+    submitted = kt(apiserver, namespace, "submit", "exp-mon", *QUICK, *monitoring)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "podmonitor/exp-mon applied" in submitted.stdout
+    rule = get(apiserver, namespace, "prometheusrule", "exp-mon")
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert len(alerts) == 5 and all('experiment="exp-mon"' in r["expr"] for g in rule["spec"]["groups"]
+                                    for r in g["rules"])
+    monitor = get(apiserver, namespace, "podmonitor", "exp-mon")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert kt(apiserver, namespace, "delete", "exp-mon").returncode == 0
+    assert get(apiserver, namespace, "podmonitor", "exp-mon", check=False) is None
+    assert get(apiserver, namespace, "prometheusrule", "exp-mon", check=False) is None
