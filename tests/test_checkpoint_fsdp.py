@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from support import REPO, run_cli
-from s3server import S3Server
 
 BUCKET = "fsdp"
 STEPS, EVERY = 8, 4
@@ -36,11 +35,9 @@ SHARDED_STEP = {"commit.json", "train.pt", "rank-00000.pt", "rank-00001.pt",
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server = S3Server().start()
-    server.create_bucket(BUCKET)
-    yield server
-    server.stop()
+def s3(s3_server):
+    s3_server.create_bucket(BUCKET)
+    return s3_server
 
 
 def step_losses(workdir: Path) -> dict[int, float]:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from support import REPO
-from tests.s3server import S3Server
+from s3server import S3Server
 
 BUCKET = "ckpt"
 STEPS, EVERY = 40, 8
@@ -31,11 +31,9 @@ BASE = [
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server = S3Server().start()
-    server.create_bucket(BUCKET)
-    yield server
-    server.stop()
+def s3(s3_server):
+    s3_server.create_bucket(BUCKET)
+    return s3_server
 
 
 class Run:

@@ -10,15 +10,13 @@ import pytest
 from trainer.config import S3Config
 from trainer.errors import RetryableError, UserError
 from trainer.worker.storage import MULTIPART_THRESHOLD, open_store
-from tests.s3server import CREDENTIALS, S3Server, free_port
+from s3server import CREDENTIALS, free_port
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server = S3Server().start()
-    server.create_bucket("store")
-    yield server
-    server.stop()
+def s3(s3_server):
+    s3_server.create_bucket("store")
+    return s3_server
 
 
 @pytest.fixture

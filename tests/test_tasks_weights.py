@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fixtures.tasks_helpers import resnet_weights_uri, tiny_bert_dir
-from s3server import CREDENTIALS, S3Server
+from s3server import CREDENTIALS
 from trainer.config import S3Config
 from trainer.errors import UserError
 from trainer.tasks import _weights
@@ -14,11 +14,9 @@ from trainer.tasks.resnet18_finetune import build_model
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server = S3Server().start()
-    server.create_bucket("weights")
-    yield server
-    server.stop()
+def s3(s3_server):
+    s3_server.create_bucket("weights")
+    return s3_server
 
 
 @pytest.fixture
