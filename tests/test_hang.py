@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from support import finish, read_until, start_run
+from support import finish, read_until, run_cli, start_run
 from trainer.controller.local import free_port, operator_env
 from trainer.errors import EXIT_HANG
 from trainer.worker.watchdog import HangWatchdog
@@ -62,3 +62,14 @@ def test_a_vanished_peer_is_a_retryable_exit_without_the_runner(tmp_path):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def test_a_long_evaluation_is_progress_not_a_hang(tmp_path):
+    # Evaluation of 16k samples takes seconds on one CPU thread, longer than a 1 s hang timeout:
+    # each evaluation batch feeds the watchdog, so the run finishes instead of exiting 142.
+    result = run_cli("run", "longeval", "--workdir", str(tmp_path), "--set",
+                     "job.nodes=1,training.maxSteps=3,training.data.trainSamples=256,training.batchSize=32",
+                     "--set", "training.data.evalSamples=16384,training.distributed.hangTimeoutSeconds=1",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert result.summary["eval_accuracy"] is not None

@@ -85,6 +85,8 @@ class Trainer:
         self.config, self.info, self.device = config, info, device
         self.metrics = metrics
         self.grad_norm: torch.Tensor | None = None  # of the last step that measured it
+        # Owned here so evaluation can report progress too; fit() replaces it with a running one.
+        self.watchdog = HangWatchdog(0)
         cfg = self.cfg = config.training
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         configure_weights_storage(config.s3)  # training.pretrained: s3:// reads like checkpoints
@@ -162,6 +164,9 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
         for batch, counts in even_eval_batches(self.eval_loader, self.model):
+            # A long evaluation is progress, not a hang: keep the watchdog and the heartbeat fed.
+            self.watchdog.beat("evaluation")
+            self.metrics.observe_progress()
             inputs, targets = move(batch, self.device)
             with self._autocast():
                 outputs = self.raw_model(**inputs) if isinstance(inputs, dict) else self.raw_model(inputs)
@@ -246,11 +251,11 @@ class Trainer:
 
         checkpoints = CheckpointManager(self.config, self.info, metrics=self.metrics)
         preemption = PreemptionWatch(self.device).install()
-        watchdog = HangWatchdog(self.cfg.distributed.hang_timeout_seconds)
+        self.watchdog = HangWatchdog(self.cfg.distributed.hang_timeout_seconds)
         try:
-            return self._fit(checkpoints, preemption, watchdog)
+            return self._fit(checkpoints, preemption, self.watchdog)
         finally:
-            watchdog.stop()
+            self.watchdog.stop()
             preemption.uninstall()
 
     def _fit(self, checkpoints, preemption, watchdog) -> dict:

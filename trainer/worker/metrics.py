@@ -110,7 +110,8 @@ class MetricsProcessor:
         self.data_wait = metric(Counter, "kubetrain_data_wait_seconds",
                                 "Time the loop waited for the next batch from the data loader.").labels(*values)
         self.heartbeat = metric(Gauge, "kubetrain_last_step_timestamp_seconds", "Unix time of the last "
-                                "completed step (or of the start): the heartbeat.").labels(*values)
+                                "completed step or evaluation batch (or of the start): the heartbeat."
+                                ).labels(*values)
         self.restarts = metric(Counter, "kubetrain_restarts", "Restarts of the job before this attempt, "
                                "as the launcher counts them.").labels(*values)
         self.checkpoint_save = metric(Histogram, "kubetrain_checkpoint_save_duration_seconds",
@@ -201,6 +202,11 @@ class MetricsProcessor:
         self.learning_rate.set(lr)
         self.epoch.set(epoch)
         self.heartbeat.set_to_current_time()
+
+    def observe_progress(self) -> None:
+        """Work that is not a step (an evaluation batch): the heartbeat only, so no stall alert."""
+        if self.enabled:
+            self.heartbeat.set_to_current_time()
 
     def observe_log(self, train_loss: float, grad_norm=None, device=None) -> None:
         """At log steps, where the loop has already synchronised; a NaN loss is exported as NaN.
