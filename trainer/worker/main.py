@@ -73,17 +73,16 @@ def run(config_path: str) -> int:
         log.error("%s", e)
         _print_if_main(failed_summary(experiment, "failed", str(e), started))
         return e.exit_code
-    except RetryableError as e:
-        metrics.close(wait_for_scrape=False)  # a preempted pod's grace period belongs to the checkpoint
-        log.error("retryable: %s", e)
-        _print_if_main(failed_summary(experiment, "failed", str(e), started))
-        return e.exit_code
-    except Exception as e:  # a code error: keep the traceback for the developer
-        if is_collective_failure(e):  # a peer died or hung: the restart, not the code, fixes it
-            metrics.close(wait_for_scrape=False)
-            log.error("retryable: a collective failed (%s); exiting %d", str(e).splitlines()[0][:300], EXIT_HANG)
-            _print_if_main(failed_summary(experiment, "failed", f"collective failed: {e}", started))
-            return EXIT_HANG
+    except Exception as e:
+        retryable = e if isinstance(e, RetryableError) else None
+        if retryable is None and is_collective_failure(e):  # a peer died or hung: a restart, not the code, fixes it
+            retryable = RetryableError(f"a collective failed: {str(e).splitlines()[0][:300]}", EXIT_HANG)
+        if retryable is not None:
+            metrics.close(wait_for_scrape=False)  # a preempted pod's grace period belongs to the checkpoint
+            log.error("retryable: %s (exit %d)", retryable, retryable.exit_code)
+            _print_if_main(failed_summary(experiment, "failed", str(retryable), started))
+            return retryable.exit_code
+        # A code error: keep the traceback for the developer.
         log.exception("training failed")
         _print_if_main(failed_summary(experiment, "failed", f"{type(e).__name__}: {e}", started))
         return EXIT_FAILURE
