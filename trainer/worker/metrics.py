@@ -21,9 +21,12 @@ import logging
 import os
 import threading
 import time
+from collections import deque
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
-                               start_http_server)
+                               make_wsgi_app)
 
 from trainer.errors import UserError
 
@@ -49,8 +52,14 @@ class _ScrapeWatch:
     def __init__(self):
         self.count = 0
         self.last = 0.0
-        self.interval = 0.0  # the last observed time between two scrapes
+        # The longest of the last few gaps between scrapes: a stray `curl` between two of
+        # Prometheus' scrapes must not shorten the expected scrape interval.
+        self.recent_intervals: deque[float] = deque(maxlen=4)
         self.changed = threading.Condition()
+
+    @property
+    def interval(self) -> float:
+        return max(self.recent_intervals, default=0.0)
 
     def describe(self):
         return []
@@ -59,10 +68,34 @@ class _ScrapeWatch:
         with self.changed:
             now = time.monotonic()
             if self.count:
-                self.interval = now - self.last
+                self.recent_intervals.append(now - self.last)
             self.count, self.last = self.count + 1, now
             self.changed.notify_all()
         return []
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """prometheus-client's server, except that `server_close` joins the requests in flight.
+
+    Its own server runs them in daemon threads, so a rank that exits right after
+    the final scrape started cut that response off, and Prometheus kept the
+    values of the scrape before.
+    """
+
+    daemon_threads = False
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # a client that connects and sends nothing cannot hold the exit for long
+
+    def log_message(self, format, *args):  # one line per scrape would drown the training log
+        pass
+
+
+def _serve(registry: CollectorRegistry, port: int) -> WSGIServer:
+    server = make_server("0.0.0.0", port, make_wsgi_app(registry), _MetricsServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
 
 
 class MetricsProcessor:
@@ -147,7 +180,7 @@ class MetricsProcessor:
         if not self.enabled or self.server is not None:
             return
         try:
-            self.server, _thread = start_http_server(self.port, addr="0.0.0.0", registry=self.registry)
+            self.server = _serve(self.registry, self.port)
         except OSError as e:
             raise UserError(f"metrics.port: cannot serve /metrics on port {self.port} "
                             f"(metrics.port + local rank): {e.strerror or e}") from None
@@ -168,7 +201,7 @@ class MetricsProcessor:
             with self.scrapes.changed:
                 self.scrapes.changed.wait_for(lambda: self.scrapes.count > seen, timeout=timeout)
         self.server.shutdown()
-        self.server.server_close()
+        self.server.server_close()  # waits for the response of that final scrape to be written
         self.server = None
 
     # ------------------------------------------------------------ run-level facts
