@@ -84,6 +84,22 @@ class Prometheus:
                     raise RuntimeError(f"prometheus did not start:\n{(workdir / 'prometheus.log').read_text()}")
                 time.sleep(0.2)
 
+    def wait_until_scraping(self, targets: list[str], timeout: float = 60.0) -> None:
+        """Block until Prometheus has tried every target once (a refused scrape counts).
+
+        Ready is not scraping: target discovery hands targets over in batches up to
+        5 s apart, and a run that ends inside that window leaves no samples at all.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            active = json.loads(http_get(self.url + "/api/v1/targets"))["data"]["activeTargets"]
+            tried = {t["labels"]["instance"] for t in active if not t["lastScrape"].startswith("0001-")}
+            if tried >= set(targets):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prometheus has not scraped {sorted(set(targets) - tried)} after {timeout} s")
+            time.sleep(0.2)
+
     def query(self, promql: str, **params) -> list[dict]:
         url = f"{self.url}/api/v1/{'query_range' if 'step' in params else 'query'}?" + urllib.parse.urlencode(
             {"query": promql, **params})
@@ -161,11 +177,12 @@ def live_run(tmp_path_factory):
     port = free_port_pair()
     targets = [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]
     prometheus = Prometheus(prometheus_bin, workdir, targets)
-    keepers = {rank: ScrapeKeeper(f"http://{target}/metrics") for rank, target in enumerate(targets)}
-    for keeper in keepers.values():
-        keeper.start()
-    started = time.time()
     try:
+        prometheus.wait_until_scraping(targets)
+        keepers = {rank: ScrapeKeeper(f"http://{target}/metrics") for rank, target in enumerate(targets)}
+        for keeper in keepers.values():
+            keeper.start()
+        started = time.time()
         result = run_cli(
             "run", "metrics-demo", "-f", str(EXAMPLES / "quickstart.yaml"), "--workdir", str(workdir / "run"),
             # Long enough (~10 s on an idle 2-core box) for several 1 s scrapes even on a fast machine.
@@ -339,3 +356,35 @@ def test_close_waits_for_one_more_scrape_only_when_someone_scrapes():
     assert "kubetrain_steps_total" in http_get(url)
     closer.join(timeout=2)
     assert not closer.is_alive()
+
+
+def test_close_returns_only_after_the_final_scrape_was_answered():
+    """A rank exits right after close(): a response still being written would be cut off."""
+    from trainer.worker.metrics import MetricsProcessor
+
+    class SlowCollector:  # stands in for a registry that takes a while to render
+        def collect(self):
+            time.sleep(1.5)  # longer than the server's 0.5 s shutdown poll
+            return []
+
+    metrics = MetricsProcessor("demo", 0, free_port_pair())
+    metrics.registry.register(SlowCollector())
+    metrics.start()
+    url = f"http://127.0.0.1:{metrics.port}/metrics"
+    http_get(url)
+    answered = {}
+
+    def final_scrape():
+        time.sleep(0.2)
+        answered["text"] = http_get(url)
+        answered["at"] = time.monotonic()
+
+    scraper = threading.Thread(target=final_scrape)
+    scraper.start()
+    metrics.close()
+    closed_at = time.monotonic()
+    scraper.join(timeout=5)
+    assert "kubetrain_steps_total" in answered["text"]
+    # The client notes the time a moment after the server wrote the answer, hence the slack.
+    late = answered["at"] - closed_at
+    assert late < 0.3, f"close() returned {late:.2f} s before the final scrape was answered"
