@@ -142,11 +142,13 @@ def test_watch_follows_operator_status_written_by_test(apiserver, namespace):
         [sys.executable, "-m", "trainer.controller.cli", "status", "exp-w", "--watch",
          "--kubeconfig", str(apiserver.kubeconfig), "-n", namespace],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
+    first = proc.stdout.readline()  # the state it read before watching: later writes are events
+    assert "exp-w:" in first, first + proc.stderr.read()
     operator_writes_status(apiserver, namespace, "exp-w", "Created", "Running")
     time.sleep(1)
     operator_writes_status(apiserver, namespace, "exp-w", "Created", "Running", "Succeeded")
     out, err = proc.communicate(timeout=60)
+    out = first + out
     assert proc.returncode == 0, err
     assert "exp-w: Running" in out and out.rstrip().endswith("exp-w: Succeeded")
 
@@ -161,7 +163,9 @@ def test_watch_survives_410_gone_with_operator_status_written_by_test(apiserver,
     thread = threading.Thread(target=lambda: result.update(code=jobs.watch(
         kube, "exp-g", out=out, resource_version="1", timeout=60)))
     thread.start()
-    time.sleep(3)
+    deadline = time.monotonic() + 30
+    while "exp-g:" not in out.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.05)  # it has read the job; the status written next must reach it by the watch
     operator_writes_status(apiserver, namespace, "exp-g", "Created", "Running", "Failed")
     thread.join(timeout=90)
     assert "410 Gone" in out.getvalue(), out.getvalue()
