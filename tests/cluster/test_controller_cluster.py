@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -142,8 +143,11 @@ def test_watch_follows_operator_status_written_by_test(apiserver, namespace):
         [sys.executable, "-m", "trainer.controller.cli", "status", "exp-w", "--watch",
          "--kubeconfig", str(apiserver.kubeconfig), "-n", namespace],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = proc.stdout.readline()  # the state it read before watching: later writes are events
-    assert "exp-w:" in first, first + proc.stderr.read()
+    first = ""  # up to the state it read before watching: every later write reaches it as an event
+    while not re.match(r"\d\d:\d\d:\d\d exp-w: ", first.splitlines()[-1] if first else ""):
+        line = proc.stdout.readline()
+        assert line, first + proc.communicate(timeout=10)[1]  # it exited before watching
+        first += line
     operator_writes_status(apiserver, namespace, "exp-w", "Created", "Running")
     time.sleep(1)
     operator_writes_status(apiserver, namespace, "exp-w", "Created", "Running", "Succeeded")
