@@ -6,9 +6,9 @@ import subprocess
 
 import yaml
 
+from prometheus_server import tool
 from support import REPO
 from test_dashboard import metric_names
-from test_metrics import live_run, tool  # noqa: F401  (live_run: the session's real run and Prometheus)
 
 RULES = REPO / "helm" / "kubetrain" / "files" / "alert-rules.yaml"
 UNIT_TESTS = REPO / "tests" / "alerts" / "alert-rules_test.yaml"
@@ -61,7 +61,7 @@ def test_rules_are_scoped_to_the_experiment_and_annotated():
         assert {"summary", "description"} <= set(rule["annotations"])
 
 
-def test_alerts_name_only_metrics_the_trainer_exports(live_run):  # noqa: F811
+def test_alerts_name_only_metrics_the_trainer_exports(live_run):
     exported = live_run.metric_names()
     for alert in alerts():
         names = metric_names(alert["expr"])

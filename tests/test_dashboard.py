@@ -10,8 +10,8 @@ import subprocess
 import pytest
 import yaml
 
+from prometheus_server import tool
 from support import REPO
-from test_metrics import live_run, tool  # noqa: F401  (live_run: the session's real run and Prometheus)
 
 DASHBOARD = REPO / "helm" / "kubetrain" / "files" / "dashboard.json"
 GENERATOR = REPO / "tools" / "gen_dashboard.py"
@@ -91,7 +91,7 @@ def test_every_panel_query_parses_as_a_recording_rule(tmp_path):
     assert f"SUCCESS: {len(rules)} rules found" in check.stdout
 
 
-def test_dashboard_names_only_exported_or_dcgm_metrics(live_run):  # noqa: F811
+def test_dashboard_names_only_exported_or_dcgm_metrics(live_run):
     exported = live_run.metric_names()
     assert "kubetrain_steps_total" in exported
     for title, expr in panel_queries(dashboard()):
@@ -104,7 +104,7 @@ def test_dashboard_names_only_exported_or_dcgm_metrics(live_run):  # noqa: F811
 @pytest.mark.parametrize("title", ["Loss", "Eval accuracy", "Samples/s per rank and total", "Step time p50 / p95",
                                    "Data wait (share of step time)", "Gradient norm",
                                    "Last committed checkpoint step"])
-def test_core_panels_show_data_from_the_real_run(live_run, title):  # noqa: F811
+def test_core_panels_show_data_from_the_real_run(live_run, title):
     queries = [expr for t, expr in panel_queries(dashboard()) if t == title]
     when = live_run.last_scrape_time()
     for expr in queries:
