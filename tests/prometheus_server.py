@@ -147,6 +147,14 @@ class LiveRun:
     ended: float
     scrapes: dict[int, str] = field(default_factory=dict)  # rank -> raw /metrics text
 
+    def query_after_run(self, promql: str) -> list[dict]:
+        """An instant query evaluated just after the run ended, whenever a test asks.
+
+        The session's run may be minutes old by the time a test module runs, and
+        a `[5m]` window evaluated now would no longer reach it.
+        """
+        return self.prometheus.query(promql, time=self.ended + 2)
+
     def last_scrape_time(self) -> float:
         """When Prometheus last held live series of the run (they go stale once it ended)."""
         result = self.prometheus.query('kubetrain_steps_total{rank="0"}', start=self.started,

@@ -23,8 +23,8 @@ def _by_rank(results: list[dict]) -> dict[str, float]:
 
 
 def test_prometheus_holds_both_ranks_falling_loss_and_fresh_heartbeat(live_run):
-    prom, summary = live_run.prometheus, live_run.summary
-    steps = _by_rank(prom.query('max_over_time(kubetrain_steps_total{experiment="metrics-demo"}[5m])'))
+    prom, summary, at_end = live_run.prometheus, live_run.summary, live_run.query_after_run
+    steps = _by_rank(at_end('max_over_time(kubetrain_steps_total{experiment="metrics-demo"}[5m])'))
     assert set(steps) == {"0", "1"}, (f"series from both ranks expected, got {steps}; targets: "
                                       f"{http_get(prom.url + '/api/v1/targets')[:2000]}")
     # The trainer waits for one more scrape before it exits: the final step count is in Prometheus.
@@ -37,26 +37,25 @@ def test_prometheus_holds_both_ranks_falling_loss_and_fresh_heartbeat(live_run):
     assert values[-1] < 0.5 * values[0], f"loss did not fall in Prometheus: {values}"
     assert values[-1] == pytest.approx(summary["train_loss"], rel=1e-6)
 
-    heartbeat = _by_rank(prom.query('last_over_time(kubetrain_last_step_timestamp_seconds[5m])'))
+    heartbeat = _by_rank(at_end('last_over_time(kubetrain_last_step_timestamp_seconds[5m])'))
     for rank, stamp in heartbeat.items():
         assert live_run.ended - 30 < stamp <= live_run.ended, f"rank {rank} heartbeat is stale: {stamp}"
 
-    info = prom.query('kubetrain_info{experiment="metrics-demo"}', time=live_run.ended)
-    info = info or prom.query('last_over_time(kubetrain_info{experiment="metrics-demo"}[5m])')
+    info = at_end('last_over_time(kubetrain_info{experiment="metrics-demo"}[5m])')
     assert {i["metric"]["world_size"] for i in info} == {"2"}
     assert {i["metric"]["task"] for i in info} == {"cifar10-convnet"}
 
-    eval_acc = _by_rank(prom.query('last_over_time(kubetrain_eval_accuracy_ratio[5m])'))
+    eval_acc = _by_rank(at_end('last_over_time(kubetrain_eval_accuracy_ratio[5m])'))
     assert eval_acc["0"] == pytest.approx(summary["eval_accuracy"])
-    samples = _by_rank(prom.query('max_over_time(kubetrain_samples_total[5m])'))
+    samples = _by_rank(at_end('max_over_time(kubetrain_samples_total[5m])'))
     assert sum(samples.values()) == summary["steps"] * 16 * 2
 
     # Checkpoints every 200 of 600 steps, reported by the checkpoint manager on every rank.
-    saves = _by_rank(prom.query('max_over_time(kubetrain_checkpoint_save_duration_seconds_count[5m])'))
+    saves = _by_rank(at_end('max_over_time(kubetrain_checkpoint_save_duration_seconds_count[5m])'))
     assert saves == {"0": 3, "1": 3}
-    last_saved = _by_rank(prom.query('last_over_time(kubetrain_checkpoint_last_saved_step[5m])'))
+    last_saved = _by_rank(at_end('last_over_time(kubetrain_checkpoint_last_saved_step[5m])'))
     assert last_saved == {"0": 600, "1": 600}
-    written = _by_rank(prom.query('max_over_time(kubetrain_checkpoint_saved_bytes_total[5m])'))
+    written = _by_rank(at_end('max_over_time(kubetrain_checkpoint_saved_bytes_total[5m])'))
     assert written["0"] > 0
 
 
