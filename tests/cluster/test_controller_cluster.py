@@ -143,8 +143,8 @@ def test_watch_follows_operator_status_written_by_test(apiserver, namespace):
         [sys.executable, "-m", "trainer.controller.cli", "status", "exp-w", "--watch",
          "--kubeconfig", str(apiserver.kubeconfig), "-n", namespace],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = ""  # up to the state it read before watching: every later write reaches it as an event
-    while not re.match(r"\d\d:\d\d:\d\d exp-w: ", first.splitlines()[-1] if first else ""):
+    first, line = "", ""  # up to the state it read before watching: every later write reaches it as an event
+    while not re.match(r"\d\d:\d\d:\d\d exp-w: ", line):
         line = proc.stdout.readline()
         assert line, first + proc.communicate(timeout=10)[1]  # it exited before watching
         first += line
