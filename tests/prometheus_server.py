@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-import shutil
 import socket
 import subprocess
 import threading
@@ -23,17 +21,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 import yaml
 
-from support import EXAMPLES, run_cli
-
-
-def tool(env_var: str, name: str) -> str:
-    path = os.environ.get(env_var) or shutil.which(name)
-    if not path:
-        pytest.skip(f"{name} not found: set {env_var} or put it on PATH (scripts/install-test-tools.sh)")
-    return path
+from support import EXAMPLES, run_cli, tool
 
 
 def free_port_pair() -> int:

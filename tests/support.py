@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,15 @@ class Result:
         lines = [ln for ln in self.stdout.splitlines() if ln.strip()]
         assert lines, f"no output; stderr:\n{self.stderr}"
         return json.loads(lines[-1])
+
+
+def tool(env_var: str, name: str) -> str:
+    """A test tool's executable: $env_var (set by scripts/install-test-tools.sh), else PATH; skips if absent."""
+    for path in (os.environ.get(env_var), shutil.which(name)):
+        if path and os.access(path, os.X_OK):
+            return path
+    pytest.skip(f"{name} not found: set {env_var} or put it on PATH "
+                '(run: eval "$(bash scripts/install-test-tools.sh)")')
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> Result:

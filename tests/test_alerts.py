@@ -6,8 +6,7 @@ import subprocess
 
 import yaml
 
-from prometheus_server import tool
-from support import REPO
+from support import REPO, tool
 from test_dashboard import metric_names
 
 RULES = REPO / "helm" / "kubetrain" / "files" / "alert-rules.yaml"

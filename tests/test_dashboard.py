@@ -10,8 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from prometheus_server import tool
-from support import REPO
+from support import REPO, tool
 
 DASHBOARD = REPO / "helm" / "kubetrain" / "files" / "dashboard.json"
 GENERATOR = REPO / "tools" / "gen_dashboard.py"

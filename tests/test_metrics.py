@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from prometheus_server import free_port_pair, http_get, tool
-from support import run_cli
+from prometheus_server import free_port_pair, http_get
+from support import run_cli, tool
 
 LABELS_ALLOWED = {"experiment", "rank", "operation", "le",  # plus the _info metric's descriptive labels:
                   "task", "world_size", "backend", "precision", "parallelism", "version"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 
 import pytest
 
-from support import REPO, EXAMPLES, run_cli
+from support import REPO, EXAMPLES, run_cli, tool
 from trainer.controller import jobs
 from trainer.controller.kube import Kube
 
@@ -196,9 +195,7 @@ def test_list_and_delete_touch_only_the_named_experiment(apiserver, namespace):
 
 
 def test_helm_install_and_uninstall_against_the_api_server(apiserver, namespace):
-    helm = os.environ.get("KUBETRAIN_HELM")
-    if not helm:
-        pytest.skip("helm is absent: run scripts/install-test-tools.sh (KUBETRAIN_HELM)")
+    helm = tool("KUBETRAIN_HELM", "helm")
     env = apiserver.env()
     chart = str(REPO / "helm" / "kubetrain")
     install = subprocess.run([helm, "install", "exp-helm", chart, "-n", namespace, *QUICK],

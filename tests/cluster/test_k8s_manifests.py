@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support import run_cli
+from support import run_cli, tool
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -58,20 +58,8 @@ def _api_object_files() -> list[Path]:
     return out
 
 
-def _tool(name: str, env_var: str) -> str:
-    candidates = [os.environ.get(env_var, ""), shutil.which(name) or ""]
-    assets = os.environ.get("KUBEBUILDER_ASSETS", "")
-    if assets:
-        candidates.append(os.path.join(assets, name))
-    for c in candidates:
-        if c and os.access(c, os.X_OK):
-            return c
-    pytest.skip(f"{name} not found ({env_var} unset and not on PATH); "
-                'run: eval "$(scripts/install-test-tools.sh)"')
-
-
 def _helm_template(*values: Path, namespace: str = "kubetrain") -> list[dict]:
-    helm = _tool("helm", "KUBETRAIN_HELM")
+    helm = tool("KUBETRAIN_HELM", "helm")
     args = [helm, "template", "quickstart", str(CHART), "-n", namespace]
     for v in values:
         args += ["-f", str(v)]
