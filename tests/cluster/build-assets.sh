@@ -31,6 +31,9 @@ CRD_FILE="$CRD_DIR/kubeflow.org_pytorchjobs.yaml"
 MONITORING_CRD_DIR="$ASSETS/crds/prometheus-operator-v${PROMETHEUS_OPERATOR_VERSION}"
 BUILD_ROOT="$CACHE/k8s-assets/build"
 
+# shellcheck source=k8s-wrapper.sh
+source "$(dirname "${BASH_SOURCE[0]}")/k8s-wrapper.sh"
+
 log() { printf '[build-assets] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
 
@@ -132,40 +135,14 @@ log "go: $(go version) GOPROXY=$(go env GOPROXY)"
 now() { date +%s; }
 
 build_kube_apiserver() {
-    local t0 mod dir gomod staging ldflags
+    local t0 dir
     t0=$(now)
     dir="$BUILD_ROOT/kubernetes-v$K8S_VERSION"
-    mkdir -p "$dir"
     log "resolving k8s.io/kubernetes@v$K8S_VERSION"
-    # Only the go.mod is needed to learn the staging modules.
-    gomod=$(cd "$dir" && GOFLAGS=-modcacherw go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" \
-        | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",*$/\1/p')
-    [[ -s "$gomod" ]] || die "could not download k8s.io/kubernetes@v$K8S_VERSION"
-    # Every `k8s.io/x => ./staging/src/k8s.io/x` becomes `k8s.io/x => k8s.io/x v0.<minor>.<patch>`.
-    staging=$(sed -n 's#^[[:space:]]*\(k8s\.io/[^[:space:]]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\1#p' "$gomod" | sort -u)
-    [[ -n "$staging" ]] || die "no staging replace directives found in $gomod"
-    {
-        echo "module kubetrain.test/kube-apiserver-build"
-        echo
-        echo "go 1.22.0"
-        echo
-        echo "require k8s.io/kubernetes v$K8S_VERSION"
-        echo
-        echo "replace ("
-        for mod in $staging; do
-            echo "	$mod => $mod v0.${K8S_VERSION#*.}"
-        done
-        echo ")"
-    } > "$dir/go.mod"
-    log "kube-apiserver: $(echo "$staging" | wc -l) staging modules replaced by v0.${K8S_VERSION#*.}"
-    ldflags="-s -w"
-    ldflags+=" -X k8s.io/component-base/version.gitVersion=v$K8S_VERSION"
-    ldflags+=" -X k8s.io/component-base/version.gitMajor=${K8S_VERSION%%.*}"
-    ldflags+=" -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2)"
-    ldflags+=" -X k8s.io/component-base/version.gitTreeState=clean"
-    ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=v$K8S_VERSION"
+    write_k8s_wrapper_module "$dir" "kubetrain.test/kube-apiserver-build" "$K8S_VERSION"
     log "building kube-apiserver v$K8S_VERSION (cold: several minutes)"
-    (cd "$dir" && go build -trimpath -ldflags "$ldflags" -o "$ASSETS/.kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver)
+    (cd "$dir" && go build -trimpath -ldflags "$(k8s_version_ldflags "$K8S_VERSION")" \
+        -o "$ASSETS/.kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver)
     mv -f "$ASSETS/.kube-apiserver.tmp" "$ASSETS/kube-apiserver"
     log "kube-apiserver built in $(( $(now) - t0 ))s"
 }

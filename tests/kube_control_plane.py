@@ -1,0 +1,252 @@
+"""A Kubernetes control plane for the test tiers: certificates, child processes, kubeconfigs.
+
+Shared by tests/cluster (kube-apiserver + etcd on loopback) and tests/node (a whole
+single-node cluster in network and mount namespaces of its own). Only the `openssl`
+and `kubectl` programs, the standard library and pyyaml are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+START_TIMEOUT_S = float(os.environ.get("KUBETRAIN_APISERVER_START_TIMEOUT", "120"))
+
+
+SKIP_REASONS: list[str] = []  # shown in the terminal summary when a tier skipped
+
+
+def require(reason: str):
+    """Skip the calling tier with `reason`, or fail with it when KUBETRAIN_REQUIRE_CLUSTER=1 (CI)."""
+    if os.environ.get("KUBETRAIN_REQUIRE_CLUSTER") == "1":
+        pytest.fail(f"KUBETRAIN_REQUIRE_CLUSTER=1 but {reason}", pytrace=False)
+    SKIP_REASONS.append(reason)
+    pytest.skip(reason)
+
+
+# --------------------------------------------------------------------------- certificates
+def openssl(*args: str, cwd: Path) -> None:
+    proc = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"openssl {' '.join(args)} failed: {proc.stderr.strip()}")
+
+
+class CertAuthority:
+    """A throw-away CA in `folder` that signs serving and client certificates."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.cert = folder / "ca.crt"
+        self.key = folder / "ca.key"
+        openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=kubetrain-test-ca",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+            cwd=folder,
+        )
+
+    def issue(self, stem: str, subject: str, ext: str) -> tuple[Path, Path]:
+        extfile = self.folder / f"{stem}.ext"
+        extfile.write_text(ext)
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{stem}.key",
+                 "-out", f"{stem}.csr", "-subj", subject, cwd=self.folder)
+        openssl("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "2", "-out", f"{stem}.crt", "-extfile", extfile.name,
+                 cwd=self.folder)
+        return self.folder / f"{stem}.crt", self.folder / f"{stem}.key"
+
+    def serving(self) -> tuple[Path, Path]:
+        return self.issue(
+            "serving", "/CN=kube-apiserver",
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=serverAuth\n"
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default\n",
+        )
+
+    def client(self, user: str, groups: tuple[str, ...] = ()) -> tuple[Path, Path]:
+        subject = "/CN=" + _dn_escape(user) + "".join("/O=" + _dn_escape(g) for g in groups)
+        stem = "client-" + re.sub(r"[^A-Za-z0-9_.-]", "_", user)
+        return self.issue(
+            stem, subject,
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            "extendedKeyUsage=clientAuth\n",
+        )
+
+
+def _dn_escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("/", "\\/").replace("=", "\\=")
+
+
+# --------------------------------------------------------------------------- processes
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def die_with_parent() -> None:
+    """In the child: get SIGKILL when pytest dies, even by SIGKILL (Linux prctl)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Process:
+    """A child in its own process group (Ctrl-C in the terminal does not reach it;
+    we stop it in order), logging to a file."""
+
+    def __init__(self, name: str, argv: list[str], log: Path):
+        self.name, self.log = name, log
+        with open(log, "wb") as out:
+            self.popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=die_with_parent,
+            )
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        if self.popen.returncode is not None and not self._group_alive():
+            return
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.popen.wait(timeout=wait_s)
+                if not self._group_alive():
+                    return
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.popen.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+
+# --------------------------------------------------------------------------- the cluster
+@dataclasses.dataclass
+class Cluster:
+    """A running kube-apiserver + etcd. ``kubeconfig`` is an admin (system:masters) config."""
+
+    server: str
+    kubeconfig: Path
+    kubectl_path: Path
+    crd_path: Path
+    workdir: Path
+    ca_file: Path
+    _ca: CertAuthority = dataclasses.field(repr=False)
+    monitoring_crds: bool = False  # PodMonitor/PrometheusRule served (prometheus-operator CRDs installed)
+
+    def require_monitoring_crds(self) -> None:
+        if not self.monitoring_crds:
+            require("the PodMonitor/PrometheusRule CRDs are absent (KUBETRAIN_MONITORING_CRDS); "
+                    'run: eval "$(scripts/install-test-tools.sh)"')
+
+    def user_kubeconfig(self, name: str = "alice", groups: tuple[str, ...] = ()) -> Path:
+        """A kubeconfig for user `name` (client certificate; member of `groups` only,
+        plus system:authenticated). Without RBAC bindings, such a user may do almost nothing."""
+        path = self.workdir / f"kubeconfig-{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}"
+        if groups:
+            path = path.with_name(path.name + "-" + "-".join(re.sub(r"[^A-Za-z0-9_.-]", "_", g) for g in groups))
+        if not path.exists():
+            cert, key = self._ca.client(name, tuple(groups))
+            write_kubeconfig(path, self.server, self.ca_file, name, cert, key)
+        return path
+
+    def env(self, kubeconfig: Path | None = None) -> dict[str, str]:
+        """os.environ with KUBECONFIG pointing at this cluster (admin unless given)."""
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(kubeconfig or self.kubeconfig)
+        return env
+
+    def kubectl(self, *args: str, kubeconfig: Path | None = None, input: str | None = None,
+                check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run kubectl against this cluster; raise with stderr when it fails and `check`."""
+        argv = [str(self.kubectl_path), "--kubeconfig", str(kubeconfig or self.kubeconfig), *args]
+        proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"kubectl {' '.join(args)} exited {proc.returncode}:\n{proc.stderr.strip()}")
+        return proc
+
+    def apply(self, manifest: str | dict | list, namespace: str | None = None,
+              dry_run: bool = False, kubeconfig: Path | None = None,
+              check: bool = True) -> subprocess.CompletedProcess:
+        """Server-side apply of a manifest (YAML text, a dict, or a list of dicts)."""
+        if not isinstance(manifest, str):
+            docs = manifest if isinstance(manifest, list) else [manifest]
+            manifest = yaml.safe_dump_all(docs)
+        args = ["apply", "--server-side", "--field-manager=kubetrain-tests", "-f", "-"]
+        if namespace:
+            args += ["-n", namespace]
+        if dry_run:
+            args.append("--dry-run=server")
+        return self.kubectl(*args, input=manifest, kubeconfig=kubeconfig, check=check)
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, user: str, cert: Path, key: Path) -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "kubetrain-test", "cluster": {
+            "server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": user, "user": {
+            "client-certificate": str(cert), "client-key": str(key)}}],
+        "contexts": [{"name": user, "context": {"cluster": "kubetrain-test", "user": user}}],
+        "current-context": user,
+        "preferences": {},
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.chmod(0o600)
+
+
+def wait_ready(server: str, ca: Path, cert: Path, key: Path, procs: list[Process]) -> None:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.load_cert_chain(str(cert), str(key))
+    deadline = time.monotonic() + START_TIMEOUT_S
+    last = ""
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive():
+                raise RuntimeError(f"{p.name} exited with {p.popen.returncode}:\n{p.log_tail()}")
+        try:
+            with urllib.request.urlopen(f"{server}/readyz", context=ctx, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except Exception as exc:  # not up yet: connection refused, 500 while hooks run, ...
+            last = str(exc)
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"kube-apiserver not ready after {START_TIMEOUT_S:.0f}s ({last}):\n{procs[-1].log_tail()}")
+
+
+def wait_established(cluster: Cluster, crd_name: str, timeout_s: float = 60) -> None:
+    # Polled by hand: `kubectl wait` errors out while .status.conditions is still empty.
+    jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = cluster.kubectl("get", "crd", crd_name, "-o", f"jsonpath={jsonpath}", check=False)
+        if got.stdout.strip() == "True":
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"CRD {crd_name} not Established after {timeout_s:.0f}s")
