@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# Build the programs of the node test tier, each from the Go module proxy into a
+# cache folder keyed by its version:
+#   kubelet, kube-scheduler, kube-controller-manager   k8s.io/kubernetes (the wrapper module of
+#                                                      tests/cluster/build-assets.sh)
+#   training-operator                                  github.com/kubeflow/training-operator (v1 operator)
+#   coredns                                            github.com/coredns/coredns (cluster DNS)
+#   pause                                              build/pause/linux/pause.c from k8s.io/kubernetes, gcc -static
+# plus the operator's manifests folder (CRD, RBAC, webhook configuration) from its module, and
+# pause.tar, the pod sandbox image `kubetrain.test/pause:3.10` (no registry is reachable).
+#
+# Output: $KUBETRAIN_CACHE/node-assets/k8s<v>-operator<v>-coredns<v>/  (a second run returns at once)
+# Progress goes to stderr; stdout carries only `export KUBETRAIN_NODE_ASSETS=...`.
+# KUBETRAIN_ASSETS_NO_BUILD=1: report a cache hit, never build.
+set -euo pipefail
+
+K8S_VERSION="${KUBETRAIN_K8S_VERSION:-1.31.14}"
+# Not served at v0.31.14 by the module proxy; v0.31.13 builds with k8s.io/kubernetes v1.31.14.
+K8S_NODE_OVERRIDES="k8s.io/kube-scheduler=v0.31.13 k8s.io/kube-controller-manager=v0.31.13 k8s.io/endpointslice=v0.31.13"
+OPERATOR_VERSION="${KUBETRAIN_TRAINING_OPERATOR_VERSION:-1.8.1}"
+COREDNS_VERSION="${KUBETRAIN_COREDNS_VERSION:-1.11.3}"
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=../cluster/k8s-wrapper.sh
+source "$HERE/../cluster/k8s-wrapper.sh"
+
+CACHE="${KUBETRAIN_CACHE:-$HOME/.cache/kubetrain}"
+OUT="$CACHE/node-assets/k8s${K8S_VERSION}-operator${OPERATOR_VERSION}-coredns${COREDNS_VERSION}"
+BUILD_ROOT="$CACHE/k8s-assets/build"
+BINARIES=(kubelet kube-scheduler kube-controller-manager training-operator coredns pause)
+PAUSE_IMAGE="kubetrain.test/pause:3.10"
+
+log() { printf '[build-node-assets] %s\n' "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+now() { date +%s; }
+
+complete() {
+    local b
+    for b in "${BINARIES[@]}"; do [[ -x "$OUT/$b" ]] || return 1; done
+    [[ -s "$OUT/operator-manifests/base/crds/kubeflow.org_pytorchjobs.yaml" && -s "$OUT/pause.tar" ]]
+}
+
+if complete; then
+    log "cache hit: $OUT"
+    printf 'export KUBETRAIN_NODE_ASSETS=%q\n' "$OUT"
+    exit 0
+fi
+if [[ "${KUBETRAIN_ASSETS_NO_BUILD:-0}" == "1" ]]; then
+    log "no node assets in $OUT and KUBETRAIN_ASSETS_NO_BUILD=1: not building"
+    exit 0
+fi
+command -v go >/dev/null || die "Go is needed to build the node tier (kubelet, operator, coredns)"
+command -v gcc >/dev/null || die "gcc is needed to build the pause container's program"
+
+mkdir -p "$OUT" "$BUILD_ROOT"
+exec 9>"$CACHE/node-assets/.lock"
+command -v flock >/dev/null && flock 9
+
+export GOPATH="$CACHE/go"
+export GOMODCACHE="$GOPATH/pkg/mod"
+export GOCACHE="$CACHE/go/build-cache"
+export GOFLAGS="${GOFLAGS:-} -mod=mod -modcacherw"
+export CGO_ENABLED=0
+export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+
+build_k8s_node() {
+    local t0 dir missing=0 b
+    for b in kubelet kube-scheduler kube-controller-manager; do [[ -x "$OUT/$b" ]] || missing=1; done
+    [[ $missing -eq 1 ]] || return 0
+    t0=$(now)
+    dir="$BUILD_ROOT/kubernetes-node-v$K8S_VERSION"
+    write_k8s_wrapper_module "$dir" "kubetrain.test/kube-node-build" "$K8S_VERSION" "$K8S_NODE_OVERRIDES"
+    for b in kubelet kube-scheduler kube-controller-manager; do
+        [[ -x "$OUT/$b" ]] && continue
+        log "building $b v$K8S_VERSION (cold: minutes)"
+        (cd "$dir" && go build -trimpath -ldflags "$(k8s_version_ldflags "$K8S_VERSION")" \
+            -o "$OUT/.$b.tmp" "k8s.io/kubernetes/cmd/$b")
+        mv -f "$OUT/.$b.tmp" "$OUT/$b"
+    done
+    log "kubelet, kube-scheduler, kube-controller-manager built in $(( $(now) - t0 ))s"
+}
+
+build_operator() {
+    local t0 dir
+    if [[ ! -x "$OUT/training-operator" ]]; then
+        t0=$(now)
+        log "building the Kubeflow training operator v$OPERATOR_VERSION (cold: minutes)"
+        GOFLAGS=-modcacherw GOBIN="$OUT/.gobin" go install \
+            "github.com/kubeflow/training-operator/cmd/training-operator.v1@v$OPERATOR_VERSION"
+        mv -f "$OUT/.gobin/training-operator.v1" "$OUT/training-operator"
+        rmdir "$OUT/.gobin" 2>/dev/null || true
+        log "training-operator built in $(( $(now) - t0 ))s"
+    fi
+    dir=$(cd "$BUILD_ROOT" && GOFLAGS=-modcacherw go mod download -json "github.com/kubeflow/training-operator@v$OPERATOR_VERSION" \
+        | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')
+    [[ -d "$dir/manifests" ]] || die "no manifests/ in the training-operator module ($dir)"
+    rm -rf "$OUT/operator-manifests"
+    cp -r "$dir/manifests" "$OUT/.operator-manifests.tmp"
+    chmod -R u+w "$OUT/.operator-manifests.tmp"
+    mv "$OUT/.operator-manifests.tmp" "$OUT/operator-manifests"
+}
+
+build_coredns() {
+    local t0
+    [[ -x "$OUT/coredns" ]] && return 0
+    t0=$(now)
+    log "building CoreDNS v$COREDNS_VERSION"
+    GOFLAGS=-modcacherw GOBIN="$OUT/.gobin" go install -ldflags "-s -w" "github.com/coredns/coredns@v$COREDNS_VERSION"
+    mv -f "$OUT/.gobin/coredns" "$OUT/coredns"
+    rmdir "$OUT/.gobin" 2>/dev/null || true
+    log "coredns built in $(( $(now) - t0 ))s"
+}
+
+build_pause() {
+    local dir
+    [[ -x "$OUT/pause" ]] && return 0
+    dir=$(cd "$BUILD_ROOT" && GOFLAGS=-modcacherw go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" \
+        | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')
+    [[ -s "$dir/build/pause/linux/pause.c" ]] || die "pause.c not found in k8s.io/kubernetes@v$K8S_VERSION"
+    gcc -Os -static -Wall -Werror -DVERSION="v3.10-kubetrain" -o "$OUT/.pause.tmp" "$dir/build/pause/linux/pause.c"
+    strip "$OUT/.pause.tmp" 2>/dev/null || true
+    mv -f "$OUT/.pause.tmp" "$OUT/pause"
+    log "pause built from $dir/build/pause/linux/pause.c"
+}
+
+pause_image() { # the pod sandbox image, an OCI archive for `ctr images import`
+    [[ -s "$OUT/pause.tar" ]] && return 0
+    python3 "$HERE/pause_image.py" "$OUT/pause" "$OUT/.pause.tar.tmp" "$PAUSE_IMAGE"
+    mv -f "$OUT/.pause.tar.tmp" "$OUT/pause.tar"
+}
+
+T0=$(now)
+build_pause
+pause_image
+build_k8s_node
+build_coredns
+build_operator
+log "node assets ready in $(( $(now) - T0 ))s: $OUT"
+printf 'export KUBETRAIN_NODE_ASSETS=%q\n' "$OUT"
