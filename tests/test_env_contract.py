@@ -70,3 +70,34 @@ def test_trainer_process_exits_2_on_inconsistent_env(tmp_path):
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "WORLD_SIZE=5" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("files, cores", [
+    ({"cpu.max": "150000 100000\n"}, 1.5),                                    # cgroup v2
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),
+])
+def test_cpu_limit_is_read_from_the_containers_cgroup(tmp_path, files, cores):
+    from trainer.worker.distributed import cgroup_cpu_limit
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_limit(str(tmp_path)) == cores
+
+
+def test_threads_follow_the_cpu_limit_unless_omp_num_threads_says_otherwise():
+    import torch
+
+    from trainer.worker.distributed import fit_threads_to_cpu_limit
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        info = resolve_rank(operator_env(0, 2, 1, 23456))
+        assert fit_threads_to_cpu_limit(info, env={"OMP_NUM_THREADS": "2"}, limit=1.0) == 2
+        assert fit_threads_to_cpu_limit(info, env={}, limit=1.0) == 1  # a 1-CPU pod on a 2-core node
+    finally:
+        torch.set_num_threads(before)

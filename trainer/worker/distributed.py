@@ -147,12 +147,51 @@ class ProcessGroup:
             dist.destroy_process_group()
 
 
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
+    """The container's CPU limit in cores from its cgroup quota (v2 `cpu.max`, v1 `cfs_quota_us`), or None."""
+    try:
+        quota, period = open(f"{root}/cpu.max").read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for folder in ("cpu", "cpu,cpuacct", "cpuacct,cpu"):
+        try:
+            quota = int(open(f"{root}/{folder}/cpu.cfs_quota_us").read())
+            period = int(open(f"{root}/{folder}/cpu.cfs_period_us").read())
+            return None if quota <= 0 else quota / period
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def fit_threads_to_cpu_limit(info: RankInfo, env: Mapping[str, str] | None = None,
+                             limit: float | None = None) -> int:
+    """Without OMP_NUM_THREADS, give each process its share of the container's CPU limit.
+
+    torch sizes its thread pool by the cores it sees, which in a pod are the
+    node's, not the limit's: a 1-CPU pod on a 2-core node ran 2 threads and
+    was throttled to a sixth of the speed of 1 thread. torchrun sets
+    OMP_NUM_THREADS=1 for several processes, the local runner its own share.
+    """
+    env = os.environ if env is None else env
+    if env.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    limit = cgroup_cpu_limit() if limit is None else limit
+    if limit is not None:
+        threads = max(1, int(limit // max(info.local_world_size, 1)))
+        if threads < torch.get_num_threads():
+            log.info("CPU limit %.2g cores for %d process(es): %d torch threads each (set OMP_NUM_THREADS "
+                     "to choose)", limit, info.local_world_size, threads)
+            torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def log_rank_table(info: RankInfo, device: torch.device, backend: str) -> None:
     """Rank 0 logs one table with a row per rank: who runs where."""
     row = {
         "rank": info.rank, "local": info.local_rank, "node": info.node_rank,
         "replica": info.replica_name, "host": socket.gethostname(), "pid": os.getpid(),
-        "device": str(device),
+        "device": str(device), "threads": torch.get_num_threads(),
     }
     rows = [row]
     if dist.is_initialized():

@@ -40,8 +40,8 @@ def failed_summary(experiment: str | None, status: str, error: str, started: flo
 def run(config_path: str) -> int:
     # Heavy imports happen here so `--help` and config errors answer fast.
     from trainer.config import dump_config, load_trainer_config
-    from trainer.worker.distributed import (ProcessGroup, device_for, log_rank_table, pick_backend,
-                                            resolve_rank)
+    from trainer.worker.distributed import (ProcessGroup, device_for, fit_threads_to_cpu_limit, log_rank_table,
+                                            pick_backend, resolve_rank)
     from trainer.worker.loop import Trainer
     from trainer.worker.metrics import DISABLED, MetricsProcessor
 
@@ -53,6 +53,7 @@ def run(config_path: str) -> int:
         config = load_trainer_config(config_path)
         experiment = config.experiment
         info = resolve_rank()
+        fit_threads_to_cpu_limit(info)
         backend = pick_backend(config.training.distributed.backend)
         device = device_for(info, backend)
         metrics = MetricsProcessor.from_config(config, info.local_rank, info.rank)
