@@ -78,7 +78,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     from trainer.controller import jobs
 
-    return jobs.logs(connect(args), args.name, follow=args.follow, rank=args.rank, wait_seconds=args.wait_seconds)
+    return jobs.logs(connect(args), args.name, follow=args.follow, rank=args.rank, wait_seconds=args.wait_seconds,
+                     previous=args.previous)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -134,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_arguments(logs)
     logs.add_argument("-f", "--follow", action="store_true", help="keep streaming, across restarts")
     logs.add_argument("--rank", type=int, help="only the pod that holds this global rank")
-    logs.add_argument("--wait-seconds", type=float, default=300, help="how long to wait for pending pods")
+    logs.add_argument("-p", "--previous", action="store_true",
+                      help="the log of each replica's previous container, before the kubelet restarted it")
+    logs.add_argument("--wait-seconds", type=float, default=300,
+                      help="how long to wait for pending pods (and, with --follow, for the job itself)")
     logs.set_defaults(handler=cmd_logs)
 
     listing = sub.add_parser("list", help="the experiments in the namespace")

@@ -132,8 +132,22 @@ def describe(kube: Kube, job: dict, out: TextIO) -> None:
         phase = pod.status.phase or "Unknown"
         restarts = sum(s.restart_count for s in pod.status.container_statuses or [])
         why = f"  ({pending_reason(kube, pod)})" if phase == "Pending" else ""
-        out.write(f"  [{replica_prefix(pod)}] {pod.metadata.name:<40} {phase:<10} restarts {restarts}{why}\n")
+        out.write(f"  [{replica_prefix(pod)}] {pod.metadata.name:<40} {phase:<10} restarts {restarts}{why}"
+                  f"{termination(pod)}\n")
     out.flush()
+
+
+def termination(pod) -> str:
+    """How the `pytorch` container failed: now (a failed pod), or last time (before a restart)."""
+    for status in pod.status.container_statuses or []:
+        if status.name != "pytorch":
+            continue
+        now, last = status.state and status.state.terminated, status.last_state and status.last_state.terminated
+        for ended, label in ((now, ""), (last, "last ")):
+            if ended and ended.exit_code:
+                message = f": {ended.message.strip().splitlines()[-1]}" if (ended.message or "").strip() else ""
+                return f"  {label}exit code {ended.exit_code} ({ended.reason or 'Error'}){message}"
+    return ""
 
 
 def _require_job(kube: Kube, name: str) -> dict:
@@ -208,12 +222,20 @@ def _now() -> str:
 
 # ---------------------------------------------------------------- logs
 def logs(kube: Kube, name: str, follow: bool = False, rank: int | None = None,
-         wait_seconds: float = 300, out: TextIO = sys.stdout) -> int:
-    """Every replica's log, prefixed `[master-0]`/`[worker-1]`; waits for pending pods."""
-    job = _require_job(kube, name)
+         wait_seconds: float = 300, previous: bool = False, out: TextIO = sys.stdout) -> int:
+    """Every replica's log, prefixed `[master-0]`/`[worker-1]`; waits for pending pods.
+
+    With `follow`, it also waits for a job that is still being submitted; with
+    `previous`, it shows the containers that ran before the kubelet restarted them.
+    """
+    deadline = time.monotonic() + wait_seconds
+    job = kube.get(*PYTORCHJOB_API, name)
+    while job is None and follow and time.monotonic() < deadline:
+        time.sleep(1)
+        job = kube.get(*PYTORCHJOB_API, name)
+    job = job or _require_job(kube, name)
     nproc = int(job["spec"].get("nprocPerNode", 1) or 1)
     expected = _replicas(job)
-    deadline = time.monotonic() + wait_seconds
     while True:
         pods = kube.pods(name)
         if rank is not None:
@@ -227,6 +249,8 @@ def logs(kube: Kube, name: str, follow: bool = False, rank: int | None = None,
                                 for p in pods) or "no pods yet (is the training operator running?)"
             raise UserError(f"no logs after {wait_seconds:.0f}s: {waiting}")
         time.sleep(2)
+    if previous:
+        return _previous_logs(kube, ready, out)
     lock = threading.Lock()
     threads = [threading.Thread(target=_stream_pod, args=(kube, p, follow, out, lock), daemon=True)
                for p in ready]
@@ -258,6 +282,22 @@ def _stream_pod(kube: Kube, pod, follow: bool, out: TextIO, lock: threading.Lock
         pod = kube.core.read_namespaced_pod(pod.metadata.name, kube.namespace)
         if pod.status.phase in ("Succeeded", "Failed"):
             break
+
+
+def _previous_logs(kube: Kube, pods: list, out: TextIO) -> int:
+    restarted = [p for p in pods if any(s.name == "pytorch" and s.restart_count
+                                        for s in p.status.container_statuses or [])]
+    if not restarted:
+        raise UserError("no replica has restarted: there is no previous container to show "
+                        "(the operator replaces pods under restartPolicy ExitCode; `kubetrain status` lists them)")
+    for pod in restarted:
+        prefix = f"[{replica_prefix(pod)}] "
+        response = kube.core.read_namespaced_pod_log(pod.metadata.name, kube.namespace, container="pytorch",
+                                                     previous=True, _preload_content=False)
+        for line in response.data.decode("utf-8", errors="replace").splitlines():
+            out.write(prefix + line + "\n")
+    out.flush()
+    return 0
 
 
 # ---------------------------------------------------------------- list, delete
