@@ -8,6 +8,10 @@
 #   kube-apiserver, etcd built from the Go module proxy by tests/cluster/build-assets.sh
 #                        -> $CACHE/k8s-assets/<k8s-version>-etcd<etcd-version>
 #   PyTorchJob CRD       from the Go module github.com/kubeflow/training-operator
+#   the node tier        Debian containerd, runc, CNI plugins, docker.io, mmdebstrap; kubelet,
+#                        scheduler, controller-manager, training operator, CoreDNS, pause
+#                        (tests/node/build-node-assets.sh -> $CACHE/node-assets/<versions>); the
+#                        trainer image from images/Dockerfile (tests/node/build-image.sh -> $CACHE/images)
 #
 # Usage:   eval "$(scripts/install-test-tools.sh)"
 # Progress goes to stderr; stdout carries only `export NAME=value` lines.
@@ -17,6 +21,7 @@
 #   KUBETRAIN_SKIP_CLUSTER_BUILD  1: do not build kube-apiserver/etcd; use them only where already
 #                                 built (cache or KUBEBUILDER_ASSETS), else the cluster tier skips
 #   KUBETRAIN_SKIP_PROMETHEUS     1: do not apt-get install prometheus
+#   KUBETRAIN_SKIP_NODE           1: do not build the node tier (it then skips, or fails in CI)
 #   KUBEBUILDER_ASSETS            a folder that already holds etcd, kube-apiserver, kubectl: used as is
 set -euo pipefail
 
@@ -84,39 +89,40 @@ as_root() {
     fi
 }
 
+# apt-get install PKG..., never starting a daemon from the package scripts (prometheus, docker.io).
+apt_install() {
+    local created_policy=0 rc=0 before after pid
+    command -v apt-get >/dev/null || die "apt-get is not available to install: $*"
+    log "installing Debian packages: $* (apt-get)"
+    before=$(pgrep -x 'prometheus|dockerd|containerd' || true)
+    # A policy-rc.d that refuses all service starts, unless one is already in place.
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        if as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'; then
+            created_policy=1
+        fi
+    fi
+    {
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null &&
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" </dev/null
+    } >&2 || rc=$?
+    if [[ $created_policy -eq 1 ]]; then as_root rm -f /usr/sbin/policy-rc.d; fi
+    [[ $rc -eq 0 ]] || die "apt-get install $* failed (needs root or passwordless sudo)"
+    # Belt and braces: stop a daemon that the install started anyway.
+    after=$(pgrep -x 'prometheus|dockerd|containerd' || true)
+    for pid in $after; do
+        if ! grep -qx "$pid" <<<"$before"; then
+            log "stopping $(cat /proc/"$pid"/comm 2>/dev/null) (pid $pid) started by the package install"
+            as_root kill "$pid" 2>/dev/null || true
+        fi
+    done
+}
+
 install_prometheus() {
-    local promtool prometheus before after pid created_policy=0
+    local promtool prometheus
     promtool=$(command -v promtool || true)
     if [[ -z "$promtool" ]]; then
-        command -v apt-get >/dev/null || die "promtool not found and apt-get is not available (install Prometheus 2.x)"
-        log "installing the Debian package prometheus (apt-get)"
-        before=$(pgrep -x prometheus || true)
-        # Never start the daemon from the package scripts: a policy-rc.d that
-        # refuses all service starts, unless one is already in place.
-        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-            if as_root sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'; then
-                created_policy=1
-            fi
-        fi
-        local rc=0
-        {
-            as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null &&
-            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-                -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold prometheus </dev/null
-        } >&2 || rc=$?
-        if [[ $created_policy -eq 1 ]]; then as_root rm -f /usr/sbin/policy-rc.d; fi
-        [[ $rc -eq 0 ]] || die "apt-get install prometheus failed (needs root or passwordless sudo; KUBETRAIN_SKIP_PROMETHEUS=1 skips it)"
-        # Belt and braces: stop a daemon that the install started anyway.
-        if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
-            as_root systemctl disable --now prometheus >&2 2>/dev/null || true
-        fi
-        after=$(pgrep -x prometheus || true)
-        for pid in $after; do
-            if ! grep -qx "$pid" <<<"$before"; then
-                log "stopping prometheus daemon (pid $pid) started by the package install"
-                as_root kill "$pid" 2>/dev/null || true
-            fi
-        done
+        apt_install prometheus
         promtool=$(command -v promtool || true)
         [[ -n "$promtool" ]] || die "promtool still missing after installing prometheus"
     fi
@@ -146,6 +152,24 @@ install_cluster_assets() {
     done <<<"$out"
 }
 
+# ------------------------------------------- the node tier: runtime, kubelet & co, the image
+install_node_tier() {
+    local pkgs=() out line
+    command -v containerd >/dev/null || pkgs+=(containerd)
+    command -v runc >/dev/null || pkgs+=(runc)
+    [[ -x /usr/lib/cni/bridge ]] || pkgs+=(containernetworking-plugins)
+    command -v dockerd >/dev/null || pkgs+=(docker.io)
+    command -v ip >/dev/null || pkgs+=(iproute2)
+    command -v mmdebstrap >/dev/null || pkgs+=(mmdebstrap)
+    [[ ${#pkgs[@]} -eq 0 ]] || apt_install "${pkgs[@]}"
+    for script in tests/node/build-node-assets.sh tests/node/build-image.sh; do
+        out=$(KUBETRAIN_ASSETS_NO_BUILD=${NODE_NO_BUILD:-0} bash "$REPO_ROOT/$script") || die "$script failed"
+        while IFS= read -r line; do
+            if [[ "$line" == export\ * ]]; then EXPORTS+=("$line"); eval "$line"; fi
+        done <<<"$out"
+    done
+}
+
 T0=$(date +%s)
 install_helm_kubectl
 if [[ "${KUBETRAIN_SKIP_PROMETHEUS:-0}" == "1" ]]; then
@@ -154,6 +178,13 @@ else
     install_prometheus
 fi
 install_cluster_assets
+if [[ "${KUBETRAIN_SKIP_NODE:-0}" == "1" ]]; then
+    log "KUBETRAIN_SKIP_NODE=1: not building the node tier (kubelet, operator, trainer image); it will skip"
+elif [[ "${KUBETRAIN_SKIP_CLUSTER_BUILD:-0}" == "1" ]]; then
+    NODE_NO_BUILD=1 install_node_tier
+else
+    install_node_tier
+fi
 log "all test tools ready in $(( $(date +%s) - T0 ))s (cache: $CACHE)"
 
 EXPORTS+=("export PATH=$(printf '%q' "$TOOLS_BIN"):\"\$PATH\"")

@@ -2,6 +2,7 @@
 
 import pytest
 
+from kube_control_plane import SKIP_REASONS
 from prometheus_server import live_metrics_run
 from s3server import S3Server
 from support import values_file  # noqa: F401  (a fixture)
@@ -20,3 +21,17 @@ def live_run(tmp_path_factory):
     """One 2-rank run scraped by a real Prometheus, for the metrics, dashboard and alert tests."""
     with live_metrics_run(tmp_path_factory.mktemp("metrics")) as run:
         yield run
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "cluster: needs a real cluster (tests/cluster: kube-apiserver + etcd; tests/node: a whole node); "
+        "skipped where absent unless KUBETRAIN_REQUIRE_CLUSTER=1",
+    )
+
+
+def pytest_terminal_summary(terminalreporter):
+    for reason in sorted(set(SKIP_REASONS)):  # the cluster and node tiers' skips, said once each
+        terminalreporter.write_sep("-", "cluster tier skipped")
+        terminalreporter.write_line(reason)

@@ -65,7 +65,7 @@ class NodeAssets:
     monitoring_crds: list[Path]
     trainer_image: str
     images: dict[str, Path]  # image ref -> archive for `ctr images import` (the trainer, pause)
-    init_container_template: Path  # k8s/training-operator/init-container.yaml
+    init_container_template: Path  # k8s/training-operator/init-container.tmpl
     cache: Path              # containerd's image store lives here between runs
 
 
@@ -235,8 +235,10 @@ class Node:
             "cniVersion": "0.4.0", "name": "kubetrain",
             "plugins": [{"type": "bridge", "bridge": "kt0", "isGateway": True, "ipMasq": False,
                          "hairpinMode": True,
+                         # Pods reach each other on the bridge and the node's address through it;
+                         # no other route, so nothing leaves the namespace.
                          "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]],
-                                  "dataDir": str(w / "cni-ipam")}}]}))
+                                  "routes": [{"dst": f"{NODE_IP}/32"}], "dataDir": str(w / "cni-ipam")}}]}))
         config = f"""version = 2
 root = "{root}"
 state = "{w / 'containerd-state'}"
@@ -378,13 +380,13 @@ state = "{w / 'containerd-state'}"
             "contexts": [{"name": "op", "context": {"cluster": "node", "user": "training-operator"}}],
             "current-context": "op"}))
         shutil.copy(self.ca.cert, home / "ca.crt")
-        shutil.copy(self.assets.init_container_template, home / "init-container.yaml")
+        shutil.copy(self.assets.init_container_template, home / "init-container.tmpl")
         argv = [self.assets.node / "training-operator", "--kubeconfig=/tmp/kubeconfig",
                 "--enable-scheme=pytorchjob", "--leader-elect=false",
                 f"--webhook-server-port={WEBHOOK_PORT}", "--metrics-bind-address=127.0.0.1:8080",
                 "--health-probe-bind-address=127.0.0.1:8081",
                 f"--pytorch-init-container-image={self.assets.trainer_image}",
-                "--pytorch-init-container-template-file=/tmp/init-container.yaml"]
+                "--pytorch-init-container-template-file=/tmp/init-container.tmpl"]
         script = f'mount --bind "{home}" /tmp && exec "$@"'
         self.spawn("training-operator", ["unshare", "--mount", "--propagation", "private", "--",
                                          "sh", "-c", script, "operator", *argv],

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from kube_control_plane import (
-    SKIP_REASONS, CertAuthority, Cluster, Process, free_port, openssl, wait_established, wait_ready,
+    CertAuthority, Cluster, Process, free_port, openssl, wait_established, wait_ready,
     require, write_kubeconfig,
 )
 
@@ -38,24 +38,10 @@ PYTORCHJOB_CRD_NAME = "pytorchjobs.kubeflow.org"
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 
 # --------------------------------------------------------------------------- pytest hooks
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers",
-        "cluster: needs a real kube-apiserver and etcd (KUBEBUILDER_ASSETS); "
-        "skipped where absent unless KUBETRAIN_REQUIRE_CLUSTER=1",
-    )
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.cluster)
-
-
-def pytest_terminal_summary(terminalreporter):
-    for reason in sorted(set(SKIP_REASONS)):
-        terminalreporter.write_sep("-", "cluster tier skipped")
-        terminalreporter.write_line(reason)
 
 
 # --------------------------------------------------------------------------- locating assets

@@ -261,6 +261,7 @@ def test_training_operator_kustomization_dry_runs(apiserver, tmp_path):
     ours.mkdir()
     local = dict(kustomization, resources=[str(Path("..") / "upstream" / path_in_repo)])
     (ours / "kustomization.yaml").write_text(yaml.safe_dump(local))
+    shutil.copy(K8S / "training-operator" / "init-container.tmpl", ours)
     built = apiserver.kubectl("kustomize", str(ours)).stdout
     objects = [d for d in yaml.safe_load_all(built) if d]
     kinds = {d["kind"] for d in objects}
@@ -268,6 +269,12 @@ def test_training_operator_kustomization_dry_runs(apiserver, tmp_path):
     deployment = next(d for d in objects if d["kind"] == "Deployment")
     image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
     assert re.search(r":v1-[0-9a-f]+$", image), f"operator image not pinned: {image}"
+    # Our Worker init container template (Pod Security `restricted`) reaches the operator.
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert "--pytorch-init-container-template-file=/etc/kubetrain/init-container.tmpl" in container["args"]
+    template = next(d for d in objects if d["kind"] == "ConfigMap"
+                    and d["metadata"]["name"].startswith("training-operator-pytorch-init-container"))
+    assert "runAsNonRoot: true" in template["data"]["init-container.tmpl"]
 
     # Its PyTorchJob CRD is the one the cluster tier already serves (same release);
     # the CRDs are left out of the dry run, which costs seconds per CRD.

@@ -6,8 +6,8 @@
 #   image kubetrain/trainer:test-<key12>  ->  $KUBETRAIN_CACHE/images/trainer-<key12>.tar
 # key = sha256 over every file that goes into the image (Dockerfile, locks,
 # package sources, chart, base script). A cache hit returns at once, without docker.
-# With KUBETRAIN_PAUSE_BIN (a static pause binary) it also makes the sandbox
-# image kubetrain.test/pause:3.10 -> $KUBETRAIN_CACHE/images/pause-3.10.tar.
+# (The pod sandbox image comes from tests/node/build-node-assets.sh.)
+# KUBETRAIN_ASSETS_NO_BUILD=1: report a cache hit, never build.
 #
 # Docker is a private dockerd, started here and stopped on exit (failure too):
 # data root $KUBETRAIN_CACHE/docker (it keeps the layer cache, so a code-only
@@ -22,8 +22,7 @@
 #
 # Needs root, dockerd and runc (docker.io), util-linux's unshare, and the
 # Debian and PyPI package archives. Progress goes to stderr; stdout carries only
-# `export NAME=value` lines: KUBETRAIN_TRAINER_IMAGE, KUBETRAIN_TRAINER_IMAGE_TAR
-# and, with the pause image, KUBETRAIN_PAUSE_IMAGE, KUBETRAIN_PAUSE_IMAGE_TAR.
+# `export NAME=value` lines: KUBETRAIN_TRAINER_IMAGE, KUBETRAIN_TRAINER_IMAGE_TAR.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -31,8 +30,6 @@ CACHE="${KUBETRAIN_CACHE:-$HOME/.cache/kubetrain}"
 IMAGES="$CACHE/images"
 DATA_ROOT="$CACHE/docker"
 BASE_IMAGE=kubetrain/debian-python:3.11-bookworm
-PAUSE_IMAGE=kubetrain.test/pause:3.10
-PAUSE_TAR="$IMAGES/pause-3.10.tar"
 INPUTS=(.dockerignore images/Dockerfile images/requirements-cpu.txt images/requirements-cuda.txt
         images/constraints-build.txt images/build-debian-base.sh pyproject.toml README.md trainer helm/kubetrain)
 
@@ -48,23 +45,22 @@ TAR="$IMAGES/trainer-$KEY.tar"
 emit() {
     printf 'export KUBETRAIN_TRAINER_IMAGE=%q\n' "$IMAGE"
     printf 'export KUBETRAIN_TRAINER_IMAGE_TAR=%q\n' "$TAR"
-    if [[ -n "${KUBETRAIN_PAUSE_BIN:-}" ]]; then
-        printf 'export KUBETRAIN_PAUSE_IMAGE=%q\n' "$PAUSE_IMAGE"
-        printf 'export KUBETRAIN_PAUSE_IMAGE_TAR=%q\n' "$PAUSE_TAR"
-    fi
 }
-complete() { [[ -s "$TAR" ]] && { [[ -z "${KUBETRAIN_PAUSE_BIN:-}" ]] || [[ -s "$PAUSE_TAR" ]]; }; }
+complete() { [[ -s "$TAR" ]]; }
 
 if complete; then
     log "cache hit: $TAR"
     emit
     exit 0
 fi
+if [[ "${KUBETRAIN_ASSETS_NO_BUILD:-0}" == "1" ]]; then
+    log "no image $TAR and KUBETRAIN_ASSETS_NO_BUILD=1: not building"
+    exit 0
+fi
 [[ $(id -u) -eq 0 ]] || die "root is needed to run dockerd"
 for cmd in dockerd docker runc unshare; do
     command -v "$cmd" >/dev/null || die "$cmd not found (Debian packages docker.io, runc, util-linux)"
 done
-[[ -z "${KUBETRAIN_PAUSE_BIN:-}" || -x "$KUBETRAIN_PAUSE_BIN" ]] || die "KUBETRAIN_PAUSE_BIN=$KUBETRAIN_PAUSE_BIN is not an executable"
 
 mkdir -p "$IMAGES" "$DATA_ROOT"
 # One builder at a time per cache (a second caller waits, then takes the cache hit).
@@ -156,18 +152,6 @@ if [[ ! -s "$TAR" ]]; then
     docker images --format '{{.Repository}}:{{.Tag}}' kubetrain/trainer | grep -vxF "$IMAGE" \
         | xargs -r docker rmi >&2 || true
     docker image prune -f >&2
-fi
-
-# ---------------------------------------------------------------- pause image
-if [[ -n "${KUBETRAIN_PAUSE_BIN:-}" && ! -s "$PAUSE_TAR" ]]; then
-    mkdir "$RUN_DIR/pause"
-    install -m 0755 "$KUBETRAIN_PAUSE_BIN" "$RUN_DIR/pause/pause"
-    tar -C "$RUN_DIR/pause" --owner=0 --group=0 -cf "$RUN_DIR/pause.tar" pause
-    docker import --change 'ENTRYPOINT ["/pause"]' "$RUN_DIR/pause.tar" "$PAUSE_IMAGE" >&2
-    docker save -o "$PAUSE_TAR.tmp" "$PAUSE_IMAGE"
-    chmod 644 "$PAUSE_TAR.tmp"
-    mv -f "$PAUSE_TAR.tmp" "$PAUSE_TAR"
-    log "pause image: $PAUSE_TAR"
 fi
 
 stop_dockerd

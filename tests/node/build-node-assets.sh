@@ -5,6 +5,7 @@
 #                                                      tests/cluster/build-assets.sh)
 #   training-operator                                  github.com/kubeflow/training-operator (v1 operator)
 #   coredns                                            github.com/coredns/coredns (cluster DNS)
+#   prometheus                                         github.com/prometheus/prometheus (pod discovery)
 #   pause                                              build/pause/linux/pause.c from k8s.io/kubernetes, gcc -static
 # plus the operator's manifests folder (CRD, RBAC, webhook configuration) from its module, and
 # pause.tar, the pod sandbox image `kubetrain.test/pause:3.10` (no registry is reachable).
@@ -19,15 +20,17 @@ K8S_VERSION="${KUBETRAIN_K8S_VERSION:-1.31.14}"
 K8S_NODE_OVERRIDES="k8s.io/kube-scheduler=v0.31.13 k8s.io/kube-controller-manager=v0.31.13 k8s.io/endpointslice=v0.31.13"
 OPERATOR_VERSION="${KUBETRAIN_TRAINING_OPERATOR_VERSION:-1.8.1}"
 COREDNS_VERSION="${KUBETRAIN_COREDNS_VERSION:-1.11.3}"
+# Debian's prometheus is built without Kubernetes service discovery; this one has it (v0.55.1 = 2.55.1).
+PROMETHEUS_MODULE_VERSION="${KUBETRAIN_PROMETHEUS_MODULE_VERSION:-0.55.1}"
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=../cluster/k8s-wrapper.sh
 source "$HERE/../cluster/k8s-wrapper.sh"
 
 CACHE="${KUBETRAIN_CACHE:-$HOME/.cache/kubetrain}"
-OUT="$CACHE/node-assets/k8s${K8S_VERSION}-operator${OPERATOR_VERSION}-coredns${COREDNS_VERSION}"
+OUT="$CACHE/node-assets/k8s${K8S_VERSION}-operator${OPERATOR_VERSION}-coredns${COREDNS_VERSION}-prometheus${PROMETHEUS_MODULE_VERSION}"
 BUILD_ROOT="$CACHE/k8s-assets/build"
-BINARIES=(kubelet kube-scheduler kube-controller-manager training-operator coredns pause)
+BINARIES=(kubelet kube-scheduler kube-controller-manager training-operator coredns prometheus pause)
 PAUSE_IMAGE="kubetrain.test/pause:3.10"
 
 log() { printf '[build-node-assets] %s\n' "$*" >&2; }
@@ -111,6 +114,31 @@ build_coredns() {
     log "coredns built in $(( $(now) - t0 ))s"
 }
 
+build_prometheus() {
+    local t0 dir gomod
+    [[ -x "$OUT/prometheus" ]] && return 0
+    t0=$(now)
+    log "building Prometheus (module v$PROMETHEUS_MODULE_VERSION) with Kubernetes discovery (cold: minutes)"
+    # Its go.mod has replace directives, which `go install mod@version` refuses: a wrapper module
+    # requires it and carries the same replace and exclude blocks.
+    dir="$BUILD_ROOT/prometheus-v$PROMETHEUS_MODULE_VERSION"
+    mkdir -p "$dir"
+    gomod=$(cd "$dir" && GOFLAGS=-modcacherw go mod download -json \
+        "github.com/prometheus/prometheus@v$PROMETHEUS_MODULE_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",*$/\1/p')
+    {
+        echo "module kubetrain.test/prometheus-build"
+        echo
+        grep -m1 '^go ' "$gomod"
+        echo
+        echo "require github.com/prometheus/prometheus v$PROMETHEUS_MODULE_VERSION"
+        awk '/^(replace|exclude) \(/{p=1} p{print} /^\)/{p=0} /^(replace|exclude) [^(]/{print}' "$gomod"
+    } > "$dir/go.mod"
+    (cd "$dir" && go build -trimpath -ldflags "-s -w" -o "$OUT/.prometheus.tmp" \
+        github.com/prometheus/prometheus/cmd/prometheus)
+    mv -f "$OUT/.prometheus.tmp" "$OUT/prometheus"
+    log "prometheus built in $(( $(now) - t0 ))s"
+}
+
 build_pause() {
     local dir
     [[ -x "$OUT/pause" ]] && return 0
@@ -135,5 +163,6 @@ pause_image
 build_k8s_node
 build_coredns
 build_operator
+build_prometheus
 log "node assets ready in $(( $(now) - T0 ))s: $OUT"
 printf 'export KUBETRAIN_NODE_ASSETS=%q\n' "$OUT"

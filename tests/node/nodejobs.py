@@ -1,0 +1,92 @@
+"""Helpers for the node tier's tests: the tier's values, the CLI against the node, waiting on jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from support import EXAMPLES, REPO, Result, run_cli, tool
+
+QUICKSTART = EXAMPLES / "quickstart.yaml"
+
+
+def tier_values(*more: str) -> list[str]:
+    """What the node tier adds to a user's values: the image it built, and resources that fit 2 cores."""
+    repository, _, tag = os.environ["KUBETRAIN_TRAINER_IMAGE"].rpartition(":")
+    return ["--set", f"image.repository={repository},image.tag={tag},image.pullPolicy=Never",
+            "--set", "resources.cpu=1,resources.memory=3Gi", *more]
+
+
+def s3_values(endpoint: str, uri: str) -> list[str]:
+    return ["--set", f"checkpoint.uri={uri},s3.endpoint={endpoint},s3.credentialsSecret=s3-credentials"]
+
+
+def kt(node, namespace: str, *args: str, timeout: float = 600) -> Result:
+    """`kubetrain ARGS` against the node, as a user with a kubeconfig runs it."""
+    return run_cli(*args, "--kubeconfig", str(node.cluster.kubeconfig), "-n", namespace, timeout=timeout)
+
+
+def kt_background(node, namespace: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "trainer.controller.cli", *args, "--kubeconfig", str(node.cluster.kubeconfig),
+         "-n", namespace], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def helm(node, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("KUBETRAIN_HELM", "helm"), "--kubeconfig", str(node.cluster.kubeconfig), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def get_json(node, namespace: str, *what: str) -> dict:
+    return json.loads(node.cluster.kubectl("get", *what, "-n", namespace, "-o", "json").stdout)
+
+
+def job_pods(node, namespace: str, job: str) -> list[dict]:
+    return get_json(node, namespace, "pods", "-l", f"training.kubeflow.org/job-name={job}")["items"]
+
+
+def wait_for_state(node, namespace: str, job: str, states: set[str], timeout: float = 600) -> dict:
+    """Poll the PyTorchJob until its newest true condition is one of `states`; return the job."""
+    from trainer.controller.jobs import job_state
+
+    deadline = time.monotonic() + timeout
+    job_obj = {}
+    while time.monotonic() < deadline:
+        got = node.cluster.kubectl("get", "pytorchjob", job, "-n", namespace, "-o", "json", check=False)
+        if got.returncode == 0:
+            job_obj = json.loads(got.stdout)
+            if job_state(job_obj) in states:
+                return job_obj
+        time.sleep(1)
+    pods = node.cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
+    events = node.cluster.kubectl("get", "events", "-n", namespace, check=False).stdout[-3000:]
+    raise AssertionError(f"pytorchjob/{job} never reached {states}: {json.dumps(job_obj.get('status'))}\n"
+                         f"{pods}\n{events}")
+
+
+def summary_line(log_text: str, prefix: str = "[master-0] ") -> dict:
+    """The JSON summary that rank 0 prints last, from `kubetrain logs` output."""
+    lines = [ln[len(prefix):] for ln in log_text.splitlines()
+             if ln.startswith(prefix) and '"event": "summary"' in ln]
+    assert lines, f"no summary line from {prefix.strip()}:\n{log_text[-3000:]}"
+    return json.loads(lines[-1])
+
+
+def mount_user_code(node, namespace: str, name: str, files: dict[str, str]) -> list[str]:
+    """Create ConfigMap `name` from `files` and return the values that mount it on training.pythonPath."""
+    node.cluster.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": namespace},
+                        "data": files})
+    return ["--set-json", "volumes=" + json.dumps([{"name": "usercode", "configMap": {"name": name}}]),
+            "--set-json", "volumeMounts=" + json.dumps([{"name": "usercode", "mountPath": "/opt/usercode",
+                                                          "readOnly": True}]),
+            "--set-json", 'training.pythonPath=["/opt/usercode"]']
+
+
+def create_s3_secret(node, namespace: str) -> None:
+    from s3server import CREDENTIALS
+
+    node.cluster.kubectl("create", "secret", "generic", "s3-credentials", "-n", namespace,
+                         *[f"--from-literal={k}={v}" for k, v in CREDENTIALS.items()])
