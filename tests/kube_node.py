@@ -432,6 +432,28 @@ state = "{w / 'containerd-state'}"
         self._restore_sysctls()
         _remove_cgroups(CGROUP_ROOT)
 
+    def leftovers(self) -> list[str]:
+        """What stop() should have removed but did not: processes, mounts, the veth, cgroups, sysctls."""
+        found = []
+        marks = (str(self.work), str(self.assets.node))
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                with contextlib.suppress(OSError):
+                    cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    if any(m in cmdline for m in marks):
+                        found.append(f"process {proc.name}: {cmdline[:120]}")
+        found += [f"mount {line.split()[1]}" for line in Path("/proc/mounts").read_text().splitlines()
+                  if str(self.work) in line]
+        if self.namespaces and Path(f"/sys/class/net/{self.namespaces.host_veth}").exists():
+            found.append(f"network interface {self.namespaces.host_veth}")
+        found += [f"cgroup {h / CGROUP_ROOT.lstrip('/')}" for h in Path("/sys/fs/cgroup").iterdir()
+                  if (h / CGROUP_ROOT.lstrip("/")).exists()]
+        for key, value in self.sysctls.items():
+            with contextlib.suppress(OSError):
+                if Path("/proc/sys", key).read_text().strip() != value:
+                    found.append(f"sysctl {key} is {Path('/proc/sys', key).read_text().strip()}, was {value}")
+        return found
+
     def _save_sysctls(self) -> None:
         saved = self.assets.cache / "host-sysctls.json"  # survives a run that died before restoring
         if saved.exists():

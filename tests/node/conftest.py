@@ -85,6 +85,10 @@ def node(tmp_path_factory) -> Node:
             yield started
         finally:
             started.stop()
+            deadline = time.monotonic() + 10  # the kernel frees a dead namespace's veth pair a moment later
+            while (left := started.leftovers()) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not left, "the node tier left behind:\n" + "\n".join(left)
 
 
 @pytest.fixture(scope="session")
