@@ -259,15 +259,15 @@ state = "{w / 'containerd-state'}"
         self._wait("containerd", lambda: self.ctr("version", timeout=10).returncode == 0, procs=[proc])
         self._remove_leftover_containers()
         present = set(self.ctr("images", "ls", "-q").stdout.split())
+        wanted = {_normalized(r) for r in self.assets.images}
+        stale = [r for r in present if "kubetrain/trainer:" in r and _normalized(r) not in wanted]
+        if stale:  # older test images go first, layers and all: each is gigabytes
+            self.ctr("images", "rm", "--sync", *stale, check=False)
         for ref, tarball in self.assets.images.items():
             if ref not in present and _normalized(ref) not in present:
                 t0 = time.monotonic()
-                self.ctr("images", "import", "--no-unpack=false", tarball)
+                self.ctr("images", "import", tarball)
                 self.timings[f"import {ref}"] = time.monotonic() - t0
-        wanted = {_normalized(r) for r in self.assets.images}
-        stale = [r for r in present if "kubetrain/trainer:" in r and _normalized(r) not in wanted]
-        if stale:  # older test images: let containerd collect their layers
-            self.ctr("images", "rm", *stale, check=False)
 
     def _remove_leftover_containers(self) -> None:
         """Containers left in the cached store by a run that died: gone before the kubelet starts."""
