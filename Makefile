@@ -20,8 +20,10 @@ setup: $(BIN)/.installed
 quickstart: setup
 	$(BIN)/kubetrain run quickstart -f examples/quickstart.yaml
 
+# The virtualenv's bin on PATH: the tests find its tools (hadolint, kubetrain) as a user's shell would.
 test: setup
-	exports="$$(bash scripts/install-test-tools.sh)" && eval "$$exports" && $(BIN)/python -m pytest $(PYTEST_ARGS)
+	exports="$$(bash scripts/install-test-tools.sh)" && eval "$$exports" && \
+		PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 benchmark: setup
 	$(BIN)/python benchmarks/loop_vs_plain.py

@@ -258,16 +258,24 @@ state = "{w / 'containerd-state'}"
         proc = self.spawn("containerd", ["containerd", "--config", w / "containerd.toml"])
         self._wait("containerd", lambda: self.ctr("version", timeout=10).returncode == 0, procs=[proc])
         self._remove_leftover_containers()
+        self._remove_stale_images()
         present = set(self.ctr("images", "ls", "-q").stdout.split())
-        wanted = {_normalized(r) for r in self.assets.images}
-        stale = [r for r in present if "kubetrain/trainer:" in r and _normalized(r) not in wanted]
-        if stale:  # older test images go first, layers and all: each is gigabytes
-            self.ctr("images", "rm", "--sync", *stale, check=False)
         for ref, tarball in self.assets.images.items():
             if ref not in present and _normalized(ref) not in present:
                 t0 = time.monotonic()
                 self.ctr("images", "import", tarball)
                 self.timings[f"import {ref}"] = time.monotonic() - t0
+
+    def _remove_stale_images(self) -> None:
+        """Older test images go before a new one comes, layers and all: each is gigabytes. The CRI
+        plugin keeps a second reference to each image, named by its ID, which goes too."""
+        rows = [line.split() for line in self.ctr("images", "ls").stdout.splitlines()[1:] if line.strip()]
+        wanted = {_normalized(r) for r in self.assets.images}
+        kept = {row[2] for row in rows if row[0] in wanted}
+        stale = [row[0] for row in rows if row[2] not in kept and (
+            "kubetrain/trainer:" in row[0] or row[0].startswith("sha256:"))]
+        if stale:
+            self.ctr("images", "rm", "--sync", *stale, check=False)
 
     def _remove_leftover_containers(self) -> None:
         """Containers left in the cached store by a run that died: gone before the kubelet starts."""

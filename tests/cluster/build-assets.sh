@@ -123,13 +123,7 @@ if command -v flock >/dev/null; then
     flock 9
 fi
 
-# Go caches live under the cache root so that rebuilds are cached too.
-export GOPATH="$CACHE/go"
-export GOMODCACHE="$GOPATH/pkg/mod"
-export GOCACHE="$CACHE/go/build-cache"
-export GOFLAGS="${GOFLAGS:-} -mod=mod -modcacherw"
-export CGO_ENABLED=0
-export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+use_go_cache "$CACHE"
 log "go: $(go version) GOPROXY=$(go env GOPROXY)"
 
 now() { date +%s; }

@@ -1,4 +1,16 @@
-# Sourced by build-assets.sh and tests/node/build-node-assets.sh: k8s.io/kubernetes is built
+# Sourced by build-assets.sh and tests/node/build-node-assets.sh.
+
+# use_go_cache CACHE: Go's module and build caches live under the test cache, so rebuilds are cached too.
+use_go_cache() {
+    export GOPATH="$1/go"
+    export GOMODCACHE="$GOPATH/pkg/mod"
+    export GOCACHE="$1/go/build-cache"
+    export GOFLAGS="${GOFLAGS:-} -mod=mod -modcacherw"
+    export CGO_ENABLED=0
+    export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+}
+
+# k8s.io/kubernetes is built
 # through a wrapper module whose go.mod replaces each staging module (`=> ./staging/...`)
 # by its v0.<minor>.<patch> release, since the module proxy serves no staging folders.
 

@@ -59,12 +59,7 @@ mkdir -p "$OUT" "$BUILD_ROOT"
 exec 9>"$CACHE/node-assets/.lock"
 command -v flock >/dev/null && flock 9
 
-export GOPATH="$CACHE/go"
-export GOMODCACHE="$GOPATH/pkg/mod"
-export GOCACHE="$CACHE/go/build-cache"
-export GOFLAGS="${GOFLAGS:-} -mod=mod -modcacherw"
-export CGO_ENABLED=0
-export GOTOOLCHAIN="${GOTOOLCHAIN:-local}"
+use_go_cache "$CACHE"
 
 build_k8s_node() {
     local t0 dir missing=0 b

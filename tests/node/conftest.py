@@ -73,22 +73,39 @@ def _find_assets() -> NodeAssets:
         cache=NODE_CACHE)
 
 
+_RUNNING: list[Node] = []  # the node, while tests/node runs
+
+
+def _stop(node: Node) -> None:
+    node.stop()
+    deadline = time.monotonic() + 10  # the kernel frees a dead namespace's veth pair a moment later
+    while (left := node.leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, "the node tier left behind:\n" + "\n".join(left)
+
+
+@pytest.hookimpl(trylast=True)  # after the tests' own fixtures (namespaces, releases) are gone
+def pytest_runtest_teardown(item, nextitem):
+    """Stop the node once the last test here is done, not at the end of the whole session."""
+    leaving = nextitem is None or HERE not in Path(str(nextitem.fspath)).resolve().parents
+    if _RUNNING and leaving and HERE in Path(str(item.fspath)).resolve().parents:
+        _stop(_RUNNING.pop())
+
+
 @pytest.fixture(scope="session")
 def node(tmp_path_factory) -> Node:
     assets = _find_assets()
     with node_lock(assets.cache):
         started = Node(assets, tmp_path_factory.mktemp("node"))
+        _RUNNING.append(started)
         try:
             started.start()
             print(f"\nnode tier up: {', '.join(f'{k} {v:.1f}s' for k, v in started.timings.items())}",
                   file=sys.stderr)
             yield started
         finally:
-            started.stop()
-            deadline = time.monotonic() + 10  # the kernel frees a dead namespace's veth pair a moment later
-            while (left := started.leftovers()) and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert not left, "the node tier left behind:\n" + "\n".join(left)
+            if _RUNNING:
+                _stop(_RUNNING.pop())
 
 
 @pytest.fixture(scope="session")
