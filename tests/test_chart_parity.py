@@ -136,6 +136,12 @@ BAD_VALUES = [
     ["shm.sizeLimit=lots"],
     ["kueue.queueName=Team_Queue"],
     ["s3.devSecret.enabled=yes"],
+    # What the API server would refuse after the first objects were applied: half an experiment.
+    ["resources.cpu=lots"],
+    ["resources.cpu=two-cores"],
+    ["resources.cpu=-1"],
+    ["resources.memory=-1Gi"],
+    ["checkpoint.uri=s3:///prefix"],
     ["serviceAccount.create=1", "job.restartPolicy=Sometimes", "training.batchSize=0"],
 ]
 
@@ -304,3 +310,17 @@ def test_generated_values_render_the_same(batch, tmp_path):
         else:
             assert theirs.returncode == 0, f"only helm failed: {theirs.stderr}; {context}"
             assert_same_objects(theirs.stdout, ours, context)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--set", "training.epochs=5", "--set-json", "training.epochs=7"],
+    ["--set-json", "training.epochs=7", "--set", "training.epochs=5"],
+    ["--set-string", "podLabels.team=a", "--set", "podLabels.team=b", "--set-json", 'podLabels.team="c"'],
+    ["--set-json", 'training.optimizer={"lr": 0.01}', "--set", "training.optimizer.name=sgd"],
+], ids=lambda f: " ".join(f))
+def test_set_flags_apply_in_helms_order_whatever_the_command_line_order(flags):
+    theirs = helm("template", "order", str(CHART), *flags)
+    assert theirs.returncode == 0, theirs.stderr
+    ours = run_cli("render", "order", *flags)
+    assert ours.returncode == 0, ours.stderr
+    assert objects(ours.stdout) == objects(theirs.stdout)

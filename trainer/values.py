@@ -212,6 +212,8 @@ def _message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         return "; ".join(f"Additional property {name} is not allowed" for name in extra)
+    if error.validator in ("pattern", "minimum") and error.schema.get("description"):
+        return f"{error.instance!r} is not valid: {error.schema['description']}"
     if error.validator == "oneOf":
         return f"{error.instance!r} is not valid: {error.schema.get('description', 'no alternative matched')}"
     if error.validator == "type" and "number" in error.validator_value and _is_decimal_text(error.instance):
@@ -250,10 +252,11 @@ def resolve_values(
     set_string: Iterable[str] = (),
     set_json: Iterable[str] = (),
 ) -> dict:
-    """Chart defaults < files < --set, merged and validated: what the chart sees."""
+    """Chart defaults < files < --set-json < --set < --set-string, merged and validated: what the
+    chart sees. The order is Helm's (pkg/cli/values/options.go, MergeValues)."""
     values = copy.deepcopy(default_values())
     for path in files:
         values = merge(values, load_values_file(path))
-    for exprs, mode in ((set_values, "set"), (set_string, "string"), (set_json, "json")):
+    for exprs, mode in ((set_json, "json"), (set_values, "set"), (set_string, "string")):
         values = merge(values, parse_set(exprs, mode))
     return validate(values)
