@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from support import REPO, tool
+from support import REPO, run_cli, tool
 
 DASHBOARD = REPO / "helm" / "kubetrain" / "files" / "dashboard.json"
 GENERATOR = REPO / "tools" / "gen_dashboard.py"
@@ -109,3 +109,24 @@ def test_core_panels_show_data_from_the_real_run(live_run, title):
     for expr in queries:
         result = live_run.prometheus.query(substitute(expr), time=when)
         assert result, f"{title}: {expr} returned no data for the run"
+
+
+@pytest.mark.parametrize("renderer", ["kubetrain", "helm"])
+def test_two_releases_get_two_dashboards_in_one_grafana(renderer):
+    """Grafana keys dashboards by uid: one per experiment, or the second release replaces the first."""
+    boards = {}
+    for release in ("exp-a", "exp-b-" + "x" * 47):  # the longest name a release may have (53)
+        if renderer == "helm":
+            out = subprocess.run([tool("KUBETRAIN_HELM", "helm"), "template", release, str(REPO / "helm" / "kubetrain")],
+                                 capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            text = out.stdout
+        else:
+            result = run_cli("render", release)
+            assert result.returncode == 0, result.stderr
+            text = result.stdout
+        (cm,) = [d for d in yaml.safe_load_all(text) if d and d["metadata"]["name"] == f"{release}-dashboard"]
+        boards[release] = json.loads(cm["data"][f"kubetrain-{release}.json"])
+    uids = {b["uid"] for b in boards.values()}
+    assert len(uids) == 2 and all(len(u) <= 40 for u in uids), uids  # Grafana's limit on a uid
+    assert [b["title"] for b in boards.values()] == [f"kubetrain: {r}" for r in boards]

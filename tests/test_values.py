@@ -68,7 +68,7 @@ def _assert_user_error(result, *needles):
     (["checkpoint.uri=ftp://x"], "checkpoint.uri"),
     (["checkpoint.uri=s3:///runs"], "checkpoint.uri: 's3:///runs' is not valid: file:///path or s3://bucket/prefix"),
     (["resources.cpu=lots"], "resources.cpu: 'lots' is not valid: a non-negative Kubernetes quantity of CPU"),
-    (["resources.cpu=-1"], "resources.cpu: -1 is not valid: a non-negative Kubernetes quantity of CPU"),
+    (["resources.cpu=-1"], "resources.cpu: -1 is less than the minimum of 0"),
     (["resources.memory=4GB"], "resources.memory: '4GB' is not valid: a non-negative Kubernetes quantity of memory"),
 ])
 def test_bad_values_exit_2_naming_the_key(tmp_path, sets, needle):

@@ -164,8 +164,9 @@ def dashboard() -> dict:
             next_id += 1
         y += 8 * ((len(row_panels) + (24 // width) - 1) // (24 // width))
     return {
-        "uid": "kubetrain-training",
-        "title": "kubetrain: training",
+        # Filled in per release (configmap-dashboard.yaml): two experiments in one Grafana must not collide.
+        "uid": "__DASHBOARD_UID__",
+        "title": "kubetrain: __EXPERIMENT__",
         "description": "One kubetrain experiment: loss, throughput, step time, data wait, checkpoints and GPUs "
                        "per rank (metrics from every rank's /metrics; GPU utilisation from the DCGM exporter).",
         "tags": ["kubetrain", "pytorch", "training"],

@@ -212,7 +212,7 @@ def _message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         return "; ".join(f"Additional property {name} is not allowed" for name in extra)
-    if error.validator in ("pattern", "minimum") and error.schema.get("description"):
+    if error.validator == "pattern" and error.schema.get("description"):  # a regex says nothing to a user
         return f"{error.instance!r} is not valid: {error.schema['description']}"
     if error.validator == "oneOf":
         return f"{error.instance!r} is not valid: {error.schema.get('description', 'no alternative matched')}"

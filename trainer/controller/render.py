@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import decimal
 import functools
+import hashlib
 import json
 
 import yaml
@@ -46,9 +47,14 @@ def chart_metadata() -> dict:
 
 
 def chart_file(relative: str, experiment: str) -> str:
-    """A file shipped in the chart, with __EXPERIMENT__ filled in (`.Files.Get | replace`)."""
+    """A file shipped in the chart with __EXPERIMENT__ and __DASHBOARD_UID__ filled in (`.Files.Get | replace`)."""
     text = (chart_dir() / relative).read_text(encoding="utf-8")
-    return text.replace("__EXPERIMENT__", experiment)
+    return text.replace("__EXPERIMENT__", experiment).replace("__DASHBOARD_UID__", dashboard_uid(experiment))
+
+
+def dashboard_uid(experiment: str) -> str:
+    """The `kubetrain.dashboardUid` helper: one Grafana uid per release, within Grafana's 40 characters."""
+    return "kubetrain-" + hashlib.sha256(experiment.encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------- scalars

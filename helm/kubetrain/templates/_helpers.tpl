@@ -242,3 +242,10 @@ memory: {{ include "kubetrain.string" .Values.resources.memory | quote }}
 nvidia.com/gpu: {{ int .Values.resources.gpu | quote }}
 {{- end }}
 {{- end -}}
+
+{{/*
+The Grafana dashboard's uid: one per release (Grafana allows 40 characters; release names have 53).
+*/}}
+{{- define "kubetrain.dashboardUid" -}}
+kubetrain-{{ .Release.Name | sha256sum | trunc 12 }}
+{{- end }}
