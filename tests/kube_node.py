@@ -261,7 +261,7 @@ state = "{w / 'containerd-state'}"
         self._remove_stale_images()
         present = set(self.ctr("images", "ls", "-q").stdout.split())
         for ref, tarball in self.assets.images.items():
-            if ref not in present and _normalized(ref) not in present:
+            if not any(_same_image(stored, ref) for stored in present):
                 t0 = time.monotonic()
                 self.ctr("images", "import", tarball)
                 self.timings[f"import {ref}"] = time.monotonic() - t0
@@ -270,8 +270,7 @@ state = "{w / 'containerd-state'}"
         """Older test images go before a new one comes, layers and all: each is gigabytes. The CRI
         plugin keeps a second reference to each image, named by its ID, which goes too."""
         rows = [line.split() for line in self.ctr("images", "ls").stdout.splitlines()[1:] if line.strip()]
-        wanted = {_normalized(r) for r in self.assets.images}
-        kept = {row[2] for row in rows if row[0] in wanted}
+        kept = {row[2] for row in rows if any(_same_image(row[0], ref) for ref in self.assets.images)}
         stale = [row[0] for row in rows if row[2] not in kept and (
             "kubetrain/trainer:" in row[0] or row[0].startswith("sha256:"))]
         if stale:
@@ -508,9 +507,9 @@ def _containerd_version() -> str:
     return out[2] if len(out) > 2 else "unknown"
 
 
-def _normalized(ref: str) -> str:
-    name = ref if "/" in ref.split(":")[0] else f"library/{ref}"
-    return name if "." in name.split("/")[0] else f"docker.io/{name}"
+def _same_image(stored: str, ref: str) -> bool:
+    """`stored` (as containerd lists it, with the default registry's domain added) names `ref`."""
+    return stored == ref or stored.endswith("/" + ref)
 
 
 @contextlib.contextmanager
