@@ -137,24 +137,28 @@ install_prometheus() {
 }
 
 # ------------------------------------------------------- kube-apiserver, etcd, CRD
-install_cluster_assets() {
+# run_builder SCRIPT NO_BUILD: run a build script and keep the `export` lines it prints.
+run_builder() {
     local out line
+    out=$(KUBETRAIN_ASSETS_NO_BUILD=$2 bash "$REPO_ROOT/$1") || die "$1 failed"
+    while IFS= read -r line; do
+        if [[ "$line" == export\ * ]]; then EXPORTS+=("$line"); fi
+    done <<<"$out"
+    [[ -n "$out" ]]
+}
+
+install_cluster_assets() {
     local no_build=0
     if [[ "${KUBETRAIN_SKIP_CLUSTER_BUILD:-0}" == "1" ]]; then
         log "KUBETRAIN_SKIP_CLUSTER_BUILD=1: using kube-apiserver/etcd only if already built"
         no_build=1
     fi
-    out=$(KUBETRAIN_ASSETS_NO_BUILD=$no_build bash "$REPO_ROOT/tests/cluster/build-assets.sh") \
-        || die "tests/cluster/build-assets.sh failed"
-    [[ -n "$out" ]] || log "no kube-apiserver/etcd: the cluster tier will skip"
-    while IFS= read -r line; do
-        if [[ "$line" == export\ * ]]; then EXPORTS+=("$line"); fi
-    done <<<"$out"
+    run_builder tests/cluster/build-assets.sh "$no_build" || log "no kube-apiserver/etcd: the cluster tier will skip"
 }
 
 # ------------------------------------------- the node tier: runtime, kubelet & co, the image
 install_node_tier() {
-    local pkgs=() out line
+    local pkgs=() script
     command -v containerd >/dev/null || pkgs+=(containerd)
     command -v runc >/dev/null || pkgs+=(runc)
     [[ -x /usr/lib/cni/bridge ]] || pkgs+=(containernetworking-plugins)
@@ -163,10 +167,7 @@ install_node_tier() {
     command -v mmdebstrap >/dev/null || pkgs+=(mmdebstrap)
     [[ ${#pkgs[@]} -eq 0 ]] || apt_install "${pkgs[@]}"
     for script in tests/node/build-node-assets.sh tests/node/build-image.sh; do
-        out=$(KUBETRAIN_ASSETS_NO_BUILD=${NODE_NO_BUILD:-0} bash "$REPO_ROOT/$script") || die "$script failed"
-        while IFS= read -r line; do
-            if [[ "$line" == export\ * ]]; then EXPORTS+=("$line"); eval "$line"; fi
-        done <<<"$out"
+        run_builder "$script" "${NODE_NO_BUILD:-0}" || log "$script built nothing: the node tier will skip"
     done
 }
 

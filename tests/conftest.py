@@ -1,5 +1,7 @@
 """Fixtures shared by every test; the helpers live in tests/support.py."""
 
+from pathlib import Path
+
 import pytest
 
 from kube_control_plane import SKIP_REASONS
@@ -29,6 +31,15 @@ def pytest_configure(config):
         "cluster: needs a real cluster (tests/cluster: kube-apiserver + etcd; tests/node: a whole node); "
         "skipped where absent unless KUBETRAIN_REQUIRE_CLUSTER=1",
     )
+
+
+CLUSTER_TIERS = [Path(__file__).resolve().parent / tier for tier in ("cluster", "node")]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(tier in Path(str(item.fspath)).resolve().parents for tier in CLUSTER_TIERS):
+            item.add_marker(pytest.mark.cluster)
 
 
 def pytest_terminal_summary(terminalreporter):

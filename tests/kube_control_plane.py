@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import glob
 import os
 import re
+import secrets
 import signal
 import socket
 import ssl
@@ -26,6 +28,8 @@ import yaml
 START_TIMEOUT_S = float(os.environ.get("KUBETRAIN_APISERVER_START_TIMEOUT", "120"))
 
 
+HOW_TO = 'run: eval "$(scripts/install-test-tools.sh)"'
+PYTORCHJOB_CRD_NAME = "pytorchjobs.kubeflow.org"
 SKIP_REASONS: list[str] = []  # shown in the terminal summary when a tier skipped
 
 
@@ -69,12 +73,12 @@ class CertAuthority:
                  cwd=self.folder)
         return self.folder / f"{stem}.crt", self.folder / f"{stem}.key"
 
-    def serving(self) -> tuple[Path, Path]:
+    def serving(self, stem: str = "serving", cn: str = "kube-apiserver",
+                sans: str = "IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default") -> tuple[Path, Path]:
         return self.issue(
-            "serving", "/CN=kube-apiserver",
+            stem, f"/CN={cn}",
             "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-            "extendedKeyUsage=serverAuth\n"
-            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default\n",
+            f"extendedKeyUsage=serverAuth\nsubjectAltName={sans}\n",
         )
 
     def client(self, user: str, groups: tuple[str, ...] = ()) -> tuple[Path, Path]:
@@ -159,8 +163,7 @@ class Cluster:
 
     def require_monitoring_crds(self) -> None:
         if not self.monitoring_crds:
-            require("the PodMonitor/PrometheusRule CRDs are absent (KUBETRAIN_MONITORING_CRDS); "
-                    'run: eval "$(scripts/install-test-tools.sh)"')
+            require(f"the PodMonitor/PrometheusRule CRDs are absent (KUBETRAIN_MONITORING_CRDS); {HOW_TO}")
 
     def user_kubeconfig(self, name: str = "alice", groups: tuple[str, ...] = ()) -> Path:
         """A kubeconfig for user `name` (client certificate; member of `groups` only,
@@ -204,14 +207,16 @@ class Cluster:
         return self.kubectl(*args, input=manifest, kubeconfig=kubeconfig, check=check)
 
 
-def write_kubeconfig(path: Path, server: str, ca: Path, user: str, cert: Path, key: Path) -> None:
+def write_kubeconfig(path: Path, server: str, ca: Path, user: str, cert: Path | None = None,
+                     key: Path | None = None, token: str | None = None) -> None:
+    """A kubeconfig for `user`, by client certificate or by bearer token (a ServiceAccount's)."""
+    credentials = {"token": token} if token else {"client-certificate": str(cert), "client-key": str(key)}
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{"name": "kubetrain-test", "cluster": {
             "server": server, "certificate-authority": str(ca)}}],
-        "users": [{"name": user, "user": {
-            "client-certificate": str(cert), "client-key": str(key)}}],
+        "users": [{"name": user, "user": credentials}],
         "contexts": [{"name": user, "context": {"cluster": "kubetrain-test", "user": user}}],
         "current-context": user,
         "preferences": {},
@@ -250,3 +255,26 @@ def wait_established(cluster: Cluster, crd_name: str, timeout_s: float = 60) -> 
             return
         time.sleep(0.2)
     raise RuntimeError(f"CRD {crd_name} not Established after {timeout_s:.0f}s")
+
+
+def monitoring_crd_files(control_plane_assets: Path) -> list[Path]:
+    """The PodMonitor and PrometheusRule CRDs (KUBETRAIN_MONITORING_CRDS, else beside the binaries)."""
+    folder = os.environ.get("KUBETRAIN_MONITORING_CRDS", "") or str(control_plane_assets / "crds" /
+                                                                      "prometheus-operator-*")
+    return sorted(Path(p) for p in glob.glob(os.path.join(folder, "monitoring.coreos.com_*.yaml")))
+
+
+def install_crds(cluster: Cluster, pytorchjob_crd: Path, monitoring: list[Path]) -> None:
+    """Server-side apply (the PyTorchJob CRD is too large for client-side) and wait until each is served."""
+    cluster.kubectl("apply", "--server-side", "--field-manager=kubetrain-tests", "-f", str(pytorchjob_crd))
+    wait_established(cluster, PYTORCHJOB_CRD_NAME)
+    for path in monitoring:  # PodMonitor and PrometheusRule, as kube-prometheus-stack installs them
+        cluster.kubectl("apply", "--server-side", "--field-manager=kubetrain-tests", "-f", str(path))
+        wait_established(cluster, path.stem.split("_", 1)[1] + ".monitoring.coreos.com")
+    cluster.monitoring_crds = len(monitoring) >= 2
+
+
+def namespace_name(test_name: str) -> str:
+    """A namespace per test: the test's name, made DNS-safe, plus a random suffix."""
+    base = re.sub(r"[^a-z0-9-]+", "-", test_name.lower()).strip("-")[:50].strip("-") or "test"
+    return f"{base}-{secrets.token_hex(3)}"

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import yaml
 
-from kube_control_plane import CertAuthority, Cluster, Process, openssl, wait_established, wait_ready, write_kubeconfig
+from kube_control_plane import (CertAuthority, Cluster, Process, install_crds, openssl, wait_ready,
+                                write_kubeconfig)
 
 HOST_IP, NODE_IP = "10.251.0.1", "10.251.0.2"
 POD_SUBNET, SERVICE_RANGE = "10.252.0.0/24", "10.253.0.0/24"
@@ -130,9 +131,6 @@ class Node:
         return self.in_node(["ctr", "--address", self.work / "containerd.sock", "-n", "k8s.io", *args],
                             check=check, timeout=timeout)
 
-    def url(self, port: int, path: str = "") -> str:
-        return f"http://{NODE_IP}:{port}{path}"
-
     def _wait(self, what: str, ok, timeout: float = READY_TIMEOUT_S, procs: list[Process] | None = None):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -165,13 +163,10 @@ class Node:
     def _certificates(self) -> None:
         w = self.work
         self.ca = CertAuthority(w)
-        serving = ("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-                   "extendedKeyUsage=serverAuth\n")
-        self.api_cert = self.ca.issue("apiserver", "/CN=kube-apiserver", serving + (
-            f"subjectAltName=IP:{NODE_IP},IP:127.0.0.1,IP:10.253.0.1,DNS:localhost,DNS:kubernetes,"
-            "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"))
-        self.kubelet_cert = self.ca.issue("kubelet-serving", f"/CN={NODE_NAME}",
-                                          serving + f"subjectAltName=IP:{NODE_IP},DNS:{NODE_NAME}\n")
+        self.api_cert = self.ca.serving("apiserver", "kube-apiserver", (
+            f"IP:{NODE_IP},IP:127.0.0.1,IP:10.253.0.1,DNS:localhost,DNS:kubernetes,"
+            "DNS:kubernetes.default,DNS:kubernetes.default.svc"))
+        self.kubelet_cert = self.ca.serving("kubelet-serving", NODE_NAME, f"IP:{NODE_IP},DNS:{NODE_NAME}")
         self.admin = self.ca.client("kubetrain-admin", ("system:masters",))
         self.node_client = self.ca.client(f"system:node:{NODE_NAME}", ("system:nodes",))
         openssl("genrsa", "-out", "sa.key", "2048", cwd=w)
@@ -218,10 +213,7 @@ class Node:
         self.spawn("kube-scheduler", [
             self.assets.node / "kube-scheduler", f"--kubeconfig={self.inner_kubeconfig}",
             "--leader-elect=false", "--bind-address=127.0.0.1", "--secure-port=10259"])
-        for crd in [self.assets.pytorchjob_crd, *self.assets.monitoring_crds]:
-            self.cluster.kubectl("apply", "--server-side", "--field-manager=kubetrain-tests", "-f", str(crd))
-        wait_established(self.cluster, "pytorchjobs.kubeflow.org")
-        self.cluster.monitoring_crds = len(self.assets.monitoring_crds) >= 2
+        install_crds(self.cluster, self.assets.pytorchjob_crd, self.assets.monitoring_crds)
         # The controller-manager makes each namespace's `default` ServiceAccount: wait for it.
         self._wait("the default ServiceAccount", lambda: self.cluster.kubectl(
             "get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0)
@@ -258,23 +250,24 @@ state = "{w / 'containerd-state'}"
         proc = self.spawn("containerd", ["containerd", "--config", w / "containerd.toml"])
         self._wait("containerd", lambda: self.ctr("version", timeout=10).returncode == 0, procs=[proc])
         self._remove_leftover_containers()
-        self._remove_stale_images()
-        present = set(self.ctr("images", "ls", "-q").stdout.split())
+        present = self._remove_stale_images()
         for ref, tarball in self.assets.images.items():
             if not any(_same_image(stored, ref) for stored in present):
                 t0 = time.monotonic()
                 self.ctr("images", "import", tarball)
                 self.timings[f"import {ref}"] = time.monotonic() - t0
 
-    def _remove_stale_images(self) -> None:
+    def _remove_stale_images(self) -> set[str]:
         """Older test images go before a new one comes, layers and all: each is gigabytes. The CRI
-        plugin keeps a second reference to each image, named by its ID, which goes too."""
+        plugin keeps a second reference to each image, named by its ID, which goes too.
+        Returns the image references that stay."""
         rows = [line.split() for line in self.ctr("images", "ls").stdout.splitlines()[1:] if line.strip()]
         kept = {row[2] for row in rows if any(_same_image(row[0], ref) for ref in self.assets.images)}
         stale = [row[0] for row in rows if row[2] not in kept and (
             "kubetrain/trainer:" in row[0] or row[0].startswith("sha256:"))]
         if stale:
             self.ctr("images", "rm", "--sync", *stale, check=False)
+        return {row[0] for row in rows} - set(stale)
 
     def _remove_leftover_containers(self) -> None:
         """Containers left in the cached store by a run that died: gone before the kubelet starts."""
@@ -379,13 +372,8 @@ state = "{w / 'containerd-state'}"
         # The operator's cert rotator writes to the fixed /tmp/k8s-webhook-server: give it a /tmp of its own.
         home = self.work / "operator-tmp"
         home.mkdir()
-        (home / "kubeconfig").write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "node", "cluster": {"server": f"https://127.0.0.1:{APISERVER_PORT}",
-                                                       "certificate-authority": "/tmp/ca.crt"}}],
-            "users": [{"name": "training-operator", "user": {"token": token}}],
-            "contexts": [{"name": "op", "context": {"cluster": "node", "user": "training-operator"}}],
-            "current-context": "op"}))
+        write_kubeconfig(home / "kubeconfig", f"https://127.0.0.1:{APISERVER_PORT}", Path("/tmp/ca.crt"),
+                         "training-operator", token=token)  # as the operator's /tmp sees them
         shutil.copy(self.ca.cert, home / "ca.crt")
         shutil.copy(self.assets.init_container_template, home / "init-container.tmpl")
         argv = [self.assets.node / "training-operator", "--kubeconfig=/tmp/kubeconfig",

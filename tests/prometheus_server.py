@@ -46,6 +46,15 @@ def http_get(url: str, timeout: float = 2.0) -> str:
         return response.read().decode()
 
 
+def query(prometheus_url: str, promql: str, **params) -> list[dict]:
+    """The HTTP API's result list: an instant query, or a range query when `step` is given."""
+    url = f"{prometheus_url}/api/v1/{'query_range' if 'step' in params else 'query'}?" + urllib.parse.urlencode(
+        {"query": promql, **params})
+    body = json.loads(http_get(url, timeout=10))
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
 class Prometheus:
     """A real Prometheus server on loopback with its own config and TSDB in tmp_path."""
 
@@ -91,11 +100,7 @@ class Prometheus:
             time.sleep(0.2)
 
     def query(self, promql: str, **params) -> list[dict]:
-        url = f"{self.url}/api/v1/{'query_range' if 'step' in params else 'query'}?" + urllib.parse.urlencode(
-            {"query": promql, **params})
-        body = json.loads(http_get(url, timeout=10))
-        assert body["status"] == "success", body
-        return body["data"]["result"]
+        return query(self.url, promql, **params)
 
     def stop(self) -> None:
         self.proc.terminate()

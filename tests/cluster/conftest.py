@@ -21,58 +21,41 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import secrets
+import shutil
 from pathlib import Path
 
 import pytest
 
 from kube_control_plane import (
-    CertAuthority, Cluster, Process, free_port, openssl, wait_established, wait_ready,
-    require, write_kubeconfig,
+    HOW_TO, CertAuthority, Cluster, Process, free_port, install_crds, monitoring_crd_files, namespace_name,
+    openssl, require, wait_ready, write_kubeconfig,
 )
 
-HERE = Path(__file__).resolve().parent
 ASSET_BINARIES = ("etcd", "kube-apiserver", "kubectl")
-PYTORCHJOB_CRD_NAME = "pytorchjobs.kubeflow.org"
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
-
-# --------------------------------------------------------------------------- pytest hooks
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(pytest.mark.cluster)
 
 
 # --------------------------------------------------------------------------- locating assets
-_HOW_TO = 'run: eval "$(scripts/install-test-tools.sh)"'
-
-
 def _find_assets() -> tuple[Path, Path]:
     assets = os.environ.get("KUBEBUILDER_ASSETS", "")
     if not assets:
-        require(f"KUBEBUILDER_ASSETS is not set (no kube-apiserver/etcd); {_HOW_TO}")
+        require(f"KUBEBUILDER_ASSETS is not set (no kube-apiserver/etcd); {HOW_TO}")
     folder = Path(assets)
     missing = [b for b in ASSET_BINARIES if not os.access(folder / b, os.X_OK)]
     if missing:
-        require(f"KUBEBUILDER_ASSETS={assets} lacks {', '.join(missing)}; {_HOW_TO}")
+        require(f"KUBEBUILDER_ASSETS={assets} lacks {', '.join(missing)}; {HOW_TO}")
     crd = os.environ.get("KUBETRAIN_PYTORCHJOB_CRD", "")
     if not crd:
         found = sorted(glob.glob(str(folder / "crds" / "*" / "kubeflow.org_pytorchjobs.yaml")))
         crd = found[-1] if found else ""
     if not crd or not Path(crd).is_file():
-        require(f"PyTorchJob CRD not found (KUBETRAIN_PYTORCHJOB_CRD={crd or 'unset'}); {_HOW_TO}")
-    if not _which("openssl"):
+        require(f"PyTorchJob CRD not found (KUBETRAIN_PYTORCHJOB_CRD={crd or 'unset'}); {HOW_TO}")
+    if not shutil.which("openssl"):
         require("openssl is not on PATH (needed to make the test certificates)")
     return folder, Path(crd)
 
 
-def _which(name: str) -> str | None:
-    for d in os.environ.get("PATH", "").split(os.pathsep):
-        p = os.path.join(d, name)
-        if os.access(p, os.X_OK):
-            return p
-    return None
 
 
 @pytest.fixture(scope="session")
@@ -123,31 +106,18 @@ def apiserver(tmp_path_factory) -> Cluster:
         write_kubeconfig(kubeconfig, server, ca.cert, "kubetrain-admin", admin_cert, admin_key)
         cluster = Cluster(server=server, kubeconfig=kubeconfig, kubectl_path=assets / "kubectl",
                           crd_path=crd, workdir=work, ca_file=ca.cert, _ca=ca)
-        cluster.kubectl("apply", "--server-side", "--field-manager=kubetrain-tests", "-f", str(crd))
-        wait_established(cluster, PYTORCHJOB_CRD_NAME)
-        monitoring = sorted(glob.glob(os.path.join(os.environ.get("KUBETRAIN_MONITORING_CRDS", "") or
-                                                   str(assets / "crds" / "prometheus-operator-*"),
-                                                   "monitoring.coreos.com_*.yaml")))
-        for path in monitoring:  # PodMonitor and PrometheusRule, as kube-prometheus-stack installs them
-            cluster.kubectl("apply", "--server-side", "--field-manager=kubetrain-tests", "-f", path)
-            wait_established(cluster, Path(path).stem.split("_", 1)[1] + ".monitoring.coreos.com")
-        cluster.monitoring_crds = len(monitoring) >= 2
+        install_crds(cluster, crd, monitoring_crd_files(assets))
         yield cluster
     finally:
         for p in reversed(procs):  # kube-apiserver first, then etcd
             p.stop()
 
 
-def _namespace_name(test_name: str) -> str:
-    base = re.sub(r"[^a-z0-9-]+", "-", test_name.lower()).strip("-")[:50].strip("-") or "test"
-    return f"{base}-{secrets.token_hex(3)}"
-
-
 @pytest.fixture
 def namespace(apiserver: Cluster, request) -> str:
     """A fresh namespace for one test; deleted afterwards (without waiting: no
     controller-manager finalizes it)."""
-    name = _namespace_name(request.node.name)
+    name = namespace_name(request.node.name)
     apiserver.kubectl("create", "namespace", name)
     yield name
     apiserver.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)

@@ -8,14 +8,13 @@ trainer image built from images/Dockerfile (``KUBETRAIN_TRAINER_IMAGE``,
 namespaces, the tier skips with the reason, unless ``KUBETRAIN_REQUIRE_CLUSTER=1``.
 
 Fixtures:
-  node         (session)  the running cluster: ``.cluster`` (kubectl, kubeconfig), ``.spawn``, ``.url``
+  node         (session)  the running cluster: ``.cluster`` (kubectl, kubeconfig), ``.spawn``, ``.http_ok_inside``
   node_s3      (session)  a moto S3 server inside the node's network namespace, reachable from pods
   node_ns      (function) a fresh namespace enforcing Pod Security `restricted`, deleted afterwards
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import sys
@@ -24,21 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from kube_control_plane import require
-from kube_node import NODE_IP, Node, NodeAssets, node_lock
-from s3server import CREDENTIALS
+from kube_control_plane import HOW_TO, monitoring_crd_files, namespace_name, require
+from kube_node import NODE_IP, PAUSE_IMAGE, Node, NodeAssets, node_lock
+from s3server import CREDENTIALS, S3Server
 from support import REPO
 
 NODE_CACHE = Path(os.environ.get("KUBETRAIN_CACHE", Path.home() / ".cache" / "kubetrain")) / "node"
-_HOW_TO = 'run: eval "$(scripts/install-test-tools.sh)"'
 S3_PORT = 9000
 HERE = Path(__file__).resolve().parent
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if HERE in Path(str(item.fspath)).resolve().parents:
-            item.add_marker(pytest.mark.cluster)
 
 
 def _find_assets() -> NodeAssets:
@@ -46,28 +38,25 @@ def _find_assets() -> NodeAssets:
         require("the node tier needs root (network and mount namespaces, containerd, the kubelet)")
     for program in ("unshare", "nsenter", "ip", "containerd", "ctr", "runc", "openssl"):
         if not shutil.which(program):
-            require(f"{program} is not on PATH (Debian: containerd, runc, iproute2, util-linux); {_HOW_TO}")
+            require(f"{program} is not on PATH (Debian: containerd, runc, iproute2, util-linux); {HOW_TO}")
     if not Path("/usr/lib/cni/bridge").exists():
-        require(f"the CNI bridge plugin is missing (Debian: containernetworking-plugins); {_HOW_TO}")
+        require(f"the CNI bridge plugin is missing (Debian: containernetworking-plugins); {HOW_TO}")
     env = {k: os.environ.get(k, "") for k in ("KUBEBUILDER_ASSETS", "KUBETRAIN_NODE_ASSETS",
                                                 "KUBETRAIN_TRAINER_IMAGE", "KUBETRAIN_TRAINER_IMAGE_TAR")}
     missing = [k for k, v in env.items() if not v]
     if missing:
-        require(f"{', '.join(missing)} not set; {_HOW_TO}")
+        require(f"{', '.join(missing)} not set; {HOW_TO}")
     control_plane, node = Path(env["KUBEBUILDER_ASSETS"]), Path(env["KUBETRAIN_NODE_ASSETS"])
     crd = os.environ.get("KUBETRAIN_PYTORCHJOB_CRD") or str(
         node / "operator-manifests" / "base" / "crds" / "kubeflow.org_pytorchjobs.yaml")
-    monitoring = sorted(Path(p) for p in glob.glob(os.path.join(
-        os.environ.get("KUBETRAIN_MONITORING_CRDS", "") or str(control_plane / "crds" / "prometheus-operator-*"),
-        "monitoring.coreos.com_*.yaml")))
     for path in [control_plane / "kube-apiserver", node / "kubelet", node / "training-operator",
                  node / "pause.tar", Path(env["KUBETRAIN_TRAINER_IMAGE_TAR"]), Path(crd)]:
         if not path.exists():
-            require(f"{path} is missing; {_HOW_TO}")
+            require(f"{path} is missing; {HOW_TO}")
     return NodeAssets(
-        control_plane=control_plane, node=node, pytorchjob_crd=Path(crd), monitoring_crds=monitoring,
+        control_plane=control_plane, node=node, pytorchjob_crd=Path(crd), monitoring_crds=monitoring_crd_files(control_plane),
         trainer_image=env["KUBETRAIN_TRAINER_IMAGE"],
-        images={"kubetrain.test/pause:3.10": node / "pause.tar",
+        images={PAUSE_IMAGE: node / "pause.tar",
                 env["KUBETRAIN_TRAINER_IMAGE"]: Path(env["KUBETRAIN_TRAINER_IMAGE_TAR"])},
         init_container_template=REPO / "k8s" / "training-operator" / "init-container.tmpl",
         cache=NODE_CACHE)
@@ -118,36 +107,14 @@ def node_s3(node: Node):
         if not proc.alive() or time.monotonic() > deadline:
             raise RuntimeError(f"moto in the node did not start: {proc.log_tail()}")
         time.sleep(0.3)
-    yield NodeS3(f"http://{NODE_IP}:{S3_PORT}")
+    yield S3Server(port=S3_PORT, host=NODE_IP)  # seen from the host and from pods alike
     proc.stop()
-
-
-class NodeS3:
-    """The node's S3 server, seen from the host (boto3) and from pods (the same address)."""
-
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
-                            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
-
-    def keys(self, bucket: str, prefix: str = "") -> list[str]:
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
 
 @pytest.fixture
 def node_ns(node: Node, request) -> str:
     """A fresh namespace per test that enforces Pod Security `restricted`, as k8s/namespace.yaml does."""
-    import re
-    import secrets
-
-    name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
-    name = f"{name}-{secrets.token_hex(3)}"
+    name = namespace_name(request.node.name)
     node.cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": {
         "pod-security.kubernetes.io/enforce": "restricted",
         "pod-security.kubernetes.io/enforce-version": "latest"}}})

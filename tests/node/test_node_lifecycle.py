@@ -70,7 +70,7 @@ def test_status_says_why_pods_are_pending_from_the_real_scheduler(node, node_ns)
 
 def test_deleting_the_worker_pod_preempts_commits_and_resumes_to_the_same_loss(node, node_ns, node_s3, tmp_path):
     bucket = "preempt"
-    node_s3.client().create_bucket(Bucket=bucket)
+    node_s3.create_bucket(bucket)
     create_s3_secret(node, node_ns)
     # 768 steps: long enough (about 30 s here) to be preempted after the first periodic checkpoint.
     long = ["--set", "training.epochs=3,training.data.trainSamples=16384,training.data.evalSamples=512",

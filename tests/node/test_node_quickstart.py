@@ -16,7 +16,7 @@ import yaml
 
 from kube_node import NODE_IP
 from nodejobs import QUICKSTART, get_json, helm, job_pods, kt, tier_values, wait_for_state
-from prometheus_server import http_get
+from prometheus_server import query
 from support import REPO
 from trainer.controller.local import operator_env
 
@@ -143,14 +143,13 @@ def test_restricted_namespace_admits_guaranteed_pods_with_our_init_container(nod
 
 
 def test_prometheus_pod_discovery_scrapes_both_ranks(node, quickstart):
-    query = 'max by (rank) (max_over_time(kubetrain_steps_total{experiment="quickstart"}[10m]))'
-    raw = http_get(f"{quickstart['prometheus']}/api/v1/query?query={_quote(query)}&time={quickstart['ended']}",
-                   timeout=10)
-    result = {r["metric"]["rank"]: float(r["value"][1]) for r in json.loads(raw)["data"]["result"]}
-    assert set(result) == {"0", "1"} and min(result.values()) > 0, raw
-    pods = json.loads(http_get(f"{quickstart['prometheus']}/api/v1/query?query="
-                               f"{_quote('count by (pod, training_kubeflow_org_replica_type) (max_over_time(kubetrain_info[10m]))')}"
-                               f"&time={quickstart['ended']}", timeout=10))["data"]["result"]
+    at = {"time": quickstart["ended"]}  # the pods are gone: ask about the run, with its samples in range
+    steps = query(quickstart["prometheus"],
+                  'max by (rank) (max_over_time(kubetrain_steps_total{experiment="quickstart"}[10m]))', **at)
+    result = {r["metric"]["rank"]: float(r["value"][1]) for r in steps}
+    assert set(result) == {"0", "1"} and min(result.values()) > 0, steps
+    pods = query(quickstart["prometheus"],
+                 "count by (pod, training_kubeflow_org_replica_type) (max_over_time(kubetrain_info[10m]))", **at)
     # The PodMonitor's podTargetLabels and the pod name ride along, as prometheus-operator adds them.
     assert {(p["metric"]["pod"], p["metric"]["training_kubeflow_org_replica_type"]) for p in pods} == {
         ("quickstart-master-0", "master"), ("quickstart-worker-0", "worker")}, pods
@@ -161,9 +160,3 @@ def test_helm_test_passes_on_the_node(node, quickstart):
     tested = helm(node, "test", "quickstart", "-n", NAMESPACE, timeout=300)
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "TEST SUITE:     quickstart-test" in tested.stdout and "Phase:          Succeeded" in tested.stdout
-
-
-def _quote(text: str) -> str:
-    import urllib.parse
-
-    return urllib.parse.quote(text, safe="")
