@@ -1,14 +1,13 @@
-"""`helm template` and `kubetrain render` give the same objects for the same values.
+"""`helm template` and `kubetrain render` print the same bytes for the same values.
 
 Uses the real helm binary (KUBETRAIN_HELM or PATH; scripts/install-test-tools.sh
-provides it) and skips visibly without it. Objects are compared as parsed YAML
-keyed by (kind, name), document order aside; `*.json` data fields are compared
-after JSON-parsing them (toPrettyJson and json.dumps space differently).
+provides it) and skips visibly without it. Streams are compared byte for byte; a
+difference is reported as a diff of the first document that differs.
 """
 
 from __future__ import annotations
 
-import json
+import difflib
 import os
 import re
 import shutil
@@ -45,37 +44,21 @@ def helm_template(name: str, files: list[Path] = (), sets: list[str] = ()) -> su
     return helm(*args)
 
 
-def objects(stream: str) -> dict[tuple[str, str], dict]:
-    """Parsed documents keyed by (kind, name), with JSON data fields parsed too."""
-    out = {}
-    for doc in yaml.safe_load_all(stream):
-        if not doc:
-            continue
-        for key, value in (doc.get("data") or {}).items():
-            if key.endswith(".json"):
-                doc["data"][key] = json.loads(value)
-        key = (doc["kind"], doc["metadata"]["name"])
-        assert key not in out, f"{key} rendered twice"
-        out[key] = doc
-    return out
+def documents(stream: str) -> list[str]:
+    return re.split(r"^(?=---\n# Source: )", stream, flags=re.M)
 
 
-def differences(theirs, ours, path: str = "") -> list[str]:
-    """Where two parsed objects differ, as `path: helm=... ours=...` lines."""
-    if isinstance(theirs, dict) and isinstance(ours, dict):
-        return [line for key in sorted(set(theirs) | set(ours), key=str)
-                for line in differences(theirs.get(key, "<absent>"), ours.get(key, "<absent>"), f"{path}.{key}")]
-    if isinstance(theirs, list) and isinstance(ours, list) and len(theirs) == len(ours):
-        return [line for i, (a, b) in enumerate(zip(theirs, ours)) for line in differences(a, b, f"{path}[{i}]")]
-    return [] if theirs == ours else [f"{path}: helm={theirs!r} ours={ours!r}"]
-
-
-def assert_same_objects(helm_stream: str, ours_stream: str, context: str = "") -> None:
-    theirs, ours = objects(helm_stream), objects(ours_stream)
-    assert sorted(ours) == sorted(theirs), context
-    for key in theirs:
-        diff = differences(theirs[key], ours[key])
-        assert not diff, f"{key} differs between helm template and kubetrain render:\n" + "\n".join(diff) + context
+def assert_same_bytes(helm_stream: str, ours_stream: str, context: str = "") -> None:
+    """The streams are equal; else a diff of the first document that differs."""
+    if helm_stream == ours_stream:
+        return
+    theirs, ours = documents(helm_stream), documents(ours_stream)
+    for a, b in zip(theirs, ours):
+        if a != b:
+            diff = "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), "helm template",
+                                                "kubetrain render", n=2))
+            raise AssertionError(f"helm template and kubetrain render differ:\n{diff}{context}")
+    raise AssertionError(f"helm printed {len(theirs)} documents, kubetrain {len(ours)}{context}")
 
 
 def schema_paths(stderr: str) -> set[str]:
@@ -94,7 +77,7 @@ def test_every_example_renders_the_same(example):
     assert theirs.returncode == 0, theirs.stderr
     ours = run_cli("render", name, "-f", str(example))
     assert ours.returncode == 0, ours.stderr
-    assert_same_objects(theirs.stdout, ours.stdout)
+    assert_same_bytes(theirs.stdout, ours.stdout)
 
 
 def test_set_flags_and_int64_numbers_render_the_same():
@@ -105,7 +88,7 @@ def test_set_flags_and_int64_numbers_render_the_same():
     assert theirs.returncode == 0, theirs.stderr
     ours = run_cli("render", "set-flags", *[a for s in sets for a in ("--set", s)])
     assert ours.returncode == 0, ours.stderr
-    assert_same_objects(theirs.stdout, ours.stdout)
+    assert_same_bytes(theirs.stdout, ours.stdout)
 
 
 def test_helm_lint_strict_is_clean():
@@ -142,6 +125,7 @@ BAD_VALUES = [
     ["resources.cpu=-1"],
     ["resources.memory=-1Gi"],
     ["checkpoint.uri=s3:///prefix"],
+    ["job.nodes=2.5"],
     ["serviceAccount.create=1", "job.restartPolicy=Sometimes", "training.batchSize=0"],
 ]
 
@@ -225,7 +209,9 @@ def values_sets(draw) -> tuple[str, dict]:
                   "pullSecrets": draw(st.lists(st.sampled_from(["regcred", "mirror"]), max_size=2, unique=True))},
         "job": job,
         "training": {"data": {"root": draw(ODD_TEXT)}, "seed": draw(st.integers(0, 2**31)),
-                     "optimizer": {"lr": draw(st.floats(1e-7, 1.0))},
+                     "optimizer": {"lr": draw(st.floats(1e-7, 1.0)),
+                                   "weightDecay": draw(st.sampled_from([0, 0.0, 1.0, 1e-7, 0.25, 1234567.5]))},
+                     "gradClipNorm": draw(st.sampled_from([1.0, 0, 2, 0.5, 1e21, 3.0e-7])),
                      "options": draw(st.dictionaries(st.sampled_from(["a", "b-c", "dim"]),
                                                      st.one_of(ODD_TEXT, st.integers(-5, 10**9), st.booleans()),
                                                      max_size=3))},
@@ -309,7 +295,7 @@ def test_generated_values_render_the_same(batch, tmp_path):
                 assert str(ours) in theirs.stderr, f"{ours} vs {theirs.stderr}; {context}"
         else:
             assert theirs.returncode == 0, f"only helm failed: {theirs.stderr}; {context}"
-            assert_same_objects(theirs.stdout, ours, context)
+            assert_same_bytes(theirs.stdout, ours, context)
 
 
 @pytest.mark.parametrize("flags", [
@@ -323,4 +309,42 @@ def test_set_flags_apply_in_helms_order_whatever_the_command_line_order(flags):
     assert theirs.returncode == 0, theirs.stderr
     ours = run_cli("render", "order", *flags)
     assert ours.returncode == 0, ours.stderr
-    assert objects(ours.stdout) == objects(theirs.stdout)
+    assert_same_bytes(theirs.stdout, ours.stdout)
+
+
+# ---------------------------------------------------------------- files, flags and nulls together
+MERGE_CASES = {
+    # a null in one file, a map in the next: Helm merges the map onto the chart default again
+    "null-then-map": ([{"podSecurityContext": None}, {"podSecurityContext": {"runAsUser": 2000}}], [], True),
+    "map-then-null": ([{"podSecurityContext": {"runAsUser": 2000}}, {"podSecurityContext": None}], [], True),
+    # --set edits the list a file gave instead of replacing it
+    "set-edits-a-file-list": ([{"tolerations": [{"key": "gpu", "operator": "Exists"}, {"key": "spot"}]}],
+                              ["--set", "tolerations[0].effect=NoSchedule"], True),
+    "every-flag": ([{"podLabels": {"team": "a"}}],
+                   ["--set", "podLabels.owner=b", "--set-string", "podLabels.cost=100",
+                    "--set-json", 'podAnnotations={"x": "y"},training.epochs=3', "--set", "podAnnotations.z=w"], True),
+    "json-then-null": ([], ["--set", "training.options=null", "--set-json", 'training.options={"a": 1}'], True),
+    "null-in-a-file-then-set": ([{"training": {"options": None}}], ["--set", "training.seed=7"], True),
+    # a null for a key without a default stays null in Helm, and the schema refuses it
+    "null-without-default": ([{"podLabels": {"team": None}}], [], False),
+    # Helm cannot set a key inside a null a file gave
+    "set-inside-null": ([{"podSecurityContext": None}], ["--set", "podSecurityContext.runAsUser=5"], False),
+    "string-count": ([], ["--set-string", "job.nodes=2"], False),
+}
+
+
+@pytest.mark.parametrize("files,flags,renders", MERGE_CASES.values(), ids=MERGE_CASES.keys())
+def test_files_flags_and_nulls_merge_as_in_helm(tmp_path, files, flags, renders):
+    args = []
+    for i, values in enumerate(files):
+        path = tmp_path / f"values-{i}.yaml"
+        path.write_text(yaml.safe_dump(values))
+        args += ["-f", str(path)]
+    theirs = helm("template", "merge", str(CHART), *args, *flags)
+    ours = run_cli("render", "merge", *args, *flags)
+    assert (theirs.returncode == 0) == renders, theirs.stderr
+    if renders:
+        assert ours.returncode == 0, ours.stderr
+        assert_same_bytes(theirs.stdout, ours.stdout)
+    else:
+        assert ours.returncode == 2 and ours.stdout == "" and "Traceback" not in ours.stderr, ours.stderr

@@ -1,10 +1,11 @@
 """`kubetrain render`: the chart's manifests from the chart's values, without helm.
 
 Every function below mirrors one template of helm/kubetrain/templates (named in
-its docstring); `helm template NAME helm/kubetrain -f v.yaml` and
-`kubetrain render NAME -f v.yaml` give the same objects, which
-tests/test_chart_parity.py checks with the real helm binary. Change both sides
-together.
+its docstring) line by line, and prints what it prints: `helm template NAME
+helm/kubetrain -f v.yaml` and `kubetrain render NAME -f v.yaml` give the same
+bytes, which tests/test_chart_parity.py checks with the real helm binary. Change
+both sides together. The Go functions the templates call (quote, toYaml, toJson,
+toPrettyJson, nindent) are in helm_functions.py, with Go's output.
 
 Helm reads numbers from values files as float64, so the templates never print
 a number with `%v` (1000000 would become 1e+06): integers go through `int`,
@@ -13,7 +14,6 @@ free-form scalars through toJson. `go_string` is the Python side of that.
 
 from __future__ import annotations
 
-import copy
 import decimal
 import functools
 import hashlib
@@ -23,6 +23,7 @@ import yaml
 
 from trainer.chart import chart_dir
 from trainer.config import EXPERIMENT_NAME, trainer_config_document
+from trainer.controller.helm_functions import nindent, quote, to_pretty_json, to_yaml
 from trainer.errors import UserError
 from trainer.values import HelmValuesLoader
 
@@ -138,11 +139,10 @@ def selector_labels(name: str) -> dict:
 
 
 def common_labels(name: str) -> dict:
-    """`kubetrain.labels`."""
+    """`kubetrain.labels` as `fromYaml` reads it."""
     meta = chart_metadata()
-    chart = f"{meta['name']}-{meta['version']}".replace("+", "_")[:63].removesuffix("-")
     return {
-        "helm.sh/chart": chart,
+        "helm.sh/chart": chart_label(),
         **selector_labels(name),
         "app.kubernetes.io/version": str(meta["appVersion"]),
         "app.kubernetes.io/managed-by": "Helm",
@@ -155,8 +155,30 @@ def trainer_selector_labels(name: str) -> dict:
     return {**selector_labels(name), "app.kubernetes.io/component": "trainer"}
 
 
-def metadata(name: str, labels: dict | None = None, **extra) -> dict:
-    return {"name": name, "labels": labels, **extra}
+def chart_label() -> str:
+    """`kubetrain.chart`."""
+    meta = chart_metadata()
+    return f"{meta['name']}-{meta['version']}".replace("+", "_")[:63].removesuffix("-")
+
+
+def selector_labels_text(name: str) -> str:
+    return f"app.kubernetes.io/name: {chart_metadata()['name']}\napp.kubernetes.io/instance: {quote(name)}"
+
+
+def labels_text(name: str) -> str:
+    """`include "kubetrain.labels"`: the text the templates print."""
+    return "\n".join([
+        f"helm.sh/chart: {chart_label()}",
+        selector_labels_text(name),
+        f"app.kubernetes.io/version: {quote(str(chart_metadata()['appVersion']))}",
+        "app.kubernetes.io/managed-by: Helm",
+        "app.kubernetes.io/part-of: kubetrain",
+        f"kubetrain.io/experiment: {quote(name)}",
+    ])
+
+
+def trainer_selector_labels_text(name: str) -> str:
+    return selector_labels_text(name) + "\napp.kubernetes.io/component: trainer"
 
 
 def image(values: dict) -> str:
@@ -169,247 +191,332 @@ def metrics_port_names(values: dict) -> list[tuple[str, int]]:
             for rank in range(int(values["job"]["nprocPerNode"]))]
 
 
+def _lines(*parts) -> str:
+    """Template lines; None and False leave a line out, as an `if` around it does."""
+    return "\n".join(part for part in parts if part)
+
+
+def _with(value, key_line: str, spaces: int) -> str:
+    """`{{- with .Values.x }}KEY:{{- toYaml . | nindent N }}{{- end }}`."""
+    return key_line + nindent(spaces, to_yaml(value)) if value else ""
+
+
 # ---------------------------------------------------------------- the PyTorchJob
 def trainer_command(values: dict) -> list[str]:
     """`kubetrain.command`: torchrun reads PET_* (set by the operator) for nodes, rank and rendezvous;
     trainer.worker.launch is torchrun that keeps the workers' exit codes for restartPolicy ExitCode."""
     job = values["job"]
-    torchrun = ["python", "-m", "trainer.worker.launch"] if int(job["nprocPerNode"]) > 1 or job["elastic"]["enabled"] else ["python"]
-    return [*torchrun, "-m", "trainer", "--config", CONFIG_PATH]
+    torchrun = ["-m", "trainer.worker.launch"] if int(job["nprocPerNode"]) > 1 or job["elastic"]["enabled"] else []
+    return ["python", *torchrun, "-m", "trainer", "--config", CONFIG_PATH]
 
 
-def resource_list(values: dict) -> dict:
+def resource_list(values: dict) -> str:
+    """`kubetrain.resourceList`."""
     resources = values["resources"]
-    out = {"cpu": go_string(resources["cpu"]), "memory": go_string(resources["memory"])}
-    if int(resources["gpu"]) > 0:
-        out["nvidia.com/gpu"] = str(int(resources["gpu"]))
-    return out
+    gpus = int(resources["gpu"])
+    return _lines(f"cpu: {quote(go_string(resources['cpu']))}",
+                  f"memory: {quote(go_string(resources['memory']))}",
+                  gpus > 0 and f"nvidia.com/gpu: {quote(str(gpus))}")
 
 
-def trainer_env(name: str, values: dict) -> list[dict]:
-    env = [{"name": "HOME", "value": "/tmp"}]
+def trainer_env(name: str, values: dict) -> str:
     secret = s3_secret_name(name, values)
+    lines = ["# A writable home on the read-only root filesystem (torch hub, triton caches).",
+             "- name: HOME", "  value: /tmp"]
     if secret:
-        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-                for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
-    env += [{"name": key, "value": go_string(value)} for key, value in sorted((values.get("ncclEnv") or {}).items())]
-    return env + copy.deepcopy(values.get("env") or [])
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            lines += [f"- name: {key}", "  valueFrom:", "    secretKeyRef:", f"      name: {quote(secret)}",
+                      f"      key: {key}"]
+    for key, value in sorted((values.get("ncclEnv") or {}).items()):
+        lines += [f"- name: {key}", f"  value: {quote(go_string(value))}"]
+    text = "\n".join(lines)
+    return text + nindent(0, to_yaml(values["env"])) if values.get("env") else text
 
 
-def pod_template(name: str, values: dict) -> dict:
+def pod_template(name: str, values: dict) -> str:
     """`kubetrain.podTemplate`: the Master's and the Workers' pods."""
     labels = {**(values.get("podLabels") or {}), **common_labels(name), **trainer_selector_labels(name)}
     annotations = {"sidecar.istio.io/inject": "false", **(values.get("podAnnotations") or {})}
-    spec: dict = {
-        "serviceAccountName": service_account_name(name, values),
-        "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": int(values["terminationGracePeriodSeconds"]),
-    }
-    optional = {
-        "securityContext": values.get("podSecurityContext"),
-        "imagePullSecrets": [{"name": secret} for secret in values["image"].get("pullSecrets") or []],
-        "priorityClassName": values.get("priorityClassName"),
-        "schedulerName": values.get("schedulerName"),
-        "nodeSelector": values.get("nodeSelector"),
-        "affinity": values.get("affinity"),
-        "tolerations": values.get("tolerations"),
-    }
-    spec.update({key: copy.deepcopy(value) for key, value in optional.items() if value})
-    ports = [{"name": "pytorchjob-port", "containerPort": int(values["job"]["masterPort"]), "protocol": "TCP"}]
+    ports = ["- name: pytorchjob-port", f"  containerPort: {int(values['job']['masterPort'])}", "  protocol: TCP"]
     if values["metrics"]["enabled"]:
-        ports += [{"name": port_name, "containerPort": port, "protocol": "TCP"}
-                  for port_name, port in metrics_port_names(values)]
-    container = {
-        "name": "pytorch",
-        "image": image(values),
-        "imagePullPolicy": values["image"]["pullPolicy"],
-        "command": trainer_command(values),
-        "env": trainer_env(name, values),
-        "ports": ports,
-        "resources": {"requests": resource_list(values), "limits": resource_list(values)},
-    }
-    if values.get("securityContext"):
-        container["securityContext"] = copy.deepcopy(values.get("securityContext"))
-    container["volumeMounts"] = [
-        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-        {"name": "dshm", "mountPath": "/dev/shm"},
-        {"name": "tmp", "mountPath": "/tmp"},
-        *copy.deepcopy(values.get("volumeMounts") or []),
-    ]
-    shm = {"medium": "Memory"}
-    if values["shm"]["sizeLimit"]:
-        shm["sizeLimit"] = values["shm"]["sizeLimit"]
-    spec["containers"] = [container]
-    spec["volumes"] = [
-        {"name": "config", "configMap": {"name": f"{name}-config"}},
-        {"name": "dshm", "emptyDir": shm},
-        {"name": "tmp", "emptyDir": {}},
-        *copy.deepcopy(values.get("volumes") or []),
-    ]
-    return {"metadata": {"labels": labels, "annotations": annotations}, "spec": spec}
+        for port_name, port in metrics_port_names(values):
+            ports += [f"- name: {port_name}", f"  containerPort: {port}", "  protocol: TCP"]
+    shm_limit = values["shm"]["sizeLimit"]
+    command = "\n".join(f"- {part}" for part in trainer_command(values))
+    return _lines(
+        "metadata:",
+        "  labels:" + nindent(4, to_yaml(labels)),
+        "  annotations:" + nindent(4, to_yaml(annotations)),
+        "spec:",
+        f"  serviceAccountName: {quote(service_account_name(name, values))}",
+        "  automountServiceAccountToken: false",
+        f"  terminationGracePeriodSeconds: {int(values['terminationGracePeriodSeconds'])}",
+        _with(values.get("podSecurityContext"), "  securityContext:", 4),
+        _image_pull_secrets(values),
+        values.get("priorityClassName") and f"  priorityClassName: {quote(values['priorityClassName'])}",
+        values.get("schedulerName") and f"  schedulerName: {quote(values['schedulerName'])}",
+        _with(values.get("nodeSelector"), "  nodeSelector:", 4),
+        _with(values.get("affinity"), "  affinity:", 4),
+        _with(values.get("tolerations"), "  tolerations:", 4),
+        "  containers:",
+        "    - name: pytorch",
+        f"      image: {quote(image(values))}",
+        f"      imagePullPolicy: {values['image']['pullPolicy']}",
+        "      command:" + nindent(8, command),
+        "      env:" + nindent(8, trainer_env(name, values)),
+        "      ports:" + nindent(8, "\n".join(ports)),
+        "      resources:",
+        "        requests:" + nindent(10, resource_list(values)),
+        "        limits:" + nindent(10, resource_list(values)),
+        _with(values.get("securityContext"), "      securityContext:", 8),
+        "      volumeMounts:",
+        "        - name: config",
+        f"          mountPath: {CONFIG_DIR}",
+        "          readOnly: true",
+        "        - name: dshm",
+        "          mountPath: /dev/shm",
+        "        - name: tmp",
+        "          mountPath: /tmp" + (nindent(8, to_yaml(values["volumeMounts"])) if values.get("volumeMounts") else ""),
+        "  volumes:",
+        "    - name: config",
+        "      configMap:",
+        f"        name: {name}-config",
+        "    - name: dshm",
+        "      emptyDir:",
+        "        medium: Memory",
+        shm_limit and f"        sizeLimit: {quote(shm_limit)}",
+        "    - name: tmp",
+        "      emptyDir: {}" + (nindent(4, to_yaml(values["volumes"])) if values.get("volumes") else ""),
+    )
 
 
-def run_policy(job: dict) -> dict:
-    policy = {"backoffLimit": int(job["backoffLimit"]), "cleanPodPolicy": job["cleanPodPolicy"],
-              "suspend": job["suspend"]}
-    for key in ("ttlSecondsAfterFinished", "activeDeadlineSeconds"):
-        if job.get(key) is not None:
-            policy[key] = int(job[key])
+def _image_pull_secrets(values: dict) -> str:
+    secrets = values["image"].get("pullSecrets")
+    return _lines("  imagePullSecrets:", *(f"    - name: {quote(secret)}" for secret in secrets)) if secrets else ""
+
+
+def run_policy(job: dict) -> str:
     scheduling = job["schedulingPolicy"]
-    gang = {key: scheduling[key] for key in ("queue", "priorityClass") if scheduling[key]}
-    if int(scheduling["minAvailable"]) > 0:
-        gang["minAvailable"] = int(scheduling["minAvailable"])
-    if gang:
-        policy["schedulingPolicy"] = gang
-    return policy
+    gang = scheduling and (scheduling["queue"] or scheduling["priorityClass"] or int(scheduling["minAvailable"]) > 0)
+    return _lines(
+        "  runPolicy:",
+        f"    backoffLimit: {int(job['backoffLimit'])}",
+        f"    cleanPodPolicy: {job['cleanPodPolicy']}",
+        f"    suspend: {json.dumps(job['suspend'])}",
+        job.get("ttlSecondsAfterFinished") is not None and
+        f"    ttlSecondsAfterFinished: {int(job['ttlSecondsAfterFinished'])}",
+        job.get("activeDeadlineSeconds") is not None and
+        f"    activeDeadlineSeconds: {int(job['activeDeadlineSeconds'])}",
+        gang and "    schedulingPolicy:",
+        gang and scheduling["queue"] and f"      queue: {quote(scheduling['queue'])}",
+        gang and scheduling["priorityClass"] and f"      priorityClass: {quote(scheduling['priorityClass'])}",
+        gang and int(scheduling["minAvailable"]) > 0 and f"      minAvailable: {int(scheduling['minAvailable'])}",
+    )
 
 
-def pytorch_job(name: str, values: dict) -> dict:
+def pytorch_job(name: str, values: dict) -> str:
     """templates/pytorchjob.yaml: Master x1 + Worker x(nodes-1), DESIGN §3.3."""
     job = values["job"]
-    labels = common_labels(name)
-    if values["kueue"]["queueName"]:
-        labels["kueue.x-k8s.io/queue-name"] = values["kueue"]["queueName"]
-    spec: dict = {"nprocPerNode": str(int(job["nprocPerNode"])), "runPolicy": run_policy(job)}
-    if job["elastic"]["enabled"]:
-        spec["elasticPolicy"] = {
-            "rdzvBackend": "c10d",
-            "rdzvHost": f"{name}-master-0",
-            "rdzvPort": int(job["masterPort"]),
-            "minReplicas": int(job["elastic"]["minNodes"]),
-            "maxReplicas": max_nodes(job),
-            "maxRestarts": int(job["elastic"]["maxRestarts"]),
-        }
-    replicas = {"Master": 1}
-    if int(job["nodes"]) > 1:
-        replicas["Worker"] = int(job["nodes"]) - 1
-    spec["pytorchReplicaSpecs"] = {
-        kind: {"replicas": count, "restartPolicy": job["restartPolicy"], "template": pod_template(name, values)}
-        for kind, count in replicas.items()
-    }
-    return {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": metadata(name, labels), "spec": spec}
+    nodes, elastic = int(job["nodes"]), job["elastic"]
+    template = pod_template(name, values)
+    replica = lambda kind, count: _lines(  # noqa: E731
+        f"    {kind}:", f"      replicas: {count}", f"      restartPolicy: {job['restartPolicy']}",
+        "      template:" + nindent(8, template))
+    queue = values["kueue"]["queueName"]
+    return _lines(
+        "apiVersion: kubeflow.org/v1",
+        "kind: PyTorchJob",
+        "metadata:",
+        f"  name: {quote(name)}",
+        "  labels:" + nindent(4, labels_text(name)),
+        queue and f"    kueue.x-k8s.io/queue-name: {quote(queue)}",
+        "spec:",
+        '  # An integer count as the CRD\'s string field: never "auto", so WORLD_SIZE adds up.',
+        f"  nprocPerNode: {quote(str(int(job['nprocPerNode'])))}",
+        run_policy(job),
+        elastic["enabled"] and _lines(
+            "  elasticPolicy:",
+            "    rdzvBackend: c10d",
+            "    # Rendezvous on the master, which exists for the job's whole life.",
+            f"    rdzvHost: {name}-master-0",
+            f"    rdzvPort: {int(job['masterPort'])}",
+            f"    minReplicas: {int(elastic['minNodes'])}",
+            f"    maxReplicas: {max_nodes(job)}",
+            f"    maxRestarts: {int(elastic['maxRestarts'])}"),
+        "  pytorchReplicaSpecs:",
+        replica("Master", 1),
+        nodes > 1 and replica("Worker", nodes - 1),
+    )
 
 
 # ---------------------------------------------------------------- the other objects
-def service_account(name: str, values: dict) -> dict:
+def _header(api_version: str, kind: str, name: str, labels: str) -> str:
+    return _lines(f"apiVersion: {api_version}", f"kind: {kind}", "metadata:", f"  name: {name}",
+                  "  labels:" + nindent(4, labels))
+
+
+def service_account(name: str, values: dict) -> str:
     """templates/serviceaccount.yaml."""
-    meta = metadata(name, common_labels(name))
-    if values["serviceAccount"]["annotations"]:
-        meta["annotations"] = dict(values["serviceAccount"]["annotations"])
-    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": False}
+    return _lines(
+        _header("v1", "ServiceAccount", quote(name), labels_text(name)),
+        _with(values["serviceAccount"]["annotations"], "  annotations:", 4),
+        "# The trainer never calls the Kubernetes API.",
+        "automountServiceAccountToken: false",
+    )
 
 
-# templates/role.yaml: what the kubetrain cluster verbs need in one namespace, and no Secrets.
-USER_ROLE_RULES = [
-    (["kubeflow.org"], ["pytorchjobs"], ["get", "list", "watch", "create", "patch", "update", "delete"]),
-    (["kubeflow.org"], ["pytorchjobs/status"], ["get"]),
-    ([""], ["configmaps", "services", "serviceaccounts"], ["get", "list", "watch", "create", "patch", "update", "delete"]),
-    ([""], ["pods"], ["get", "list", "watch", "delete"]),
-    ([""], ["pods/log", "events"], ["get", "list", "watch"]),
-    (["monitoring.coreos.com"], ["podmonitors", "prometheusrules"],
-     ["get", "list", "watch", "create", "patch", "update", "delete"]),
-]
+def user_role(name: str, values: dict) -> str:
+    """templates/role.yaml: the text after its header is the template's, verbatim."""
+    rules = (chart_dir() / "templates" / "role.yaml").read_text(encoding="utf-8")
+    rules = rules[rules.index("\nrules:\n") + 1:rules.rindex("\n{{- end }}")]
+    return _lines(
+        "# What `kubetrain submit/status/logs/list/delete` needs in this namespace; no Secrets.",
+        _header("rbac.authorization.k8s.io/v1", "Role", quote(f"{name}-kubetrain-user"), labels_text(name)),
+        rules,
+    )
 
 
-def user_role(name: str, values: dict) -> dict:
-    """templates/role.yaml."""
-    rules = [{"apiGroups": groups, "resources": resources, "verbs": verbs}
-             for groups, resources, verbs in USER_ROLE_RULES]
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-            "metadata": metadata(f"{name}-kubetrain-user", common_labels(name)), "rules": rules}
-
-
-def user_role_binding(name: str, values: dict) -> dict:
+def user_role_binding(name: str, values: dict) -> str:
     """templates/rolebinding.yaml."""
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": metadata(f"{name}-kubetrain-user", common_labels(name)),
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": f"{name}-kubetrain-user"},
-            "subjects": copy.deepcopy(values["rbac"]["subjects"])}
+    return _lines(
+        _header("rbac.authorization.k8s.io/v1", "RoleBinding", quote(f"{name}-kubetrain-user"), labels_text(name)),
+        "roleRef:",
+        "  apiGroup: rbac.authorization.k8s.io",
+        "  kind: Role",
+        f"  name: {quote(f'{name}-kubetrain-user')}",
+        "subjects:" + nindent(2, to_yaml(values["rbac"]["subjects"])),
+    )
 
 
-def dev_secret(name: str, values: dict) -> dict:
+def dev_secret(name: str, values: dict) -> str:
     """templates/secret-s3-dev.yaml."""
     dev = values["s3"]["devSecret"]
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata(f"{name}-s3-dev", common_labels(name)),
-            "type": "Opaque",
-            "stringData": {"AWS_ACCESS_KEY_ID": dev["accessKeyId"], "AWS_SECRET_ACCESS_KEY": dev["secretAccessKey"]}}
+    return _lines(
+        _header("v1", "Secret", f"{name}-s3-dev", labels_text(name)),
+        "type: Opaque",
+        "stringData:",
+        f"  AWS_ACCESS_KEY_ID: {quote(dev['accessKeyId'])}",
+        f"  AWS_SECRET_ACCESS_KEY: {quote(dev['secretAccessKey'])}",
+    )
 
 
-def trainer_config_map(name: str, values: dict) -> dict:
+def trainer_config_map(name: str, values: dict) -> str:
     """templates/configmap.yaml: the file `python -m trainer --config` reads."""
-    document = json.dumps(trainer_config_document(name, values), indent=2, sort_keys=True, ensure_ascii=False)
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(f"{name}-config", common_labels(name)),
-            "data": {"config.json": document + "\n"}}
+    return _lines(
+        _header("v1", "ConfigMap", f"{name}-config", labels_text(name)),
+        "data:",
+        "  config.json: |" + nindent(4, to_pretty_json(trainer_config_document(name, values))),
+    )
 
 
-def dashboard_config_map(name: str, values: dict) -> dict:
+def dashboard_config_map(name: str, values: dict) -> str:
     """templates/configmap-dashboard.yaml: picked up by Grafana's dashboard sidecar."""
     labels = {"grafana_dashboard": "1", **(values["metrics"]["dashboard"].get("labels") or {}), **common_labels(name)}
-    text = chart_file("files/dashboard.json", name).rstrip("\n") + "\n"
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(f"{name}-dashboard", labels),
-            "data": {f"kubetrain-{name}.json": text}}
+    return _lines(
+        _header("v1", "ConfigMap", f"{name}-dashboard", to_yaml(labels)),
+        "data:",
+        f"  kubetrain-{name}.json: |" + nindent(4, chart_file("files/dashboard.json", name)).rstrip(),
+    )
 
 
-def metrics_service(name: str, values: dict) -> dict:
+def metrics_service(name: str, values: dict) -> str:
     """templates/service-metrics.yaml: headless, one DNS record per trainer pod."""
-    labels = {**common_labels(name), "app.kubernetes.io/component": "metrics"}
-    ports = [{"name": port_name, "port": port, "targetPort": port_name, "protocol": "TCP"}
+    ports = [f"    - name: {port_name}\n      port: {port}\n      targetPort: {port_name}\n      protocol: TCP"
              for port_name, port in metrics_port_names(values)]
-    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(f"{name}-metrics", labels),
-            "spec": {"clusterIP": "None", "selector": trainer_selector_labels(name), "ports": ports}}
+    return _lines(
+        _header("v1", "Service", f"{name}-metrics", labels_text(name)),
+        "    app.kubernetes.io/component: metrics",
+        "spec:",
+        "  clusterIP: None",
+        "  selector:" + nindent(4, trainer_selector_labels_text(name)),
+        "  ports:",
+        *ports,
+    )
 
 
-def pod_monitor(name: str, values: dict) -> dict:
+def pod_monitor(name: str, values: dict) -> str:
     """templates/podmonitor.yaml."""
     monitor = values["metrics"]["podMonitor"]
     labels = {**(monitor.get("labels") or {}), **common_labels(name)}
-    endpoints = [{"port": port_name, "path": "/metrics", "interval": monitor["interval"]}
+    endpoints = [f"    - port: {port_name}\n      path: /metrics\n      interval: {monitor['interval']}"
                  for port_name, _ in metrics_port_names(values)]
-    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": metadata(name, labels),
-            "spec": {"selector": {"matchLabels": trainer_selector_labels(name)},
-                     "podTargetLabels": ["training.kubeflow.org/replica-type", "training.kubeflow.org/replica-index"],
-                     "podMetricsEndpoints": endpoints}}
+    return _lines(
+        _header("monitoring.coreos.com/v1", "PodMonitor", quote(name), to_yaml(labels)),
+        "spec:",
+        "  selector:",
+        "    matchLabels:" + nindent(6, trainer_selector_labels_text(name)),
+        "  podTargetLabels:",
+        "    - training.kubeflow.org/replica-type",
+        "    - training.kubeflow.org/replica-index",
+        "  podMetricsEndpoints:",
+        *endpoints,
+    )
 
 
-def prometheus_rule(name: str, values: dict) -> dict:
+def prometheus_rule(name: str, values: dict) -> str:
     """templates/prometheusrule.yaml: spec.groups is files/alert-rules.yaml's groups."""
     rules = yaml.load(chart_file("files/alert-rules.yaml", name), Loader=HelmValuesLoader) or {}  # as fromYaml
     labels = {**(values["metrics"]["prometheusRule"].get("labels") or {}), **common_labels(name)}
-    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": metadata(name, labels),
-            "spec": {"groups": rules.get("groups")}}
+    return _lines(
+        _header("monitoring.coreos.com/v1", "PrometheusRule", quote(name), to_yaml(labels)),
+        "spec:",
+        "  groups:" + nindent(4, to_yaml(rules.get("groups"))),
+    )
 
 
-def test_pod(name: str, values: dict) -> dict:
+def test_pod(name: str, values: dict) -> str:
     """templates/tests/test-config.yaml: `helm test` checks the image accepts the config."""
-    annotations = {"helm.sh/hook": "test", "helm.sh/hook-delete-policy": "before-hook-creation,hook-succeeded",
-                   "sidecar.istio.io/inject": "false"}
-    meta = metadata(f"{name}-test", {**common_labels(name), "app.kubernetes.io/component": "test"},
-                    annotations=annotations)
-    spec: dict = {"restartPolicy": "Never", "serviceAccountName": service_account_name(name, values),
-                  "automountServiceAccountToken": False}
-    if values.get("podSecurityContext"):
-        spec["securityContext"] = copy.deepcopy(values.get("podSecurityContext"))
-    if values["image"].get("pullSecrets"):
-        spec["imagePullSecrets"] = [{"name": secret} for secret in values["image"]["pullSecrets"]]
-    container = {
-        "name": "check-config", "image": image(values), "imagePullPolicy": values["image"]["pullPolicy"],
-        "command": ["python", "-c", TEST_POD_SCRIPT],
-        "env": [{"name": "HOME", "value": "/tmp"}],
-        "resources": {"requests": {"cpu": "100m", "memory": "512Mi"}, "limits": {"cpu": "1", "memory": "512Mi"}},
-    }
-    if values.get("securityContext"):
-        container["securityContext"] = copy.deepcopy(values.get("securityContext"))
-    container["volumeMounts"] = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-                                 {"name": "tmp", "mountPath": "/tmp"}]
-    spec["containers"] = [container]
-    spec["volumes"] = [{"name": "config", "configMap": {"name": f"{name}-config"}},
-                       {"name": "tmp", "emptyDir": {}}]
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+    script = nindent(10, TEST_POD_SCRIPT.rstrip("\n"))
+    return _lines(
+        _header("v1", "Pod", f"{name}-test", labels_text(name)),
+        "    app.kubernetes.io/component: test",
+        "  annotations:",
+        "    helm.sh/hook: test",
+        "    helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded",
+        '    sidecar.istio.io/inject: "false"',
+        "spec:",
+        "  restartPolicy: Never",
+        f"  serviceAccountName: {quote(service_account_name(name, values))}",
+        "  automountServiceAccountToken: false",
+        _with(values.get("podSecurityContext"), "  securityContext:", 4),
+        _image_pull_secrets(values),
+        "  containers:",
+        "    - name: check-config",
+        f"      image: {quote(image(values))}",
+        f"      imagePullPolicy: {values['image']['pullPolicy']}",
+        "      command:",
+        "        - python",
+        "        - -c",
+        "        - |" + script,
+        "      env:",
+        "        - name: HOME",
+        "          value: /tmp",
+        "      resources:",
+        "        requests:",
+        "          cpu: 100m",
+        "          memory: 512Mi",
+        "        limits:",
+        '          cpu: "1"',
+        "          memory: 512Mi",
+        _with(values.get("securityContext"), "      securityContext:", 8),
+        "      volumeMounts:",
+        "        - name: config",
+        f"          mountPath: {CONFIG_DIR}",
+        "          readOnly: true",
+        "        - name: tmp",
+        "          mountPath: /tmp",
+        "  volumes:",
+        "    - name: config",
+        "      configMap:",
+        f"        name: {name}-config",
+        "    - name: tmp",
+        "      emptyDir: {}",
+    )
 
 
 # ---------------------------------------------------------------- the whole release
-def render_manifests(name: str, values: dict, include_tests: bool = True) -> list[tuple[str, dict]]:
-    """(template path, object) in `helm template`'s order; values must be resolved and validated."""
+def render_documents(name: str, values: dict, include_tests: bool = True) -> list[tuple[str, str]]:
+    """(template path, text) in `helm template`'s order; values must be resolved and validated."""
     check_values(name, values)
     metrics = values["metrics"]
     wanted = [
@@ -426,31 +533,19 @@ def render_manifests(name: str, values: dict, include_tests: bool = True) -> lis
         ("tests/test-config.yaml", test_pod, include_tests),
     ]
     try:
-        return [(f"templates/{path}", build(name, values)) for path, build, enabled in wanted if enabled]
+        return [(f"templates/{path}", build(name, values).strip()) for path, build, enabled in wanted if enabled]
     except KeyError as e:  # a section removed with `--set key=null`: helm fails on it too
         raise UserError(f"values: the key {e.args[0]!r} is missing (was it set to null?)") from None
 
 
-class _ManifestDumper(yaml.SafeDumper):
-    """Block style, multi-line strings as `|` literals, keys in the order they were built."""
-
-
-def _represent_str(dumper: yaml.SafeDumper, text: str):
-    style = "|" if "\n" in text else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
-
-
-_ManifestDumper.add_representer(str, _represent_str)
-
-
-def to_yaml_stream(manifests: list[tuple[str, dict]]) -> str:
-    chart = chart_metadata()["name"]
-    parts = []
-    for path, obj in manifests:
-        body = yaml.dump(obj, Dumper=_ManifestDumper, sort_keys=False, allow_unicode=True, width=1 << 16)
-        parts.append(f"---\n# Source: {chart}/{path}\n{body}")
-    return "".join(parts)
+def render_manifests(name: str, values: dict, include_tests: bool = True) -> list[tuple[str, dict]]:
+    """The rendered objects, read back from the text as Helm's YAML reader types it."""
+    return [(path, yaml.load(text, Loader=HelmValuesLoader))
+            for path, text in render_documents(name, values, include_tests)]
 
 
 def render(name: str, values: dict, include_tests: bool = True) -> str:
-    return to_yaml_stream(render_manifests(name, values, include_tests))
+    """What `helm template NAME` prints: each document after `---` and a `# Source:` line."""
+    chart = chart_metadata()["name"]
+    return "".join(f"---\n# Source: {chart}/{path}\n{text}\n"
+                   for path, text in render_documents(name, values, include_tests))
