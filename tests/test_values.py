@@ -70,6 +70,8 @@ def _assert_user_error(result, *needles):
     (["resources.cpu=lots"], "resources.cpu: 'lots' is not valid: a non-negative Kubernetes quantity of CPU"),
     (["resources.cpu=-1"], "resources.cpu: -1 is less than the minimum of 0"),
     (["resources.memory=4GB"], "resources.memory: '4GB' is not valid: a non-negative Kubernetes quantity of memory"),
+    # Helm's own message here is "Invalid type. Expected: integer, given: string": say what to type.
+    (["job.nodes=2.5"], "job.nodes: '2.5' is not a whole number: this key takes an integer, e.g. 2 or 3"),
 ])
 def test_bad_values_exit_2_naming_the_key(tmp_path, sets, needle):
     args = [a for s in sets for a in ("--set", s)]
@@ -84,6 +86,24 @@ def test_a_set_decimal_points_to_set_json(tmp_path):
     assert run_cli("run", "ok", "--workdir", str(tmp_path / "ok"), "--set-json", "training.optimizer.lr=0.01",
                    "--set", "job.nodes=1,training.maxSteps=1,training.data.trainSamples=128",
                    "--set", "training.data.evalSamples=16,metrics.enabled=false").returncode == 0
+
+
+def test_a_quoted_count_says_how_to_pass_a_number(tmp_path):
+    result = run_cli("run", "bad", "--workdir", str(tmp_path / "w"), "--set-string", "job.nodes=2")
+    _assert_user_error(result, "job.nodes: '2' is a string, not an integer", "use --set job.nodes=2")
+
+
+def test_set_descends_into_what_a_file_gave(values_file):
+    path = values_file({"tolerations": [{"key": "gpu", "operator": "Exists"}], "podLabels": {"team": "a"}})
+    values = resolve_values([path], ["tolerations[0].effect=NoSchedule,podLabels.owner=b"])
+    assert values["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert values["podLabels"] == {"team": "a", "owner": "b"}
+
+
+def test_set_inside_a_null_names_the_key(values_file):
+    path = values_file({"podSecurityContext": None})
+    with pytest.raises(UserError, match=r"podSecurityContext is null .* not a map"):
+        resolve_values([path], ["podSecurityContext.runAsUser=5"])
 
 
 def test_every_violation_is_reported_at_once(tmp_path):

@@ -1,16 +1,19 @@
-"""Values: the same inputs `helm template -f ... --set ...` takes.
+"""Values: the same inputs `helm template -f ... --set ...` takes, merged as Helm merges them.
 
-Precedence (lowest first): chart defaults, each `-f` file in order, each
-`--set`/`--set-string`/`--set-json` in order. Maps merge key by key, lists are
-replaced whole, and a null removes a key, as in Helm. The merged values are
-validated against the chart's values.schema.json; every violation is reported
-with its key path.
+Helm first builds the user's values: the `-f` files merged in order (maps key by
+key, anything else replaced, a null included), then every `--set-json`, `--set`
+and `--set-string` parsed *into* that map (so `--set list[1].x=y` edits a list a
+file gave). Only then are they coalesced onto the chart defaults, where a null
+removes the default (pkg/cli/values/options.go, pkg/strvals, pkg/chartutil/coalesce.go).
+The result is validated against the chart's values.schema.json; every violation is
+reported with its key path.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -23,17 +26,33 @@ from trainer.errors import UserError
 
 
 # ---------------------------------------------------------------- merging
-def merge(base: dict, override: dict) -> dict:
-    """Helm's coalescing: override wins, maps merge, null deletes."""
-    out = copy.deepcopy(base)
+def merge_user_values(base: dict, override: dict) -> dict:
+    """Helm's mergeMaps for `-f` files: maps merge key by key; anything else, null too, replaces."""
+    out = dict(base)
     for key, value in override.items():
-        if value is None:
-            out.pop(key, None)
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_user_values(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def merge(defaults: dict, user: dict) -> dict:
+    """Helm's coalescing of user values onto defaults: the user's value wins, maps merge, and a null
+    removes the default it meets (a null for a key without a default stays, as in Helm)."""
+    out = copy.deepcopy(user)
+    _coalesce(out, defaults)
+    return out
+
+
+def _coalesce(dst: dict, src: dict) -> None:
+    for key, default in src.items():
+        if key not in dst:
+            dst[key] = copy.deepcopy(default)
+        elif dst[key] is None:
+            del dst[key]
+        elif isinstance(default, dict) and isinstance(dst[key], dict):
+            _coalesce(dst[key], default)
 
 
 class HelmValuesLoader(yaml.SafeLoader):
@@ -146,59 +165,96 @@ def _parse_key(key: str, expr: str) -> list[str | int]:
     return path
 
 
-def _assign(target: dict, path: list[str | int], value: Any, expr: str) -> None:
+def _describe(value: Any) -> str:
+    return "null" if value is None else f"a {_TYPE_NAMES.get(type(value), type(value).__name__)} ({value!r})"
+
+
+_TYPE_NAMES = {dict: "map", list: "list", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _assign(target: dict, path: list[str | int], value: Any, flag: str, expr: str) -> None:
+    """Set path to value inside target as Helm's strvals parser does: it descends into the maps and
+    lists already there (from files or earlier flags), and refuses to descend into anything else."""
     node: Any = target
-    for here, nxt in zip(path, path[1:]):
-        empty = [] if isinstance(nxt, int) else {}
+    for depth, (here, nxt) in enumerate(zip(path, path[1:])):
+        where = _dotted(path[:depth + 1])
         if isinstance(here, int):
-            if not isinstance(node, list):
-                raise UserError(f"--set {expr}: {here} indexes a non-list")
             while len(node) <= here:
                 node.append(None)
-            if not isinstance(node[here], (dict, list)):
-                node[here] = empty
-            node = node[here]
+            if isinstance(nxt, str) and not isinstance(node[here], dict):
+                node[here] = {}  # Helm starts a fresh map over whatever was at that index
+            elif isinstance(nxt, int) and node[here] is None:
+                node[here] = []
+            elif isinstance(nxt, int) and not isinstance(node[here], list):
+                raise UserError(f"{flag} {expr}: {where} is {_describe(node[here])}, not a list")
         else:
-            if not isinstance(node.get(here), (dict, list)):
+            empty: Any = [] if isinstance(nxt, int) else {}
+            if here not in node:
                 node[here] = empty
-            node = node[here]
+            elif not isinstance(node[here], type(empty)):
+                raise UserError(f"{flag} {expr}: {where} is {_describe(node[here])} (from a values file or an "
+                                f"earlier flag), not a {'list' if isinstance(nxt, int) else 'map'}: "
+                                f"set it to null in one place or give the whole {where} in one value")
+        node = node[here]
     last = path[-1]
     if isinstance(last, int):
-        if not isinstance(node, list):
-            raise UserError(f"--set {expr}: {last} indexes a non-list")
         while len(node) <= last:
             node.append(None)
-        node[last] = value
-    else:
-        node[last] = value
+    node[last] = value
 
 
-def parse_set(expressions: Iterable[str], mode: str = "set") -> dict:
-    """Parse `--set` style expressions into a values override (Helm's strvals rules).
+def _dotted(path: list[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(path))
+
+
+_FLAGS = {"set": "--set", "string": "--set-string", "json": "--set-json"}
+
+
+def parse_set(expressions: Iterable[str], mode: str = "set", into: dict | None = None) -> dict:
+    """Parse `--set` style expressions into `into` (a new map by default), Helm's strvals rules.
 
     mode: "set" types values like Helm, "string" keeps strings, "json" parses JSON.
     """
-    out: dict = {}
+    out: dict = {} if into is None else into
+    flag = _FLAGS[mode]
     for expr in expressions:
-        pairs = [expr] if mode == "json" else _split_unescaped(expr, ",")
-        for pair in pairs:
-            if not pair:
-                continue
-            key, sep, raw = pair.partition("=")
-            if not sep or not key:
-                raise UserError(f"--set {expr}: expected key=value")
-            if mode == "json":
-                try:
-                    value = json.loads(raw)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"--set-json {expr}: value is not JSON: {e.msg}") from None
-            elif raw.startswith("{") and raw.endswith("}"):
-                items = _split_unescaped(raw[1:-1], ",") if raw[1:-1] else []
-                value = [_unescape(x) if mode == "string" else typed_value(_unescape(x)) for x in items]
-            else:
-                value = _unescape(raw) if mode == "string" else typed_value(_unescape(raw))
-            _assign(out, _parse_key(key, expr), value, expr)
+        for key, value in _pairs(expr, mode, flag):
+            _assign(out, _parse_key(key, expr), value, flag, expr)
     return out
+
+
+def _pairs(expr: str, mode: str, flag: str) -> Iterable[tuple[str, Any]]:
+    if mode == "json":  # key=JSON[,key=JSON...]: each value is as long as its JSON is
+        rest = expr
+        while rest:
+            key, sep, rest = rest.partition("=")
+            if not sep or not key:
+                raise UserError(f"{flag} {expr}: expected key=value")
+            if not rest.strip() or rest.lstrip().startswith(","):
+                yield key, None
+                rest = rest.lstrip().removeprefix(",")
+                continue
+            try:
+                value, end = json.JSONDecoder().raw_decode(rest.lstrip())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{flag} {expr}: the value of {key} is not JSON: {e.msg}") from None
+            yield key, value
+            rest = rest.lstrip()[end:].lstrip()
+            if rest and not rest.startswith(","):
+                raise UserError(f"{flag} {expr}: unexpected {rest!r} after the JSON value of {key}")
+            rest = rest.removeprefix(",")
+        return
+    for pair in _split_unescaped(expr, ","):
+        if not pair:
+            continue
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"{flag} {expr}: expected key=value")
+        if raw.startswith("{") and raw.endswith("}"):
+            items = _split_unescaped(raw[1:-1], ",") if raw[1:-1] else []
+            yield key, [_unescape(x) if mode == "string" else typed_value(_unescape(x)) for x in items]
+        else:
+            yield key, _unescape(raw) if mode == "string" else typed_value(_unescape(raw))
 
 
 # ---------------------------------------------------------------- validation
@@ -216,11 +272,29 @@ def _message(error: jsonschema.ValidationError) -> str:
         return f"{error.instance!r} is not valid: {error.schema['description']}"
     if error.validator == "oneOf":
         return f"{error.instance!r} is not valid: {error.schema.get('description', 'no alternative matched')}"
+    if error.validator == "type" and "integer" in error.validator_value and _is_fraction(error.instance):
+        low = math.floor(float(error.instance))
+        return (f"{error.instance!r} is not a whole number: this key takes an integer, "
+                f"e.g. {low} or {low + 1}")
+    if error.validator == "type" and "integer" in error.validator_value and _is_decimal_text(error.instance):
+        return (f"{error.instance!r} is a string, not an integer: --set-string and quotes keep text; "
+                f"use --set {key_path(error)}={error.instance} or an unquoted number in a values file")
     if error.validator == "type" and "number" in error.validator_value and _is_decimal_text(error.instance):
         # Helm's --set keeps 0.01 a string; say how to pass a number instead of only "wrong type".
         return (f"{error.message} (--set keeps decimals as strings, as Helm does: "
                 f"use --set-json or a values file)")
     return error.message
+
+
+def _is_fraction(value) -> bool:
+    """A number with a fractional part, or text that reads as one (`--set` keeps 2.5 a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    try:
+        number = float(value)
+    except ValueError:
+        return False
+    return math.isfinite(number) and not number.is_integer()
 
 
 def _is_decimal_text(value) -> bool:
@@ -252,11 +326,11 @@ def resolve_values(
     set_string: Iterable[str] = (),
     set_json: Iterable[str] = (),
 ) -> dict:
-    """Chart defaults < files < --set-json < --set < --set-string, merged and validated: what the
-    chart sees. The order is Helm's (pkg/cli/values/options.go, MergeValues)."""
-    values = copy.deepcopy(default_values())
+    """What the chart sees: the user's files, then --set-json, --set and --set-string parsed into them
+    (Helm's order, pkg/cli/values/options.go MergeValues), coalesced onto the defaults, validated."""
+    user: dict = {}
     for path in files:
-        values = merge(values, load_values_file(path))
+        user = merge_user_values(user, load_values_file(path))
     for exprs, mode in ((set_json, "json"), (set_values, "set"), (set_string, "string")):
-        values = merge(values, parse_set(exprs, mode))
-    return validate(values)
+        parse_set(exprs, mode, into=user)
+    return validate(merge(default_values(), user))
