@@ -8,6 +8,8 @@ import pytest
 
 from support import run_cli
 from trainer.errors import UserError
+from trainer.chart import values_schema
+from trainer.config import trainer_config_from_values
 from trainer.values import parse_set, resolve_values
 
 
@@ -124,15 +126,58 @@ def test_missing_and_malformed_files_name_the_file(tmp_path):
     _assert_user_error(run_cli("run", "x", "-f", str(broken)), "broken.yaml", "not valid YAML")
 
 
+@pytest.mark.parametrize("name, sets", [
+    ("a" * 54, []),  # Helm's release-name limit
+    ("a" * 53, ["job.nodes=102"]),  # the last worker's pod name would pass 63 characters
+    ("ends-with-dash-", []),
+    ("ports", ["job.masterPort=9401,job.nprocPerNode=2"]),
+])
+def test_run_refuses_what_render_refuses_with_the_same_message(tmp_path, name, sets):
+    args = [a for s in sets for a in ("--set", s)]
+    rendered = run_cli("render", name, *args)
+    ran = run_cli("run", name, "--workdir", str(tmp_path / "w"), *args)
+    _assert_user_error(rendered)
+    _assert_user_error(ran, rendered.stderr.strip())
+    assert not (tmp_path / "w").exists()
+
+
 def test_bad_experiment_name_is_refused(tmp_path):
     _assert_user_error(run_cli("run", "Bad_Name", "--workdir", str(tmp_path / "w")), "Bad_Name", "DNS-1035")
 
 
-def test_unknown_task_lists_the_registered_ones(tmp_path):
-    result = run_cli("run", "x", "--workdir", str(tmp_path), "--set", "job.nodes=1,training.task=nope")
-    assert result.returncode == 2
-    assert "unknown task 'nope'" in result.stdout and "cifar10-convnet" in result.stdout
-    assert json.loads(result.stdout.strip().splitlines()[-1])["status"] == "failed"
+@pytest.mark.parametrize("verb", ["run", "render", "submit"])
+@pytest.mark.parametrize("sets, needle", [
+    ("training.task=nope", "training.task: 'nope' is not one of ['bert-sentiment', 'cifar10-convnet', 'custom'"),
+    ("training.task=cifar10-convnet,training.data.source=imagenet", "cifar10-convnet reads synthetic or cifar10"),
+    ("training.task=bert-sentiment,training.numClasses=3", "bert-sentiment on synthetic data has 2 classes"),
+    ("training.task=custom", "training.task custom needs training.entrypoint"),
+])
+def test_what_a_task_cannot_run_fails_before_anything_starts(tmp_path, verb, sets, needle):
+    """Exit 2 with one message: no process started, no workdir written, nothing sent to a cluster
+    (submit here has no cluster to reach, so getting past validation would fail differently)."""
+    workdir = ["--workdir", str(tmp_path / "w")] if verb == "run" else []
+    env = {"KUBECONFIG": str(tmp_path / "no-such-kubeconfig")}
+    result = run_cli(verb, "x", *workdir, "--set", sets, env=env)
+    _assert_user_error(result, needle)
+    assert result.stdout == "" and result.stderr.count("\n- ") == 1, result.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_registered_tasks_are_the_schema_s():
+    from trainer.tasks import task_names
+    schema = values_schema()["properties"]["training"]
+    assert sorted(schema["properties"]["task"]["enum"]) == task_names()  # custom is registered too
+    ruled = {rule["if"]["properties"]["task"]["const"] for rule in schema["allOf"]}
+    assert ruled == set(task_names()), "every task has its rule (sources, defaults)"
+
+
+def test_switching_task_takes_the_task_s_defaults():
+    config = trainer_config_from_values("x", resolve_values(set_values=["training.task=bert-sentiment"]))
+    assert config.training.num_classes == 2
+    config = trainer_config_from_values("x", resolve_values(set_values=["training.numClasses=7"]))
+    assert config.training.num_classes == 7  # what the user sets wins
+    config = trainer_config_from_values("x", resolve_values(set_values=["training.task=custom,training.entrypoint=a:b"]))
+    assert config.training.num_classes == 10  # as before the task rules
 
 
 def test_user_error_is_not_an_exception_leak():

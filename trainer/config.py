@@ -18,7 +18,7 @@ from typing import Any, Optional, Union, get_origin, get_type_hints
 
 import yaml
 
-from trainer.chart import default_values
+from trainer.chart import default_values, values_schema
 from trainer.errors import UserError
 from trainer.values import load_values_file, merge, validate
 
@@ -83,7 +83,7 @@ class TrainingConfig:
     precision: str
     parallelism: str
     seed: int
-    num_classes: int
+    num_classes: Optional[int]  # None only for a custom task that leaves it unset
     pretrained: Union[bool, str]
     log_every_steps: int
     eval_every_epochs: int
@@ -164,14 +164,29 @@ def _build(cls: type, data: dict) -> Any:
     return cls(**kwargs)
 
 
+def check_experiment_name(name: str) -> None:
+    """The chart's rule (`kubetrain.validate`): Services and pods are named after the experiment."""
+    if not EXPERIMENT_NAME.match(name or ""):
+        raise UserError(f"experiment name {json.dumps(name)} must be a DNS-1035 label: lowercase letters, digits "
+                        "and '-', starting with a letter and ending with a letter or digit")
+
+
 def trainer_config_from_values(experiment: str, values: dict) -> TrainerConfig:
-    if not EXPERIMENT_NAME.match(experiment or ""):
-        raise UserError(
-            f"experiment name {experiment!r} must be a DNS-1035 label: lowercase letters, digits and '-', "
-            "starting with a letter"
-        )
+    check_experiment_name(experiment)
     sections = {name: values[name] for name in TRAINER_SECTIONS}
+    training = sections["training"]
+    if training.get("numClasses") is None:
+        sections["training"] = {**training, "numClasses": task_default(training["task"], "numClasses")}
     return _build(TrainerConfig, {"experiment": experiment, **sections})
+
+
+def task_default(task: str, key: str):
+    """A training setting's default for one task: the `default` its rule in values.schema.json gives
+    (settings such as numClasses are null in values.yaml, meaning "the task's own")."""
+    for rule in values_schema()["properties"]["training"].get("allOf", []):
+        if rule["if"]["properties"].get("task", {}).get("const") == task:
+            return rule["then"]["properties"].get(key, {}).get("default")
+    return None
 
 
 # Chart-only keys inside the trainer's sections: never in the trainer's config file

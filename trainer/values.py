@@ -268,6 +268,8 @@ def _message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         return "; ".join(f"Additional property {name} is not allowed" for name in extra)
+    if "then" in error.schema_path and error.schema.get("description"):  # a task's rule: say which and why
+        return f"{error.instance!r} is not valid: {error.schema['description']}"
     if error.validator == "pattern" and error.schema.get("description"):  # a regex says nothing to a user
         return f"{error.instance!r} is not valid: {error.schema['description']}"
     if error.validator == "oneOf":

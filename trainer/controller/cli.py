@@ -32,9 +32,11 @@ def resolved_values(args: argparse.Namespace) -> dict:
 def cmd_run(args: argparse.Namespace) -> int:
     from trainer.config import trainer_config_from_values
     from trainer.controller.local import LocalRunner
+    from trainer.controller.render import check_values
 
     values = resolved_values(args)
-    trainer_config_from_values(args.name, values)  # name and sections check before any process starts
+    check_values(args.name, values)  # the chart's checks: what render and submit refuse, run refuses
+    trainer_config_from_values(args.name, values)  # the sections check before any process starts
     workdir = Path(args.workdir) if args.workdir else Path(".kubetrain") / "runs" / args.name
     return LocalRunner(args.name, values, workdir.resolve()).run()
 

@@ -22,7 +22,7 @@ import json
 import yaml
 
 from trainer.chart import chart_dir
-from trainer.config import EXPERIMENT_NAME, trainer_config_document
+from trainer.config import check_experiment_name, trainer_config_document
 from trainer.controller.helm_functions import nindent, quote, to_pretty_json, to_yaml
 from trainer.errors import UserError
 from trainer.values import HelmValuesLoader
@@ -98,13 +98,12 @@ def service_account_name(name: str, values: dict) -> str:
 
 
 def check_values(name: str, values: dict) -> None:
-    """`kubetrain.validate`: what the schema cannot say, with the chart's messages, in its order."""
+    """`kubetrain.validate`: what the schema cannot say, with the chart's messages, in its order.
+    `kubetrain run` checks the same, so a job that runs locally can also be submitted."""
     if len(name) > MAX_RELEASE_NAME:
         raise UserError(f"experiment name {json.dumps(name)} is longer than {MAX_RELEASE_NAME} characters, "
                         "Helm's limit for a release name")
-    if not EXPERIMENT_NAME.match(name):
-        raise UserError(f"experiment name {json.dumps(name)} must be a DNS-1035 label: lowercase letters, digits "
-                        "and '-', starting with a letter and ending with a letter or digit")
+    check_experiment_name(name)
     job = values["job"]
     last_worker = f"{name}-worker-{max(0, max_nodes(job) - 2)}"
     if len(last_worker) > MAX_NAME:
