@@ -27,6 +27,11 @@ def test_quickstart_two_gloo_processes_learn(tmp_path):
     assert "[master-0]" in result.stdout and "rank table" in result.stdout
     assert re.search(r"^\[master-0\] 1 +0 +1 +worker-1 ", result.stdout, re.M)
     assert (tmp_path / "config.json").is_file()
+    # Without checkpoint.uri nothing is kept, and the run says so before it starts.
+    assert summary["checkpoint"] is None
+    notice = f"[kubetrain] checkpoint.uri is not set: this run keeps no checkpoint and no trained model; " \
+             f"--set checkpoint.uri={(tmp_path / 'checkpoints').as_uri()} keeps them"
+    assert result.stdout.startswith(notice), result.stdout[:300]
 
 
 def _step1_loss(tmp_path, nodes: int, batch: int) -> float:
@@ -77,6 +82,19 @@ def test_retryable_exit_relaunches_every_replica(tmp_path):
     assert result.summary["restarts"] == 1
 
 
+def test_ctrl_c_checkpoints_and_exits_130(tmp_path):
+    """A person at a terminal pressed Ctrl-C: the replicas checkpoint as for SIGTERM, and the run says it
+    was interrupted and exits 130 (SIGTERM from a supervisor stays 143, preempted)."""
+    proc = start_run(tmp_path, "--set", f"job.restartPolicy=Never,checkpoint.uri={(tmp_path / 'ckpt').as_uri()}")
+    _, lines = read_until(proc, r"step \d+/")
+    proc.send_signal(signal.SIGINT)
+    result = finish(proc, lines)
+    assert result.returncode == 130, result.stdout[-2000:]
+    assert "[kubetrain] interrupted (Ctrl-C)" in result.stdout
+    assert result.summary["status"] == "interrupted" and result.summary["exit_code"] == 130
+    assert list((tmp_path / "ckpt").rglob("commit.json")), "the interrupted run left a committed checkpoint"
+
+
 def test_sigterm_is_forwarded_to_every_replica(tmp_path):
     proc = start_run(tmp_path, "--set", "job.restartPolicy=Never")
     _, lines = read_until(proc, r"step \d+/")
@@ -93,14 +111,19 @@ def test_two_nodes_with_two_processes_each_train_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:]
     assert result.summary["world_size"] == 4 and result.summary["steps"] == 12
     assert "launcher=torchrun world_size=4 nnodes=2 nproc_per_node=2" in result.stdout
+    # Every line whole: one log header or summary per line, at its start (ranks share a replica's stdout).
+    for line in result.stdout.splitlines():
+        starts = [m.start() for m in re.finditer(r'\d\d:\d\d:\d\d [A-Z]+ rank=\d|\{"event": "summary"', line)]
+        assert starts in ([], [0], [len("[master-0] ")], [len("[worker-1] ")]), f"glued line: {line!r}"
 
 
 def test_torchrun_replicas_keep_the_workers_exit_code(tmp_path):
     # Plain torchrun turns every worker failure into 1; the operator must see 2 (permanent, bad input).
-    result = run_cli("run", "badtask", "--workdir", str(tmp_path), "--set",
-                     "job.nodes=1,job.nprocPerNode=2,training.task=nope,metrics.enabled=false")
+    result = run_cli("run", "nodata", "--workdir", str(tmp_path), "--set",
+                     "job.nodes=1,job.nprocPerNode=2,metrics.enabled=false,training.data.source=cifar10",
+                     "--set", f"training.data.root={tmp_path / 'no-cifar'}")
     assert result.returncode == 2, result.stdout[-2000:]
-    assert "unknown task 'nope'" in result.stdout
+    assert "training.data.root: CIFAR-10 not found" in result.stdout
 
 
 def test_sigterm_under_torchrun_exits_143_so_the_operator_retries(tmp_path):

@@ -10,6 +10,7 @@ EXIT_USAGE = 2  # bad values, unknown task, missing credentials: permanent
 EXIT_HANG = 142  # a collective or step exceeded its deadline: retryable
 EXIT_STORAGE_UNAVAILABLE = 144  # checkpoint store unreachable: retryable
 EXIT_PREEMPTED = 143  # SIGTERM after the checkpoint was committed: retryable
+EXIT_INTERRUPTED = 130  # `kubetrain run` stopped with Ctrl-C (the replicas checkpointed as for SIGTERM)
 
 
 def is_retryable(code: int) -> bool:

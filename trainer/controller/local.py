@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import trainer_config_document, trainer_config_from_values
-from trainer.errors import EXIT_PREEMPTED, is_retryable
+from trainer.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, is_retryable
 
 STOP_GRACE_SECONDS = 30.0
 
@@ -65,6 +65,16 @@ def _die_with_parent() -> None:
         pass
 
 
+def summary_in(line: str) -> dict | None:
+    """master-0's JSON summary in a line of its output, even with other text around it."""
+    start = line.find('{"event": "summary"')
+    try:
+        summary, _ = json.JSONDecoder().raw_decode(line[start:])
+    except json.JSONDecodeError:
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def exit_code(returncode: int) -> int:
     """A process killed by signal N exits 128+N, as a container does."""
     return 128 - returncode if returncode < 0 else returncode
@@ -86,6 +96,7 @@ class LocalRunner:
         self.job = values["job"]
         self.print_lock = threading.Lock()
         self.stopping = False  # set by Ctrl-C/SIGTERM: no more restarts
+        self.interrupted = False  # Ctrl-C: a person stopped it, so exit 130 as command-line tools do
 
     def write_config(self) -> Path:
         """The trainer config, written atomically: what the ConfigMap holds in a cluster."""
@@ -106,11 +117,8 @@ class LocalRunner:
         prefix = f"[{replica_name(index)}] "
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace")
-            if index == 0 and line.startswith('{"event": "summary"'):
-                try:
-                    attempt.summary = json.loads(line)
-                except json.JSONDecodeError:
-                    pass
+            if index == 0 and '{"event": "summary"' in line:
+                attempt.summary = summary_in(line) or attempt.summary
             self._emit(prefix + line if line.endswith("\n") else prefix + line + "\n")
         stream.close()
 
@@ -176,12 +184,19 @@ class LocalRunner:
 
     def run(self) -> int:
         config_path = self.write_config()
+        if not self.values["checkpoint"]["uri"]:
+            keep = (self.workdir / "checkpoints").as_uri()
+            self._emit(f"[kubetrain] checkpoint.uri is not set: this run keeps no checkpoint and no trained model; "
+                       f"--set checkpoint.uri={keep} keeps them (and a rerun resumes)\n")
         restarts = 0
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         attempt_box: list[Attempt] = []
 
         def forward(signum, _frame):
             self.stopping = True
+            if signum == signal.SIGINT and not self.interrupted:
+                self.interrupted = True
+                self._emit("[kubetrain] interrupted (Ctrl-C): every replica checkpoints and stops\n")
             if attempt_box:
                 self._signal_all(attempt_box[-1], signal.SIGTERM)
 
@@ -204,7 +219,7 @@ class LocalRunner:
                 signal.signal(sig, handler)
         summary = self._final_summary(attempt, code, failed, restarts)
         self._emit(json.dumps(summary) + "\n")
-        return code
+        return summary.get("exit_code", code)
 
     def _final_summary(self, attempt: Attempt, code: int, failed: int | None, restarts: int) -> dict:
         summary = dict(attempt.summary or {
@@ -214,6 +229,8 @@ class LocalRunner:
         })
         if code == 0:
             summary["status"] = "succeeded"
+        elif self.interrupted and code == EXIT_PREEMPTED:  # the replicas checkpointed as on SIGTERM
+            summary.update(status="interrupted", exit_code=EXIT_INTERRUPTED)
         else:
             summary["status"] = "preempted" if code == EXIT_PREEMPTED else "failed"
             summary["exit_code"] = code

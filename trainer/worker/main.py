@@ -19,6 +19,16 @@ from trainer.errors import EXIT_FAILURE, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, Ret
 log = logging.getLogger("trainer")
 
 
+def whole_line_output() -> None:
+    """Every line reaches the pod log (or `kubetrain run`'s pipe) in one write(). torchrun's workers
+    share the container's stdout, and unbuffered (PYTHONUNBUFFERED) print() writes a line's text and
+    its newline separately, so another rank's output could land between them: glued lines, and a
+    summary line nobody can parse. Line buffering makes each line one write, atomic on a pipe."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True, write_through=False)
+
+
 def setup_logging(rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO,
@@ -47,6 +57,7 @@ def run(config_path: str) -> int:
 
     started = time.perf_counter()
     rank = int(os.environ.get("RANK", "0") or 0)
+    whole_line_output()
     setup_logging(rank)
     experiment, metrics = None, DISABLED
     try:
