@@ -75,6 +75,17 @@ def test_dashboard_has_the_variables_and_panels_users_look_for():
     assert len(ids) == len(set(ids))
 
 
+def test_every_panel_says_what_it_shows_and_rates_follow_the_scrape_interval():
+    board = dashboard()
+    for panel in board["panels"]:
+        if panel["type"] != "row":
+            assert len(panel.get("description", "")) > 20, f"{panel['title']}: no description"
+    for title, expr in panel_queries(board):
+        for window in re.findall(r"\b(?:rate|increase)\([^\[]*\[([^\]]+)\]", expr):
+            # A fixed window only where the panel says so (checkpoints are minutes apart).
+            assert window == "$__rate_interval" or window in title, f"{title}: rate over [{window}]"
+
+
 def test_every_panel_query_parses_as_a_recording_rule(tmp_path):
     promtool = tool("KUBETRAIN_PROMTOOL", "promtool")
     rules = [{"record": f"dashboard:panel_{i}", "expr": substitute(expr)}

@@ -78,7 +78,7 @@ ROWS = [  # (row title, [(panel title, unit, [(expr, legend)])])
              f"sum by (rank) ({rate('kubetrain_checkpoint_load_duration_seconds_count', '15m')})",
              "load rank {{rank}}"),
         ]),
-        ("Checkpoint bytes written / read per second", "Bps", [
+        ("Checkpoint bytes written / read per second (over 15m)", "Bps", [
             (f"sum({rate('kubetrain_checkpoint_saved_bytes_total', '15m')})", "written"),
             (f"sum({rate('kubetrain_checkpoint_loaded_bytes_total', '15m')})", "read"),
         ]),
@@ -98,13 +98,37 @@ ROWS = [  # (row title, [(panel title, unit, [(expr, legend)])])
 ]
 
 
+# Every panel's description (Grafana shows it in the panel's (i) tooltip); a test checks each has one.
 DESCRIPTIONS = {
+    "Step": "Optimizer steps done so far (the highest rank's count; all ranks step together).",
+    "Progress": "Steps done over the steps the run will take (training.epochs or training.maxSteps).",
+    "Samples/s (total)": "Training samples per second summed over every rank, over Grafana's rate interval.",
+    "Since last step": "Seconds since the slowest rank finished a step: growing without bound means a hang "
+                       "(the KubetrainHeartbeatStalled alert fires after 10 minutes).",
+    "Restarts": "How often the job's pods were restarted and resumed (KUBETRAIN_RESTART_COUNT / the operator).",
+    "Checkpoint failures": "Checkpoint saves that failed on any rank; the run keeps going and retries at the "
+                           "next save, so a rising count means the store is failing.",
+    "Loss": "Training loss (mean over the logging window) and the last evaluation's loss, averaged over ranks.",
+    "Eval accuracy": "Accuracy on the evaluation set at the last evaluation (every training.evalEveryEpochs).",
+    "Learning rate": "The optimizer's current learning rate (warmup, then the training.lrSchedule decay).",
+    "Gradient norm": "Global gradient norm before clipping (training.gradClipNorm); spikes precede divergence.",
+    "Samples/s per rank and total": "Throughput of each rank and of the job; one slow rank slows every rank "
+                                    "(DDP waits for it at each allreduce).",
+    "Step time p50 / p95": "Wall time per optimizer step, data wait included, from the step histogram.",
     "Data wait (share of step time)": "Time spent waiting for the next batch over wall time per step: "
                                       "near 1 means the data loader is the bottleneck (raise numWorkers).",
+    "Epoch": "The epoch being trained (from 0).",
+    "Checkpoint save / load duration (mean over 15m)": "Mean seconds per checkpoint save and load on each rank. "
+                                                       "Saves are minutes apart, so the window is a fixed 15m "
+                                                       "rather than the scrape-based rate interval.",
+    "Checkpoint bytes written / read per second (over 15m)":
+        "Checkpoint bytes moved to and from the store, averaged over 15m (saves are rare; a scrape-interval "
+        "rate would be mostly 0).",
+    "Last committed checkpoint step": "The newest step whose checkpoint is committed: what a restart resumes from.",
+    "GPU memory allocated / peak": "CUDA memory held by tensors on each rank, and its peak since the start.",
     "GPU utilisation (DCGM)": "DCGM_FI_DEV_GPU_UTIL of the GPUs used by this experiment's pods, joined on "
                               "`pod`. The DCGM exporter must be scraped with honorLabels: true so that `pod` is "
                               "the training pod (not the exporter's).",
-    "Step time p50 / p95": "Wall time per optimizer step, data wait included, from the step histogram.",
 }
 
 
@@ -114,7 +138,7 @@ def target(expr: str, legend: str, ref: int) -> dict:
 
 def timeseries(panel_id: int, title: str, unit: str, queries, grid: dict) -> dict:
     return {
-        "id": panel_id, "type": "timeseries", "title": title, "description": DESCRIPTIONS.get(title, ""),
+        "id": panel_id, "type": "timeseries", "title": title, "description": DESCRIPTIONS[title],
         "datasource": DS, "gridPos": grid,
         "fieldConfig": {"defaults": {"unit": unit, "custom": {"lineWidth": 1, "fillOpacity": 0,
                                                               "spanNulls": True}},
@@ -127,7 +151,7 @@ def timeseries(panel_id: int, title: str, unit: str, queries, grid: dict) -> dic
 
 def stat(panel_id: int, title: str, unit: str, expr: str, x: int) -> dict:
     return {
-        "id": panel_id, "type": "stat", "title": title, "datasource": DS,
+        "id": panel_id, "type": "stat", "title": title, "description": DESCRIPTIONS[title], "datasource": DS,
         "gridPos": {"h": 4, "w": 4, "x": x, "y": 0},
         "fieldConfig": {"defaults": {"unit": unit, **({"decimals": 0} if unit == "none" else {})},
                         "overrides": []},
