@@ -158,6 +158,12 @@ CHART_FAILURES = [
     ("ports", ["job.masterPort=9401,job.nprocPerNode=2"]),
     ("secrets", ["s3.devSecret.enabled=true,s3.credentialsSecret=s3-keys"]),
     ("secrets", ["s3.devSecret.enabled=true"]),
+    # What only the v1 PyTorchJob has, refused for a Trainer v2 TrainJob.
+    ("v2", ["job.kind=TrainJob,job.elastic.enabled=true"]),
+    ("v2", ["job.kind=TrainJob,job.schedulingPolicy.queue=research"]),
+    ("v2", ["job.kind=TrainJob,job.ttlSecondsAfterFinished=60"]),
+    ("v2", ["job.kind=TrainJob,schedulerName=volcano"]),
+    ("v2", ["job.kind=TrainJob,env[0].name=PET_NNODES,env[0].value=three"]),
 ]
 
 
@@ -267,6 +273,13 @@ def values_sets(draw) -> tuple[str, dict]:
                                      "secretAccessKey": "y" + draw(ODD_TEXT)}
     if draw(st.booleans()):
         values["serviceAccount"] = {"create": False, "name": draw(st.sampled_from(["", "trainer"]))}
+    if draw(st.booleans()):  # a Trainer v2 TrainJob, mostly without the settings only a PyTorchJob has
+        job.update(kind="TrainJob", runtime=draw(st.sampled_from(["torch-distributed", "torch.cuda-12"])))
+        if draw(st.integers(0, 3)):
+            job.update(ttlSecondsAfterFinished=None, schedulingPolicy={"queue": "", "priorityClass": "",
+                                                                       "minAvailable": 0})
+            job["elastic"]["enabled"] = False
+            values.update(priorityClassName="", schedulerName="")
     return draw(NAME), values
 
 

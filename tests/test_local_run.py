@@ -34,6 +34,21 @@ def test_quickstart_two_gloo_processes_learn(tmp_path):
     assert result.stdout.startswith(notice), result.stdout[:300]
 
 
+def test_the_quickstart_as_a_trainjob_runs_under_trainer_v2_s_contract(tmp_path):
+    """job.kind: TrainJob: each replica gets only the PET_* variables Trainer v2's torch plugin sets, runs
+    torchrun as a TrainJob's node does, and trains the same experiment to the same loss as the PyTorchJob."""
+    common = ["--set", "training.epochs=1,training.maxSteps=20,metrics.enabled=false"]
+    v2 = run_cli("run", "quickstart", "-f", str(EXAMPLES / "quickstart.yaml"), "-f",
+                 str(EXAMPLES / "quickstart-trainjob.yaml"), "--workdir", str(tmp_path / "v2"), *common)
+    assert v2.returncode == 0, v2.stdout[-3000:] + v2.stderr
+    assert "launcher=torchrun world_size=2 nnodes=2 nproc_per_node=1" in v2.stdout
+    assert v2.summary["status"] == "succeeded" and v2.summary["world_size"] == 2 and v2.summary["steps"] == 20
+    v1 = run_cli("run", "quickstart", "-f", str(EXAMPLES / "quickstart.yaml"), "--workdir", str(tmp_path / "v1"),
+                 *common)
+    assert v1.returncode == 0, v1.stdout[-3000:]
+    assert v2.summary["train_loss"] == v1.summary["train_loss"]
+
+
 def _step1_loss(tmp_path, nodes: int, batch: int) -> float:
     result = run_cli(
         "run", f"ws{nodes}", "--workdir", str(tmp_path / f"ws{nodes}"),

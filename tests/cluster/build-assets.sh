@@ -3,8 +3,10 @@
 #   kube-apiserver  from k8s.io/kubernetes (staging modules replaced by their v0.X.Y releases)
 #   etcd            from go.etcd.io/etcd/server/v3
 #   kubectl         copied from $KUBETRAIN_KUBECTL (or the kubectl on PATH)
-# plus the PyTorchJob CRD from the Go module github.com/kubeflow/training-operator and the
-# PodMonitor/PrometheusRule CRDs from github.com/prometheus-operator/prometheus-operator.
+# plus the PyTorchJob CRD from the Go module github.com/kubeflow/training-operator, the
+# PodMonitor/PrometheusRule CRDs from github.com/prometheus-operator/prometheus-operator and
+# Kubeflow Trainer v2's CRDs (TrainJob, TrainingRuntime, ClusterTrainingRuntime) with its
+# torch-distributed runtime from github.com/kubeflow/trainer/v2.
 #
 # Everything comes from the Go module proxy configured in the environment
 # (`go env GOPROXY`); nothing here names a host. Output folder:
@@ -12,7 +14,7 @@
 # A second run finds the binaries and returns in well under a second.
 #
 # Progress goes to stderr; stdout carries only `export NAME=value` lines:
-#   KUBEBUILDER_ASSETS, KUBETRAIN_PYTORCHJOB_CRD, KUBETRAIN_MONITORING_CRDS (a folder)
+#   KUBEBUILDER_ASSETS, KUBETRAIN_PYTORCHJOB_CRD, KUBETRAIN_MONITORING_CRDS and KUBETRAIN_TRAINER_CRDS (folders)
 # KUBETRAIN_ASSETS_NO_BUILD=1: report a cache hit (or a usable KUBEBUILDER_ASSETS), never build.
 set -euo pipefail
 
@@ -23,12 +25,16 @@ CRD_PATH_IN_MODULE="manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
 PROMETHEUS_OPERATOR_VERSION="${KUBETRAIN_PROMETHEUS_OPERATOR_VERSION:-0.79.2}"
 MONITORING_CRDS_IN_MODULE="example/prometheus-operator-crd"
 MONITORING_CRDS=(monitoring.coreos.com_podmonitors.yaml monitoring.coreos.com_prometheusrules.yaml)
+TRAINER_VERSION="${KUBETRAIN_TRAINER_VERSION:-2.3.0}"      # github.com/kubeflow/trainer/v2 (Kubeflow Trainer v2)
+TRAINER_FILES=(crds/trainer.kubeflow.org_trainjobs.yaml crds/trainer.kubeflow.org_trainingruntimes.yaml
+               crds/trainer.kubeflow.org_clustertrainingruntimes.yaml runtimes/torch_distributed.yaml)
 
 CACHE="${KUBETRAIN_CACHE:-$HOME/.cache/kubetrain}"
 ASSETS="$CACHE/k8s-assets/${K8S_VERSION}-etcd${ETCD_VERSION}"
 CRD_DIR="$ASSETS/crds/training-operator-v${TRAINING_OPERATOR_VERSION}"
 CRD_FILE="$CRD_DIR/kubeflow.org_pytorchjobs.yaml"
 MONITORING_CRD_DIR="$ASSETS/crds/prometheus-operator-v${PROMETHEUS_OPERATOR_VERSION}"
+TRAINER_CRD_DIR="$ASSETS/crds/trainer-v${TRAINER_VERSION}"
 BUILD_ROOT="$CACHE/k8s-assets/build"
 
 # shellcheck source=k8s-wrapper.sh
@@ -50,6 +56,32 @@ emit() { # ASSET_DIR CRD_FILE
     if have_monitoring_crds; then
         printf 'export KUBETRAIN_MONITORING_CRDS=%q\n' "$MONITORING_CRD_DIR"
     fi
+    if have_trainer_files; then
+        printf 'export KUBETRAIN_TRAINER_CRDS=%q\n' "$TRAINER_CRD_DIR"
+    fi
+}
+
+have_trainer_files() {
+    local f
+    for f in "${TRAINER_FILES[@]}"; do
+        [[ -s "$TRAINER_CRD_DIR/$(basename "$f")" ]] || return 1
+    done
+}
+
+fetch_trainer_files() {
+    local dir f
+    log "fetching github.com/kubeflow/trainer/v2@v$TRAINER_VERSION (CRDs, torch runtime)"
+    mkdir -p "$BUILD_ROOT"
+    dir=$(cd "$BUILD_ROOT" && GOFLAGS=-modcacherw go mod download -json \
+        "github.com/kubeflow/trainer/v2@v$TRAINER_VERSION" | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')
+    mkdir -p "$TRAINER_CRD_DIR"
+    for f in "${TRAINER_FILES[@]}"; do
+        [[ -s "$dir/manifests/base/$f" ]] || die "not found: $dir/manifests/base/$f"
+        cp -f "$dir/manifests/base/$f" "$TRAINER_CRD_DIR/$(basename "$f").tmp"
+        chmod 644 "$TRAINER_CRD_DIR/$(basename "$f").tmp"
+        mv -f "$TRAINER_CRD_DIR/$(basename "$f").tmp" "$TRAINER_CRD_DIR/$(basename "$f")"
+    done
+    log "Trainer v2 CRDs: $TRAINER_CRD_DIR"
 }
 
 have_monitoring_crds() {
@@ -92,6 +124,9 @@ kubectl_current() { # true when $ASSETS/kubectl is there and, if KUBETRAIN_KUBEC
 # The monitoring CRDs are a download, not a build: fetch them unless told to stay offline.
 if ! have_monitoring_crds && [[ "${KUBETRAIN_ASSETS_NO_BUILD:-0}" != "1" ]]; then
     GOPATH="$CACHE/go" GOMODCACHE="$CACHE/go/pkg/mod" fetch_monitoring_crds
+fi
+if ! have_trainer_files && [[ "${KUBETRAIN_ASSETS_NO_BUILD:-0}" != "1" ]]; then
+    GOPATH="$CACHE/go" GOMODCACHE="$CACHE/go/pkg/mod" fetch_trainer_files
 fi
 
 # Fast path: everything already there.

@@ -1,7 +1,9 @@
-"""`kubetrain run`: the PyTorchJob as local processes, one per replica.
+"""`kubetrain run`: the PyTorchJob (or TrainJob) as local processes, one per replica.
 
 Each replica gets exactly the environment the Kubeflow training operator
-injects (DESIGN §3.3) with MASTER_ADDR=127.0.0.1 and a free port; torchrun
+injects (DESIGN §3.3), or for `job.kind: TrainJob` what Kubeflow Trainer v2's
+torch plugin injects (PET_* only, always under torchrun), with the master at
+127.0.0.1 and a free port; torchrun
 runs inside a replica when nprocPerNode > 1, as in the pod. Output is streamed
 with a `[master-0]` / `[worker-1]` prefix. One failing replica stops the rest;
 retryable exits (>= 128) relaunch every replica under `job.restartPolicy`
@@ -37,6 +39,15 @@ def replica_name(index: int) -> str:
     return "master-0" if index == 0 else f"worker-{index}"
 
 
+def trainer_v2_env(index: int, nodes: int, nproc: int, port: int) -> dict[str, str]:
+    """What Kubeflow Trainer v2's torch plugin injects into node `index` of a TrainJob: PET_* only
+    (torchrun, which a TrainJob always runs, derives every rank's RANK and WORLD_SIZE from them)."""
+    return {
+        "PET_NNODES": str(nodes), "PET_NPROC_PER_NODE": str(nproc), "PET_NODE_RANK": str(index),
+        "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port), "PYTHONUNBUFFERED": "1",
+    }
+
+
 def operator_env(index: int, nodes: int, nproc: int, port: int) -> dict[str, str]:
     """What the training operator injects into replica `index` (DESIGN §3.3)."""
     return {
@@ -49,8 +60,8 @@ def operator_env(index: int, nodes: int, nproc: int, port: int) -> dict[str, str
     }
 
 
-def replica_command(config_path: Path, nproc: int) -> list[str]:
-    if nproc > 1:  # torchrun (keeping exit codes) reads PET_* for nnodes, node rank and master, as in the pod
+def replica_command(config_path: Path, nproc: int, torchrun: bool = False) -> list[str]:
+    if nproc > 1 or torchrun:  # torchrun (keeping exit codes) reads PET_* for nnodes, node rank and master, as in the pod
         return [sys.executable, "-m", "trainer.worker.launch", "-m", "trainer", "--config", str(config_path)]
     return [sys.executable, "-m", "trainer", "--config", str(config_path)]
 
@@ -130,12 +141,13 @@ class LocalRunner:
         for index in range(nodes):
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", str(threads_per_proc))
-            env.update(operator_env(index, nodes, nproc, port))
+            train_job = self.job["kind"] == "TrainJob"
+            env.update((trainer_v2_env if train_job else operator_env)(index, nodes, nproc, port))
             # Not from the operator: replicas share this host, so each gets its own /metrics ports.
             env.update({"KUBETRAIN_METRICS_PORT_OFFSET": str(index * nproc),
                         "KUBETRAIN_RESTART_COUNT": str(restarts)})
             proc = subprocess.Popen(
-                replica_command(config_path, nproc), env=env, cwd=self.workdir,
+                replica_command(config_path, nproc, torchrun=train_job), env=env, cwd=self.workdir,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # our own signal forwarding reaches torchrun's children too
                 preexec_fn=_die_with_parent,

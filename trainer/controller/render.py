@@ -124,12 +124,34 @@ def check_values(name: str, values: dict) -> None:
         if first <= int(job["masterPort"]) <= last:
             raise UserError(f"job.masterPort ({int(job['masterPort'])}) collides with the metrics ports "
                             f"{first}-{last} (metrics.port + local rank)")
+    if job["kind"] == "TrainJob":
+        check_train_job(values)
     s3 = values["s3"]
     if s3["devSecret"]["enabled"] and s3["credentialsSecret"]:
         raise UserError("s3.devSecret.enabled and s3.credentialsSecret are exclusive: "
                         "use the existing Secret or the development one")
     if s3["devSecret"]["enabled"] and not (s3["devSecret"]["accessKeyId"] and s3["devSecret"]["secretAccessKey"]):
         raise UserError("s3.devSecret.enabled needs s3.devSecret.accessKeyId and s3.devSecret.secretAccessKey")
+
+
+def check_train_job(values: dict) -> None:
+    """What only a PyTorchJob can do, refused for a TrainJob (`kubetrain.validate`)."""
+    job, scheduling = values["job"], values["job"]["schedulingPolicy"]
+    if job["elastic"]["enabled"]:
+        raise UserError("job.elastic.enabled: Kubeflow Trainer v2 (job.kind: TrainJob) has no elastic policy; "
+                        "use job.kind: PyTorchJob")
+    if scheduling["queue"] or scheduling["priorityClass"] or int(scheduling["minAvailable"]) > 0:
+        raise UserError("job.schedulingPolicy is the v1 operator's gang scheduling; a TrainJob queues through "
+                        "Kueue: set kueue.queueName")
+    if job.get("ttlSecondsAfterFinished") is not None:
+        raise UserError("job.ttlSecondsAfterFinished: a TrainJob has no TTL; leave it null with job.kind: TrainJob")
+    if values.get("priorityClassName") or values.get("schedulerName"):
+        raise UserError("priorityClassName and schedulerName cannot be patched into a Trainer v2 runtime; "
+                        "set them in the ClusterTrainingRuntime (job.runtime)")
+    for entry in values.get("env") or []:
+        if str(entry.get("name", "")).startswith("PET_"):
+            raise UserError(f"env: {entry['name']} is set by Kubeflow Trainer v2's torch plugin and may not be "
+                            "given with job.kind: TrainJob")
 
 
 # ---------------------------------------------------------------- labels
@@ -203,9 +225,11 @@ def _with(value, key_line: str, spaces: int) -> str:
 # ---------------------------------------------------------------- the PyTorchJob
 def trainer_command(values: dict) -> list[str]:
     """`kubetrain.command`: torchrun reads PET_* (set by the operator) for nodes, rank and rendezvous;
-    trainer.worker.launch is torchrun that keeps the workers' exit codes for restartPolicy ExitCode."""
+    trainer.worker.launch is torchrun that keeps the workers' exit codes for restartPolicy ExitCode, and the
+    launcher a TrainJob needs (Trainer v2 sets only PET_*)."""
     job = values["job"]
-    torchrun = ["-m", "trainer.worker.launch"] if int(job["nprocPerNode"]) > 1 or job["elastic"]["enabled"] else []
+    torchrun = ["-m", "trainer.worker.launch"] if (int(job["nprocPerNode"]) > 1 or job["elastic"]["enabled"]
+                                                   or job["kind"] == "TrainJob") else []
     return ["python", *torchrun, "-m", "trainer", "--config", CONFIG_PATH]
 
 
@@ -219,6 +243,7 @@ def resource_list(values: dict) -> str:
 
 
 def trainer_env(name: str, values: dict) -> str:
+    """`kubetrain.env`."""
     secret = s3_secret_name(name, values)
     lines = ["# A writable home on the read-only root filesystem (torch hub, triton caches).",
              "- name: HOME", "  value: /tmp"]
@@ -232,26 +257,45 @@ def trainer_env(name: str, values: dict) -> str:
     return text + nindent(0, to_yaml(values["env"])) if values.get("env") else text
 
 
-def pod_template(name: str, values: dict) -> str:
-    """`kubetrain.podTemplate`: the Master's and the Workers' pods."""
+def volume_mounts(values: dict) -> str:
+    """`kubetrain.volumeMounts`."""
+    text = "\n".join(["- name: config", f"  mountPath: {CONFIG_DIR}", "  readOnly: true",
+                      "- name: dshm", "  mountPath: /dev/shm", "- name: tmp", "  mountPath: /tmp"])
+    return text + nindent(0, to_yaml(values["volumeMounts"])) if values.get("volumeMounts") else text
+
+
+def volumes(name: str, values: dict) -> str:
+    """`kubetrain.volumes`."""
+    shm_limit = values["shm"]["sizeLimit"]
+    text = _lines("- name: config", "  configMap:", f"    name: {name}-config",
+                  "- name: dshm", "  emptyDir:", "    medium: Memory",
+                  shm_limit and f"    sizeLimit: {quote(shm_limit)}",
+                  "- name: tmp", "  emptyDir: {}")
+    return text + nindent(0, to_yaml(values["volumes"])) if values.get("volumes") else text
+
+
+def pod_metadata(name: str, values: dict) -> str:
+    """`kubetrain.podMetadata`."""
     labels = {**(values.get("podLabels") or {}), **common_labels(name), **trainer_selector_labels(name)}
     annotations = {"sidecar.istio.io/inject": "false", **(values.get("podAnnotations") or {})}
+    return "labels:" + nindent(2, to_yaml(labels)) + "\nannotations:" + nindent(2, to_yaml(annotations))
+
+
+def pod_template(name: str, values: dict) -> str:
+    """`kubetrain.podTemplate`: the Master's and the Workers' pods."""
     ports = ["- name: pytorchjob-port", f"  containerPort: {int(values['job']['masterPort'])}", "  protocol: TCP"]
     if values["metrics"]["enabled"]:
         for port_name, port in metrics_port_names(values):
             ports += [f"- name: {port_name}", f"  containerPort: {port}", "  protocol: TCP"]
-    shm_limit = values["shm"]["sizeLimit"]
     command = "\n".join(f"- {part}" for part in trainer_command(values))
     return _lines(
-        "metadata:",
-        "  labels:" + nindent(4, to_yaml(labels)),
-        "  annotations:" + nindent(4, to_yaml(annotations)),
+        "metadata:" + nindent(2, pod_metadata(name, values)),
         "spec:",
         f"  serviceAccountName: {quote(service_account_name(name, values))}",
         "  automountServiceAccountToken: false",
         f"  terminationGracePeriodSeconds: {int(values['terminationGracePeriodSeconds'])}",
         _with(values.get("podSecurityContext"), "  securityContext:", 4),
-        _image_pull_secrets(values),
+        _image_pull_secrets(values, 2),
         values.get("priorityClassName") and f"  priorityClassName: {quote(values['priorityClassName'])}",
         values.get("schedulerName") and f"  schedulerName: {quote(values['schedulerName'])}",
         _with(values.get("nodeSelector"), "  nodeSelector:", 4),
@@ -268,30 +312,14 @@ def pod_template(name: str, values: dict) -> str:
         "        requests:" + nindent(10, resource_list(values)),
         "        limits:" + nindent(10, resource_list(values)),
         _with(values.get("securityContext"), "      securityContext:", 8),
-        "      volumeMounts:",
-        "        - name: config",
-        f"          mountPath: {CONFIG_DIR}",
-        "          readOnly: true",
-        "        - name: dshm",
-        "          mountPath: /dev/shm",
-        "        - name: tmp",
-        "          mountPath: /tmp" + (nindent(8, to_yaml(values["volumeMounts"])) if values.get("volumeMounts") else ""),
-        "  volumes:",
-        "    - name: config",
-        "      configMap:",
-        f"        name: {name}-config",
-        "    - name: dshm",
-        "      emptyDir:",
-        "        medium: Memory",
-        shm_limit and f"        sizeLimit: {quote(shm_limit)}",
-        "    - name: tmp",
-        "      emptyDir: {}" + (nindent(4, to_yaml(values["volumes"])) if values.get("volumes") else ""),
+        "      volumeMounts:" + nindent(8, volume_mounts(values)),
+        "  volumes:" + nindent(4, volumes(name, values)),
     )
 
 
-def _image_pull_secrets(values: dict) -> str:
-    secrets = values["image"].get("pullSecrets")
-    return _lines("  imagePullSecrets:", *(f"    - name: {quote(secret)}" for secret in secrets)) if secrets else ""
+def _image_pull_secrets(values: dict, spaces: int) -> str:
+    secrets, pad = values["image"].get("pullSecrets"), " " * spaces
+    return _lines(f"{pad}imagePullSecrets:", *(f"{pad}  - name: {quote(secret)}" for secret in secrets)) if secrets else ""
 
 
 def run_policy(job: dict) -> str:
@@ -345,6 +373,67 @@ def pytorch_job(name: str, values: dict) -> str:
         "  pytorchReplicaSpecs:",
         replica("Master", 1),
         nodes > 1 and replica("Worker", nodes - 1),
+    )
+
+
+def train_job(name: str, values: dict) -> str:
+    """templates/trainjob.yaml: a Kubeflow Trainer v2 TrainJob on job.runtime, the pod settings patched in."""
+    job = values["job"]
+    queue = values["kueue"]["queueName"]
+    command = "\n".join(f"- {part}" for part in trainer_command(values))
+    pod_spec = _lines(
+        f"serviceAccountName: {quote(service_account_name(name, values))}",
+        f"terminationGracePeriodSeconds: {int(values['terminationGracePeriodSeconds'])}",
+        _with(values.get("podSecurityContext"), "securityContext:", 2),
+        _image_pull_secrets(values, 0),
+        _with(values.get("nodeSelector"), "nodeSelector:", 2),
+        _with(values.get("affinity"), "affinity:", 2),
+        _with(values.get("tolerations"), "tolerations:", 2),
+        "containers:",
+        "  - name: node",
+        _with(values.get("securityContext"), "    securityContext:", 6),
+        "    volumeMounts:" + nindent(6, volume_mounts(values)),
+        "volumes:" + nindent(2, volumes(name, values)),
+    )
+    return _lines(
+        "# Kubeflow Trainer v2: the runtime's torch plugin sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK and",
+        "# PET_MASTER_ADDR/PORT; torchrun (our launcher) turns them into each rank's RANK and WORLD_SIZE.",
+        "apiVersion: trainer.kubeflow.org/v1alpha1",
+        "kind: TrainJob",
+        "metadata:",
+        f"  name: {quote(name)}",
+        "  labels:" + nindent(4, labels_text(name)),
+        queue and f"    kueue.x-k8s.io/queue-name: {quote(queue)}",
+        "spec:",
+        "  runtimeRef:",
+        "    apiGroup: trainer.kubeflow.org",
+        "    kind: ClusterTrainingRuntime",
+        f"    name: {quote(job['runtime'])}",
+        f"  suspend: {json.dumps(job['suspend'])}",
+        job.get("activeDeadlineSeconds") is not None and
+        f"  activeDeadlineSeconds: {int(job['activeDeadlineSeconds'])}",
+        "  trainer:",
+        f"    image: {quote(image(values))}",
+        "    command:" + nindent(6, command),
+        f"    numNodes: {int(job['nodes'])}",
+        f"    numProcPerNode: {int(job['nprocPerNode'])}",
+        "    resourcesPerNode:",
+        "      requests:" + nindent(8, resource_list(values)),
+        "      limits:" + nindent(8, resource_list(values)),
+        "    env:" + nindent(6, trainer_env(name, values)),
+        "  # What the trainer field cannot say goes to the runtime's `node` job and its `node` container.",
+        "  runtimePatches:",
+        "    - manager: kubetrain.io/chart",
+        "      trainingRuntimeSpec:",
+        "        template:",
+        "          spec:",
+        "            replicatedJobs:",
+        "              - name: node",
+        "                template:",
+        "                  spec:",
+        "                    template:",
+        "                      metadata:" + nindent(24, pod_metadata(name, values)),
+        "                      spec:" + nindent(24, pod_spec),
     )
 
 
@@ -420,7 +509,7 @@ def dashboard_config_map(name: str, values: dict) -> str:
 
 def metrics_service(name: str, values: dict) -> str:
     """templates/service-metrics.yaml: headless, one DNS record per trainer pod."""
-    ports = [f"    - name: {port_name}\n      port: {port}\n      targetPort: {port_name}\n      protocol: TCP"
+    ports = [f"    - name: {port_name}\n      port: {port}\n      targetPort: {port}\n      protocol: TCP"
              for port_name, port in metrics_port_names(values)]
     return _lines(
         _header("v1", "Service", f"{name}-metrics", labels_text(name)),
@@ -437,8 +526,9 @@ def pod_monitor(name: str, values: dict) -> str:
     """templates/podmonitor.yaml."""
     monitor = values["metrics"]["podMonitor"]
     labels = {**(monitor.get("labels") or {}), **common_labels(name)}
-    endpoints = [f"    - port: {port_name}\n      path: /metrics\n      interval: {monitor['interval']}"
-                 for port_name, _ in metrics_port_names(values)]
+    by_number = values["job"]["kind"] == "TrainJob"  # a TrainJob's containers have no named ports
+    endpoints = [f"    - {f'portNumber: {port}' if by_number else f'port: {port_name}'}\n      path: /metrics\n"
+                 f"      interval: {monitor['interval']}" for port_name, port in metrics_port_names(values)]
     return _lines(
         _header("monitoring.coreos.com/v1", "PodMonitor", quote(name), to_yaml(labels)),
         "spec:",
@@ -478,7 +568,7 @@ def test_pod(name: str, values: dict) -> str:
         f"  serviceAccountName: {quote(service_account_name(name, values))}",
         "  automountServiceAccountToken: false",
         _with(values.get("podSecurityContext"), "  securityContext:", 4),
-        _image_pull_secrets(values),
+        _image_pull_secrets(values, 2),
         "  containers:",
         "    - name: check-config",
         f"      image: {quote(image(values))}",
@@ -528,7 +618,8 @@ def render_documents(name: str, values: dict, include_tests: bool = True) -> lis
         ("service-metrics.yaml", metrics_service, metrics["enabled"]),
         ("podmonitor.yaml", pod_monitor, metrics["enabled"] and metrics["podMonitor"]["enabled"]),
         ("prometheusrule.yaml", prometheus_rule, metrics["enabled"] and metrics["prometheusRule"]["enabled"]),
-        ("pytorchjob.yaml", pytorch_job, True),
+        ("pytorchjob.yaml", pytorch_job, values["job"]["kind"] == "PyTorchJob"),
+        ("trainjob.yaml", train_job, values["job"]["kind"] == "TrainJob"),
         ("tests/test-config.yaml", test_pod, include_tests),
     ]
     try:

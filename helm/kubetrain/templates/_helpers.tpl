@@ -94,6 +94,25 @@ messages, in the same order, before anything is rendered.
 {{- fail (printf "job.masterPort (%d) collides with the metrics ports %d-%d (metrics.port + local rank)" (int $job.masterPort) $first $last) -}}
 {{- end -}}
 {{- end -}}
+{{- if eq $job.kind "TrainJob" -}}
+{{- if $job.elastic.enabled -}}
+{{- fail "job.elastic.enabled: Kubeflow Trainer v2 (job.kind: TrainJob) has no elastic policy; use job.kind: PyTorchJob" -}}
+{{- end -}}
+{{- if or $job.schedulingPolicy.queue $job.schedulingPolicy.priorityClass (gt (int $job.schedulingPolicy.minAvailable) 0) -}}
+{{- fail "job.schedulingPolicy is the v1 operator's gang scheduling; a TrainJob queues through Kueue: set kueue.queueName" -}}
+{{- end -}}
+{{- if not (kindIs "invalid" $job.ttlSecondsAfterFinished) -}}
+{{- fail "job.ttlSecondsAfterFinished: a TrainJob has no TTL; leave it null with job.kind: TrainJob" -}}
+{{- end -}}
+{{- if or .Values.priorityClassName .Values.schedulerName -}}
+{{- fail "priorityClassName and schedulerName cannot be patched into a Trainer v2 runtime; set them in the ClusterTrainingRuntime (job.runtime)" -}}
+{{- end -}}
+{{- range .Values.env -}}
+{{- if hasPrefix "PET_" (toString .name) -}}
+{{- fail (printf "env: %s is set by Kubeflow Trainer v2's torch plugin and may not be given with job.kind: TrainJob" .name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.s3.devSecret.enabled .Values.s3.credentialsSecret -}}
 {{- fail "s3.devSecret.enabled and s3.credentialsSecret are exclusive: use the existing Secret or the development one" -}}
 {{- end -}}
@@ -105,8 +124,8 @@ messages, in the same order, before anything is rendered.
 {{/* The trainer's command: torchrun reads PET_* (set by the operator) for nodes, rank and rendezvous. */}}
 {{- define "kubetrain.command" -}}
 - python
-{{- if or (gt (int .Values.job.nprocPerNode) 1) .Values.job.elastic.enabled }}
-{{- /* torchrun that keeps the workers' exit codes (restartPolicy: ExitCode) */}}
+{{- if or (gt (int .Values.job.nprocPerNode) 1) .Values.job.elastic.enabled (eq .Values.job.kind "TrainJob") }}
+{{- /* torchrun that keeps the workers' exit codes (restartPolicy: ExitCode); Trainer v2 sets only PET_* */}}
 - -m
 - trainer.worker.launch
 {{- end }}
@@ -119,12 +138,8 @@ messages, in the same order, before anything is rendered.
 {{/* The pod template of the Master and Worker replicas (identical but for the operator's labels). */}}
 {{- define "kubetrain.podTemplate" -}}
 {{- $nproc := int .Values.job.nprocPerNode -}}
-{{- $s3Secret := include "kubetrain.s3SecretName" . -}}
 metadata:
-  labels:
-    {{- mergeOverwrite (dict) (.Values.podLabels | default dict) (include "kubetrain.labels" . | fromYaml) (include "kubetrain.trainerSelectorLabels" . | fromYaml) | toYaml | nindent 4 }}
-  annotations:
-    {{- mergeOverwrite (dict "sidecar.istio.io/inject" "false") (.Values.podAnnotations | default dict) | toYaml | nindent 4 }}
+  {{- include "kubetrain.podMetadata" . | nindent 2 }}
 spec:
   serviceAccountName: {{ include "kubetrain.serviceAccountName" . | quote }}
   automountServiceAccountToken: false
@@ -164,28 +179,7 @@ spec:
       command:
         {{- include "kubetrain.command" . | nindent 8 }}
       env:
-        # A writable home on the read-only root filesystem (torch hub, triton caches).
-        - name: HOME
-          value: /tmp
-        {{- if $s3Secret }}
-        - name: AWS_ACCESS_KEY_ID
-          valueFrom:
-            secretKeyRef:
-              name: {{ $s3Secret | quote }}
-              key: AWS_ACCESS_KEY_ID
-        - name: AWS_SECRET_ACCESS_KEY
-          valueFrom:
-            secretKeyRef:
-              name: {{ $s3Secret | quote }}
-              key: AWS_SECRET_ACCESS_KEY
-        {{- end }}
-        {{- range $key, $value := .Values.ncclEnv }}
-        - name: {{ $key }}
-          value: {{ include "kubetrain.string" $value | quote }}
-        {{- end }}
-        {{- with .Values.env }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
+        {{- include "kubetrain.env" . | nindent 8 }}
       ports:
         - name: pytorchjob-port
           containerPort: {{ int .Values.job.masterPort }}
@@ -207,31 +201,75 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       volumeMounts:
-        - name: config
-          mountPath: /etc/kubetrain
-          readOnly: true
-        - name: dshm
-          mountPath: /dev/shm
-        - name: tmp
-          mountPath: /tmp
-        {{- with .Values.volumeMounts }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
+        {{- include "kubetrain.volumeMounts" . | nindent 8 }}
   volumes:
-    - name: config
-      configMap:
-        name: {{ .Release.Name }}-config
-    - name: dshm
-      emptyDir:
-        medium: Memory
-        {{- with .Values.shm.sizeLimit }}
-        sizeLimit: {{ . | quote }}
-        {{- end }}
-    - name: tmp
-      emptyDir: {}
-    {{- with .Values.volumes }}
-    {{- toYaml . | nindent 4 }}
+    {{- include "kubetrain.volumes" . | nindent 4 }}
+{{- end -}}
+
+{{/* The trainer pods' labels and annotations (PyTorchJob replicas and TrainJob nodes alike). */}}
+{{- define "kubetrain.podMetadata" -}}
+labels:
+  {{- mergeOverwrite (dict) (.Values.podLabels | default dict) (include "kubetrain.labels" . | fromYaml) (include "kubetrain.trainerSelectorLabels" . | fromYaml) | toYaml | nindent 2 }}
+annotations:
+  {{- mergeOverwrite (dict "sidecar.istio.io/inject" "false") (.Values.podAnnotations | default dict) | toYaml | nindent 2 }}
+{{- end -}}
+
+{{/* The trainer container's environment. */}}
+{{- define "kubetrain.env" -}}
+{{- $s3Secret := include "kubetrain.s3SecretName" . -}}
+# A writable home on the read-only root filesystem (torch hub, triton caches).
+- name: HOME
+  value: /tmp
+{{- if $s3Secret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s3Secret | quote }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s3Secret | quote }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- end }}
+{{- range $key, $value := .Values.ncclEnv }}
+- name: {{ $key }}
+  value: {{ include "kubetrain.string" $value | quote }}
+{{- end }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The trainer container's mounts: the config, shared memory, a writable /tmp, the user's. */}}
+{{- define "kubetrain.volumeMounts" -}}
+- name: config
+  mountPath: /etc/kubetrain
+  readOnly: true
+- name: dshm
+  mountPath: /dev/shm
+- name: tmp
+  mountPath: /tmp
+{{- with .Values.volumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "kubetrain.volumes" -}}
+- name: config
+  configMap:
+    name: {{ .Release.Name }}-config
+- name: dshm
+  emptyDir:
+    medium: Memory
+    {{- with .Values.shm.sizeLimit }}
+    sizeLimit: {{ . | quote }}
     {{- end }}
+- name: tmp
+  emptyDir: {}
+{{- with .Values.volumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}
 
 {{/* requests = limits: cpu, memory and nvidia.com/gpu when GPUs are asked for. */}}
