@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import functools
 import json
 import re
 import unicodedata
@@ -120,10 +121,10 @@ def to_json(value, _indent: str | None = None, _level: int = 0) -> str:
     """json.Marshal (toJson) or, with _indent, json.MarshalIndent(v, "", _indent) (toPrettyJson)."""
     if value is None or isinstance(value, bool):
         return json.dumps(value)
-    if isinstance(value, int):
+    if isinstance(value, int) and abs(value) < 1e21:  # --set gives int64; files give float64 (same digits)
         return str(value)
-    if isinstance(value, float):
-        return go_float(value)
+    if isinstance(value, (int, float)):
+        return go_float(float(value))
     if isinstance(value, str):
         return _json_string(value)
     if isinstance(value, dict):
@@ -254,11 +255,10 @@ def _is_letter(ch: str) -> bool:
 
 
 def _is_digit(ch: str) -> bool:
-    return unicodedata.category(ch) == "Nd" and ch.isdecimal() and ch in "0123456789"
+    return "0" <= ch <= "9"
 
 
 def _sorted_keys(keys) -> list[str]:
-    import functools
     return sorted(keys, key=functools.cmp_to_key(lambda a, b: -1 if _key_less(a, b) else (1 if _key_less(b, a) else 0)))
 
 
@@ -453,37 +453,25 @@ class _Emitter:
 
     # -- scalar writers
     def write_plain(self, value: str, allow_breaks: bool) -> None:
-        if not self.whitespace:
-            self.put(" ")
-        spaces = breaks = False
-        for i, ch in enumerate(value):
-            nxt = value[i + 1] if i + 1 < len(value) else ""
-            if ch == " ":
-                if allow_breaks and not spaces and self.column > BEST_WIDTH and nxt != " ":
-                    self.write_indent()
-                else:
-                    self.put(ch)
-                spaces = True
-            elif ch in _BREAKS:
-                if not breaks and ch == "\n":
-                    self.put_break()
-                self.write_break(ch)
-                self.indention = breaks = True
-            else:
-                if breaks:
-                    self.write_indent()
-                self.put(ch)
-                self.indention = spaces = breaks = False
-        self.whitespace = self.indention = False
+        self._write_unescaped(value, allow_breaks, quoted=False)
 
     def write_single_quoted(self, value: str, allow_breaks: bool) -> None:
-        self.write_indicator("'", True, False, False)
+        self._write_unescaped(value, allow_breaks, quoted=True)
+
+    def _write_unescaped(self, value: str, allow_breaks: bool, quoted: bool) -> None:
+        """go-yaml's write_plain_scalar and write_single_quoted_scalar, one loop: the quoted form adds the
+        quotes, doubles a `'` and never folds at the first or last character."""
+        if quoted:
+            self.write_indicator("'", True, False, False)
+        elif not self.whitespace:
+            self.put(" ")
         spaces = breaks = False
         n = len(value)
         for i, ch in enumerate(value):
             nxt = value[i + 1] if i + 1 < n else ""
             if ch == " ":
-                if allow_breaks and not spaces and self.column > BEST_WIDTH and 0 < i < n - 1 and nxt != " ":
+                foldable = not quoted or 0 < i < n - 1
+                if allow_breaks and not spaces and self.column > BEST_WIDTH and foldable and nxt != " ":
                     self.write_indent()
                 else:
                     self.put(ch)
@@ -496,11 +484,12 @@ class _Emitter:
             else:
                 if breaks:
                     self.write_indent()
-                if ch == "'":
+                if quoted and ch == "'":
                     self.put("'")
                 self.put(ch)
                 self.indention = spaces = breaks = False
-        self.write_indicator("'", False, False, False)
+        if quoted:
+            self.write_indicator("'", False, False, False)
         self.whitespace = self.indention = False
 
     def write_double_quoted(self, value: str, allow_breaks: bool) -> None:

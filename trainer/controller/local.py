@@ -137,11 +137,11 @@ class LocalRunner:
         nodes, nproc = self.job["nodes"], self.job["nprocPerNode"]
         port = free_port()
         threads_per_proc = max(1, (os.cpu_count() or 1) // (nodes * nproc))
+        train_job = self.job["kind"] == "TrainJob"  # Trainer v2: PET_* only, always under torchrun
         attempt = Attempt()
         for index in range(nodes):
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", str(threads_per_proc))
-            train_job = self.job["kind"] == "TrainJob"
             env.update((trainer_v2_env if train_job else operator_env)(index, nodes, nproc, port))
             # Not from the operator: replicas share this host, so each gets its own /metrics ports.
             env.update({"KUBETRAIN_METRICS_PORT_OFFSET": str(index * nproc),

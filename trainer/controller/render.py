@@ -14,7 +14,6 @@ free-form scalars through toJson. `go_string` is the Python side of that.
 
 from __future__ import annotations
 
-import decimal
 import functools
 import hashlib
 import json
@@ -23,7 +22,7 @@ import yaml
 
 from trainer.chart import chart_dir
 from trainer.config import check_experiment_name, trainer_config_document
-from trainer.controller.helm_functions import nindent, quote, to_pretty_json, to_yaml
+from trainer.controller.helm_functions import nindent, quote, to_json, to_pretty_json, to_yaml
 from trainer.errors import UserError
 from trainer.values import HelmValuesLoader
 
@@ -61,19 +60,7 @@ def dashboard_uid(experiment: str) -> str:
 # ---------------------------------------------------------------- scalars
 def go_string(value) -> str:
     """The `kubetrain.string` helper: strings as they are, other scalars as Go's toJson prints them."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    if isinstance(value, int) and abs(value) < 1e21:  # --set gives int64; files give float64 (same digits)
-        return str(value)
-    x = float(value)
-    if x.is_integer() and abs(x) < 1e21:
-        return str(int(x))
-    if x != 0 and (abs(x) < 1e-6 or abs(x) >= 1e21):  # encoding/json switches to exponents, e-07 -> e-7
-        mantissa, exponent = repr(x).split("e")
-        return f"{mantissa}e{'-' if int(exponent) < 0 else '+'}{abs(int(exponent))}"
-    return format(decimal.Decimal(repr(x)), "f")
+    return value if isinstance(value, str) else to_json(value)
 
 
 # ---------------------------------------------------------------- names and checks
@@ -217,6 +204,11 @@ def _lines(*parts) -> str:
     return "\n".join(part for part in parts if part)
 
 
+def _then_users(text: str, items) -> str:
+    """The chart's list entries, then `{{- with .Values.x }}{{ toYaml . }}{{- end }}`: the user's."""
+    return text + nindent(0, to_yaml(items)) if items else text
+
+
 def _with(value, key_line: str, spaces: int) -> str:
     """`{{- with .Values.x }}KEY:{{- toYaml . | nindent N }}{{- end }}`."""
     return key_line + nindent(spaces, to_yaml(value)) if value else ""
@@ -253,15 +245,14 @@ def trainer_env(name: str, values: dict) -> str:
                       f"      key: {key}"]
     for key, value in sorted((values.get("ncclEnv") or {}).items()):
         lines += [f"- name: {key}", f"  value: {quote(go_string(value))}"]
-    text = "\n".join(lines)
-    return text + nindent(0, to_yaml(values["env"])) if values.get("env") else text
+    return _then_users("\n".join(lines), values.get("env"))
 
 
 def volume_mounts(values: dict) -> str:
     """`kubetrain.volumeMounts`."""
     text = "\n".join(["- name: config", f"  mountPath: {CONFIG_DIR}", "  readOnly: true",
                       "- name: dshm", "  mountPath: /dev/shm", "- name: tmp", "  mountPath: /tmp"])
-    return text + nindent(0, to_yaml(values["volumeMounts"])) if values.get("volumeMounts") else text
+    return _then_users(text, values.get("volumeMounts"))
 
 
 def volumes(name: str, values: dict) -> str:
@@ -271,7 +262,7 @@ def volumes(name: str, values: dict) -> str:
                   "- name: dshm", "  emptyDir:", "    medium: Memory",
                   shm_limit and f"    sizeLimit: {quote(shm_limit)}",
                   "- name: tmp", "  emptyDir: {}")
-    return text + nindent(0, to_yaml(values["volumes"])) if values.get("volumes") else text
+    return _then_users(text, values.get("volumes"))
 
 
 def pod_metadata(name: str, values: dict) -> str:
