@@ -2,7 +2,7 @@
 # Build the binaries of the cluster test tier (envtest convention):
 #   kube-apiserver  from k8s.io/kubernetes (staging modules replaced by their v0.X.Y releases)
 #   etcd            from go.etcd.io/etcd/server/v3
-#   kubectl         copied from $KUBETRAIN_KUBECTL (or the kubectl on PATH)
+#   kubectl         from the same k8s.io/kubernetes wrapper module (client and server versions match)
 # plus the PyTorchJob CRD from the Go module github.com/kubeflow/training-operator, the
 # PodMonitor/PrometheusRule CRDs from github.com/prometheus-operator/prometheus-operator and
 # Kubeflow Trainer v2's CRDs (TrainJob, TrainingRuntime, ClusterTrainingRuntime) with its
@@ -18,7 +18,8 @@
 # KUBETRAIN_ASSETS_NO_BUILD=1: report a cache hit (or a usable KUBEBUILDER_ASSETS), never build.
 set -euo pipefail
 
-K8S_VERSION="${KUBETRAIN_K8S_VERSION:-1.31.14}"          # k8s.io/kubernetes v1.31.x (kubectl v1.31)
+# v1.34: Trainer v2's CRDs use CEL on embedded metadata that v1.31 cannot compile; JobSet tests 1.32-1.34.
+K8S_VERSION="${KUBETRAIN_K8S_VERSION:-1.34.4}"           # k8s.io/kubernetes (kube-apiserver, kubectl)
 ETCD_VERSION="${KUBETRAIN_ETCD_VERSION:-3.5.35}"         # go.etcd.io/etcd/server/v3
 TRAINING_OPERATOR_VERSION="${KUBETRAIN_TRAINING_OPERATOR_VERSION:-1.8.1}"
 CRD_PATH_IN_MODULE="manifests/base/crds/kubeflow.org_pytorchjobs.yaml"
@@ -116,11 +117,6 @@ else
     USER_ASSETS=""
 fi
 
-kubectl_current() { # true when $ASSETS/kubectl is there and, if KUBETRAIN_KUBECTL is set, identical to it
-    [[ -x "$ASSETS/kubectl" ]] || return 1
-    [[ -z "${KUBETRAIN_KUBECTL:-}" ]] || cmp -s "$KUBETRAIN_KUBECTL" "$ASSETS/kubectl"
-}
-
 # The monitoring CRDs are a download, not a build: fetch them unless told to stay offline.
 if ! have_monitoring_crds && [[ "${KUBETRAIN_ASSETS_NO_BUILD:-0}" != "1" ]]; then
     GOPATH="$CACHE/go" GOMODCACHE="$CACHE/go/pkg/mod" fetch_monitoring_crds
@@ -130,7 +126,7 @@ if ! have_trainer_files && [[ "${KUBETRAIN_ASSETS_NO_BUILD:-0}" != "1" ]]; then
 fi
 
 # Fast path: everything already there.
-if [[ -z "$USER_ASSETS" && -x "$ASSETS/etcd" && -x "$ASSETS/kube-apiserver" && -s "$CRD_FILE" ]] && kubectl_current; then
+if [[ -z "$USER_ASSETS" && -x "$ASSETS/etcd" && -x "$ASSETS/kube-apiserver" && -x "$ASSETS/kubectl" && -s "$CRD_FILE" ]]; then
     log "cache hit: $ASSETS"
     emit "$ASSETS" "$CRD_FILE"
     exit 0
@@ -163,17 +159,20 @@ log "go: $(go version) GOPROXY=$(go env GOPROXY)"
 
 now() { date +%s; }
 
-build_kube_apiserver() {
-    local t0 dir
+build_k8s_binaries() { # kube-apiserver and kubectl, from one wrapper module
+    local t0 dir b
     t0=$(now)
     dir="$BUILD_ROOT/kubernetes-v$K8S_VERSION"
     log "resolving k8s.io/kubernetes@v$K8S_VERSION"
     write_k8s_wrapper_module "$dir" "kubetrain.test/kube-apiserver-build" "$K8S_VERSION"
-    log "building kube-apiserver v$K8S_VERSION (cold: several minutes)"
-    (cd "$dir" && go build -trimpath -ldflags "$(k8s_version_ldflags "$K8S_VERSION")" \
-        -o "$ASSETS/.kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver)
-    mv -f "$ASSETS/.kube-apiserver.tmp" "$ASSETS/kube-apiserver"
-    log "kube-apiserver built in $(( $(now) - t0 ))s"
+    for b in kube-apiserver kubectl; do
+        [[ -x "$ASSETS/$b" ]] && continue
+        log "building $b v$K8S_VERSION (cold: several minutes)"
+        (cd "$dir" && go build -trimpath -ldflags "$(k8s_version_ldflags "$K8S_VERSION")" \
+            -o "$ASSETS/.$b.tmp" "k8s.io/kubernetes/cmd/$b")
+        mv -f "$ASSETS/.$b.tmp" "$ASSETS/$b"
+    done
+    log "kube-apiserver, kubectl built in $(( $(now) - t0 ))s"
 }
 
 build_etcd() {
@@ -194,16 +193,6 @@ EOF
     log "etcd built in $(( $(now) - t0 ))s"
 }
 
-copy_kubectl() {
-    local src="${KUBETRAIN_KUBECTL:-}"
-    [[ -n "$src" ]] || src=$(command -v kubectl || true)
-    [[ -n "$src" && -x "$src" ]] || die "no kubectl to copy (set KUBETRAIN_KUBECTL; scripts/install-test-tools.sh does)"
-    cp -f "$src" "$ASSETS/.kubectl.tmp"
-    chmod +x "$ASSETS/.kubectl.tmp"
-    mv -f "$ASSETS/.kubectl.tmp" "$ASSETS/kubectl"
-    log "kubectl copied from $src"
-}
-
 fetch_crd() {
     local dir
     log "fetching github.com/kubeflow/training-operator@v$TRAINING_OPERATOR_VERSION"
@@ -220,9 +209,8 @@ fetch_crd() {
 
 T_START=$(now)
 if [[ -z "$USER_ASSETS" ]]; then
-    [[ -x "$ASSETS/kube-apiserver" ]] || build_kube_apiserver
+    [[ -x "$ASSETS/kube-apiserver" && -x "$ASSETS/kubectl" ]] || build_k8s_binaries
     [[ -x "$ASSETS/etcd" ]] || build_etcd
-    kubectl_current || copy_kubectl
 fi
 [[ -s "$CRD_FILE" ]] || fetch_crd
 log "cluster assets ready in $(( $(now) - T_START ))s: ${USER_ASSETS:-$ASSETS}"
