@@ -8,6 +8,7 @@ cluster runs inside them (``nsenter``):
   kubelet                                                        the node `kubetrain-node`
   CoreDNS (kubernetes plugin)                                    cluster DNS on the node address
   the Kubeflow training operator v1, its validating webhook on   PyTorchJobs -> pods
+  JobSet and Kubeflow Trainer v2, with their webhooks            TrainJobs -> JobSets -> Jobs -> pods
 
 The namespace reaches the host only through one veth pair (host 10.251.0.1, node
 10.251.0.2) and has no route out, so pods talk to each other, to the node's
@@ -19,13 +20,11 @@ kubelet's cgroups and the host sysctls it rewrites.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import yaml
 
 from kube_control_plane import (CertAuthority, Cluster, Process, install_crds, openssl, wait_ready,
                                 write_kubeconfig)
+from kube_operators import WebhookOperator, start_jobset, start_trainer
 
 HOST_IP, NODE_IP = "10.251.0.1", "10.251.0.2"
 POD_SUBNET, SERVICE_RANGE = "10.252.0.0/24", "10.253.0.0/24"
@@ -158,6 +158,9 @@ class Node:
         self._coredns()
         self._operator()
         self.timings["operator ready"] = time.monotonic() - t0
+        start_jobset(self, NODE_IP)
+        start_trainer(self, NODE_IP)
+        self.timings["JobSet + Trainer v2 ready"] = time.monotonic() - t0
         return self
 
     def _certificates(self) -> None:
@@ -368,44 +371,22 @@ state = "{w / 'containerd-state'}"
                           "ports": [{"name": "webhook-server", "port": WEBHOOK_PORT, "protocol": "TCP"}]}]},
             webhook,
         ])
-        token = k("create", "token", "training-operator", "-n", OPERATOR_NAMESPACE, "--duration=48h").stdout.strip()
-        # The operator's cert rotator writes to the fixed /tmp/k8s-webhook-server: give it a /tmp of its own.
-        home = self.work / "operator-tmp"
-        home.mkdir()
-        write_kubeconfig(home / "kubeconfig", f"https://127.0.0.1:{APISERVER_PORT}", Path("/tmp/ca.crt"),
-                         "training-operator", token=token)  # as the operator's /tmp sees them
-        shutil.copy(self.ca.cert, home / "ca.crt")
-        shutil.copy(self.assets.init_container_template, home / "init-container.tmpl")
+        operator = WebhookOperator("training-operator", OPERATOR_NAMESPACE, "training-operator",
+                                   "training-operator-webhook-cert", WEBHOOK_PORT, "127.0.0.1:8081")
         argv = [self.assets.node / "training-operator", "--kubeconfig=/tmp/kubeconfig",
                 "--enable-scheme=pytorchjob", "--leader-elect=false",
                 f"--webhook-server-port={WEBHOOK_PORT}", "--metrics-bind-address=127.0.0.1:8080",
                 "--health-probe-bind-address=127.0.0.1:8081",
                 f"--pytorch-init-container-image={self.assets.trainer_image}",
                 "--pytorch-init-container-template-file=/tmp/init-container.tmpl"]
-        script = f'mount --bind "{home}" /tmp && exec "$@"'
-        self.spawn("training-operator", ["unshare", "--mount", "--propagation", "private", "--",
-                                         "sh", "-c", script, "operator", *argv],
-                   env={"MY_POD_NAMESPACE": OPERATOR_NAMESPACE})
+        operator.start(self, argv, files={"init-container.tmpl": self.assets.init_container_template.read_text()},
+                       env={"MY_POD_NAMESPACE": OPERATOR_NAMESPACE})
 
         def ca_injected() -> bool:
             got = k("get", "validatingwebhookconfiguration", "validator.training-operator.kubeflow.org",
                     "-o", "jsonpath={.webhooks[0].clientConfig.caBundle}", check=False)
             return bool(got.stdout.strip())
         self._wait("the operator's webhook CA bundle", ca_injected)
-
-        def certs_mounted() -> bool:
-            """What the Deployment's Secret volume does: the rotator's certificates into its cert dir."""
-            got = k("get", "secret", "training-operator-webhook-cert", "-n", OPERATOR_NAMESPACE, "-o", "json")
-            data = json.loads(got.stdout).get("data", {})
-            if not {"tls.crt", "tls.key"} <= data.keys():
-                return False
-            certs = home / "k8s-webhook-server" / "serving-certs"
-            certs.mkdir(parents=True, exist_ok=True)
-            for name, value in data.items():
-                (certs / name).write_bytes(base64.b64decode(value))
-            return True
-        self._wait("the operator's webhook certificates", certs_mounted)
-        self._wait("the operator's readiness", lambda: self.http_ok_inside("http://127.0.0.1:8081/readyz"))
 
     def http_ok_inside(self, url: str) -> bool:
         """GET `url` from inside the node's network namespace (its loopback)."""

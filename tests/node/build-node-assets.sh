@@ -7,7 +7,9 @@
 #   coredns                                            github.com/coredns/coredns (cluster DNS)
 #   prometheus                                         github.com/prometheus/prometheus (pod discovery)
 #   pause                                              build/pause/linux/pause.c from k8s.io/kubernetes, gcc -static
-# plus the operator's manifests folder (CRD, RBAC, webhook configuration) from its module, and
+#   trainer-controller-manager                         github.com/kubeflow/trainer/v2 (Kubeflow Trainer v2)
+#   jobset                                             sigs.k8s.io/jobset (what Trainer v2 renders TrainJobs into)
+# plus the manifests folders (CRDs, RBAC, webhook configurations) of the three operators' modules, and
 # pause.tar, the pod sandbox image `kubetrain.test/pause:3.10` (no registry is reachable).
 #
 # Output: $KUBETRAIN_CACHE/node-assets/k8s<v>-operator<v>-coredns<v>/  (a second run returns at once)
@@ -15,22 +17,25 @@
 # KUBETRAIN_ASSETS_NO_BUILD=1: report a cache hit, never build.
 set -euo pipefail
 
-K8S_VERSION="${KUBETRAIN_K8S_VERSION:-1.31.14}"
-# Not served at v0.31.14 by the module proxy; v0.31.13 builds with k8s.io/kubernetes v1.31.14.
-K8S_NODE_OVERRIDES="k8s.io/kube-scheduler=v0.31.13 k8s.io/kube-controller-manager=v0.31.13 k8s.io/endpointslice=v0.31.13"
+K8S_VERSION="${KUBETRAIN_K8S_VERSION:-1.34.4}"   # as tests/cluster/build-assets.sh
+# Staging releases the module proxy does not serve, as "module=version" (none at v1.34.4).
+K8S_NODE_OVERRIDES=""
 OPERATOR_VERSION="${KUBETRAIN_TRAINING_OPERATOR_VERSION:-1.8.1}"
 COREDNS_VERSION="${KUBETRAIN_COREDNS_VERSION:-1.11.3}"
 # Debian's prometheus is built without Kubernetes service discovery; this one has it (v0.55.1 = 2.55.1).
 PROMETHEUS_MODULE_VERSION="${KUBETRAIN_PROMETHEUS_MODULE_VERSION:-0.55.1}"
+TRAINER_VERSION="${KUBETRAIN_TRAINER_VERSION:-2.3.0}"   # as tests/cluster/build-assets.sh
+JOBSET_VERSION="${KUBETRAIN_JOBSET_VERSION:-0.12.0}"    # the one Trainer v2.3.0's go.mod requires
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=../cluster/k8s-wrapper.sh
 source "$HERE/../cluster/k8s-wrapper.sh"
 
 CACHE="${KUBETRAIN_CACHE:-$HOME/.cache/kubetrain}"
-OUT="$CACHE/node-assets/k8s${K8S_VERSION}-operator${OPERATOR_VERSION}-coredns${COREDNS_VERSION}-prometheus${PROMETHEUS_MODULE_VERSION}"
+OUT="$CACHE/node-assets/k8s${K8S_VERSION}-operator${OPERATOR_VERSION}-coredns${COREDNS_VERSION}-prometheus${PROMETHEUS_MODULE_VERSION}-trainer${TRAINER_VERSION}-jobset${JOBSET_VERSION}"
 BUILD_ROOT="$CACHE/k8s-assets/build"
-BINARIES=(kubelet kube-scheduler kube-controller-manager training-operator coredns prometheus pause)
+BINARIES=(kubelet kube-scheduler kube-controller-manager training-operator coredns prometheus pause
+          trainer-controller-manager jobset)
 PAUSE_IMAGE="kubetrain.test/pause:3.10"
 
 log() { printf '[build-node-assets] %s\n' "$*" >&2; }
@@ -40,7 +45,8 @@ now() { date +%s; }
 complete() {
     local b
     for b in "${BINARIES[@]}"; do [[ -x "$OUT/$b" ]] || return 1; done
-    [[ -s "$OUT/operator-manifests/base/crds/kubeflow.org_pytorchjobs.yaml" && -s "$OUT/pause.tar" ]]
+    [[ -s "$OUT/operator-manifests/base/crds/kubeflow.org_pytorchjobs.yaml" && -s "$OUT/pause.tar" ]] &&
+        [[ -d "$OUT/trainer-manifests/base/rbac" && -d "$OUT/jobset-manifests/components/rbac" ]]
 }
 
 if complete; then
@@ -78,8 +84,23 @@ build_k8s_node() {
     log "kubelet, kube-scheduler, kube-controller-manager built in $(( $(now) - t0 ))s"
 }
 
+# module_dir MODULE@VERSION: the module's source folder in the module cache (downloaded if needed).
+module_dir() {
+    (cd "$BUILD_ROOT" && GOFLAGS=-modcacherw go mod download -json "$1" \
+        | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')
+}
+
+# copy_tree SRC DEST: replace DEST by a writable copy of SRC, atomically.
+copy_tree() {
+    [[ -d "$1" ]] || die "no folder $1"
+    rm -rf "$2" "$2.tmp"
+    cp -r "$1" "$2.tmp"
+    chmod -R u+w "$2.tmp"
+    mv "$2.tmp" "$2"
+}
+
 build_operator() {
-    local t0 dir
+    local t0
     if [[ ! -x "$OUT/training-operator" ]]; then
         t0=$(now)
         log "building the Kubeflow training operator v$OPERATOR_VERSION (cold: minutes)"
@@ -89,13 +110,39 @@ build_operator() {
         rmdir "$OUT/.gobin" 2>/dev/null || true
         log "training-operator built in $(( $(now) - t0 ))s"
     fi
-    dir=$(cd "$BUILD_ROOT" && GOFLAGS=-modcacherw go mod download -json "github.com/kubeflow/training-operator@v$OPERATOR_VERSION" \
-        | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p')
-    [[ -d "$dir/manifests" ]] || die "no manifests/ in the training-operator module ($dir)"
-    rm -rf "$OUT/operator-manifests"
-    cp -r "$dir/manifests" "$OUT/.operator-manifests.tmp"
-    chmod -R u+w "$OUT/.operator-manifests.tmp"
-    mv "$OUT/.operator-manifests.tmp" "$OUT/operator-manifests"
+    copy_tree "$(module_dir "github.com/kubeflow/training-operator@v$OPERATOR_VERSION")/manifests" "$OUT/operator-manifests"
+}
+
+build_trainer() {
+    local t0
+    if [[ ! -x "$OUT/trainer-controller-manager" ]]; then
+        t0=$(now)
+        log "building Kubeflow Trainer v$TRAINER_VERSION's controller manager (cold: minutes)"
+        GOFLAGS=-modcacherw GOBIN="$OUT/.gobin" go install -ldflags "-s -w" \
+            "github.com/kubeflow/trainer/v2/cmd/trainer-controller-manager@v$TRAINER_VERSION"
+        mv -f "$OUT/.gobin/trainer-controller-manager" "$OUT/trainer-controller-manager"
+        rmdir "$OUT/.gobin" 2>/dev/null || true
+        log "trainer-controller-manager built in $(( $(now) - t0 ))s"
+    fi
+    copy_tree "$(module_dir "github.com/kubeflow/trainer/v2@v$TRAINER_VERSION")/manifests" "$OUT/trainer-manifests"
+}
+
+build_jobset() {
+    local t0 dir
+    if [[ ! -x "$OUT/jobset" ]]; then
+        t0=$(now)
+        log "building JobSet v$JOBSET_VERSION (cold: minutes)"
+        # `go install sigs.k8s.io/jobset@v...` needs the module's version list, which the proxy
+        # refuses; a wrapper module that requires the exact version builds its main package.
+        dir="$BUILD_ROOT/jobset-v$JOBSET_VERSION"
+        mkdir -p "$dir"
+        printf 'module kubetrain.test/jobset-build\n\ngo 1.26.0\n\nrequire sigs.k8s.io/jobset v%s\n' \
+            "$JOBSET_VERSION" > "$dir/go.mod"
+        (cd "$dir" && go build -trimpath -ldflags "-s -w" -o "$OUT/.jobset.tmp" sigs.k8s.io/jobset)
+        mv -f "$OUT/.jobset.tmp" "$OUT/jobset"
+        log "jobset built in $(( $(now) - t0 ))s"
+    fi
+    copy_tree "$(module_dir "sigs.k8s.io/jobset@v$JOBSET_VERSION")/config" "$OUT/jobset-manifests"
 }
 
 build_coredns() {
@@ -159,5 +206,7 @@ build_k8s_node
 build_coredns
 build_operator
 build_prometheus
+build_trainer
+build_jobset
 log "node assets ready in $(( $(now) - T0 ))s: $OUT"
 printf 'export KUBETRAIN_NODE_ASSETS=%q\n' "$OUT"
