@@ -160,10 +160,15 @@ class Cluster:
     ca_file: Path
     _ca: CertAuthority = dataclasses.field(repr=False)
     monitoring_crds: bool = False  # PodMonitor/PrometheusRule served (prometheus-operator CRDs installed)
+    trainer_crds: bool = False     # TrainJob & co served (Kubeflow Trainer v2's CRDs installed)
 
     def require_monitoring_crds(self) -> None:
         if not self.monitoring_crds:
             require(f"the PodMonitor/PrometheusRule CRDs are absent (KUBETRAIN_MONITORING_CRDS); {HOW_TO}")
+
+    def require_trainer_crds(self) -> None:
+        if not self.trainer_crds:
+            require(f"Kubeflow Trainer v2's CRDs are absent (KUBETRAIN_TRAINER_CRDS); {HOW_TO}")
 
     def user_kubeconfig(self, name: str = "alice", groups: tuple[str, ...] = ()) -> Path:
         """A kubeconfig for user `name` (client certificate; member of `groups` only,
@@ -264,14 +269,22 @@ def monitoring_crd_files(control_plane_assets: Path) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(os.path.join(folder, "monitoring.coreos.com_*.yaml")))
 
 
-def install_crds(cluster: Cluster, pytorchjob_crd: Path, monitoring: list[Path]) -> None:
-    """Server-side apply (the PyTorchJob CRD is too large for client-side) and wait until each is served."""
+def trainer_crd_files() -> list[Path]:
+    """Kubeflow Trainer v2's CRDs (TrainJob, TrainingRuntime, ClusterTrainingRuntime) and its torch
+    runtime, from KUBETRAIN_TRAINER_CRDS; none when it is unset."""
+    folder = os.environ.get("KUBETRAIN_TRAINER_CRDS", "")
+    return sorted(Path(p) for p in glob.glob(os.path.join(folder, "trainer.kubeflow.org_*.yaml"))) if folder else []
+
+
+def install_crds(cluster: Cluster, pytorchjob_crd: Path, monitoring: list[Path], trainer: list[Path] = ()) -> None:
+    """Server-side apply (these CRDs are too large for client-side) and wait until each is served."""
     cluster.kubectl("apply", "--server-side", "--field-manager=kubetrain-tests", "-f", str(pytorchjob_crd))
     wait_established(cluster, PYTORCHJOB_CRD_NAME)
-    for path in monitoring:  # PodMonitor and PrometheusRule, as kube-prometheus-stack installs them
+    for path in [*monitoring, *trainer]:  # monitoring: as kube-prometheus-stack installs them
         cluster.kubectl("apply", "--server-side", "--field-manager=kubetrain-tests", "-f", str(path))
-        wait_established(cluster, path.stem.split("_", 1)[1] + ".monitoring.coreos.com")
+        wait_established(cluster, path.stem.split("_", 1)[1] + "." + path.stem.split("_", 1)[0])
     cluster.monitoring_crds = len(monitoring) >= 2
+    cluster.trainer_crds = len(trainer) >= 3
 
 
 def namespace_name(test_name: str) -> str:

@@ -2,9 +2,9 @@
 
 The CRDs come from the training-operator and kubeflow/trainer/v2 Go modules through
 scripts/install-test-tools.sh ($KUBETRAIN_PYTORCHJOB_CRD, $KUBETRAIN_TRAINER_CRDS). The
-TrainJob is checked here, offline, against the CRD's OpenAPI schema: Trainer v2.3's CRDs
-use CEL rules that the v1.31 API server of the cluster tier cannot compile, so they are
-not installed there. The API server prunes
+TrainJob is checked here, offline and for many values, against the CRD's OpenAPI schema;
+the cluster tier installs the same CRDs and has the API server (CEL rules included) accept
+it (tests/cluster/test_controller_cluster.py). The API server prunes
 unknown fields silently, so objects here must not have any: every schema object
 with `properties` is made closed (additionalProperties: false) before validating.
 """

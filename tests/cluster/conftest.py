@@ -29,7 +29,7 @@ import pytest
 
 from kube_control_plane import (
     HOW_TO, CertAuthority, Cluster, Process, free_port, install_crds, monitoring_crd_files, namespace_name,
-    openssl, require, wait_ready, write_kubeconfig,
+    openssl, require, trainer_crd_files, wait_ready, write_kubeconfig,
 )
 
 ASSET_BINARIES = ("etcd", "kube-apiserver", "kubectl")
@@ -106,7 +106,7 @@ def apiserver(tmp_path_factory) -> Cluster:
         write_kubeconfig(kubeconfig, server, ca.cert, "kubetrain-admin", admin_cert, admin_key)
         cluster = Cluster(server=server, kubeconfig=kubeconfig, kubectl_path=assets / "kubectl",
                           crd_path=crd, workdir=work, ca_file=ca.cert, _ca=ca)
-        install_crds(cluster, crd, monitoring_crd_files(assets))
+        install_crds(cluster, crd, monitoring_crd_files(assets), trainer_crd_files())
         yield cluster
     finally:
         for p in reversed(procs):  # kube-apiserver first, then etcd
