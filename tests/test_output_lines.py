@@ -59,3 +59,16 @@ def test_the_runner_finds_the_summary_in_a_glued_line():
     line = 'warning: rank 1 says hi{"event": "summary", "status": "ok", "steps": 12}[W] more\n'
     assert summary_in(line) == {"event": "summary", "status": "ok", "steps": 12}
     assert summary_in('{"event": "summary", "status": "ok"') is None  # cut short: not a summary
+
+
+def test_log_streams_are_cut_into_whole_lines_wherever_the_chunks_end():
+    """`kubetrain logs` prefixes every line of a pod's log: chunks from the API server end mid-line
+    and mid-character, and a line must still arrive whole (the JSON summary parses)."""
+    from trainer.controller.jobs import whole_lines
+
+    text = 'step 1/2 loss 0.5\n{"event": "summary", "status": "succeeded", "note": "é"}\r\nlast, no newline'
+    data = text.encode()
+    for size in (1, 2, 3, 7, len(data)):
+        chunks = [data[i:i + size] for i in range(0, len(data), size)]
+        assert list(whole_lines(chunks)) == ["step 1/2 loss 0.5", '{"event": "summary", "status": "succeeded", '
+                                             '"note": "é"}', "last, no newline"], size

@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+import yaml
 
 from support import REPO, EXAMPLES, run_cli, tool
 from trainer.controller import jobs
@@ -203,3 +204,55 @@ def test_monitoring_objects_validate_against_their_crds_and_go_with_delete(apise
     assert kt(apiserver, namespace, "delete", "exp-mon").returncode == 0
     assert get(apiserver, namespace, "podmonitor", "exp-mon", check=False) is None
     assert get(apiserver, namespace, "prometheusrule", "exp-mon", check=False) is None
+
+
+def test_a_trainjob_is_validated_listed_followed_and_deleted_like_a_pytorchjob(apiserver, namespace):
+    """job.kind: TrainJob against Trainer v2's real CRDs (schema and CEL rules): the same verbs work;
+    a second submit under the name with the other kind is refused unless forced."""
+    apiserver.require_trainer_crds()
+    v2 = [*QUICK, "--set", "job.kind=TrainJob"]
+    submitted = kt(apiserver, namespace, "submit", "exp-v2", *v2)
+    assert submitted.returncode == 0, submitted.stderr
+    assert "trainjob/exp-v2 applied" in submitted.stdout
+    job = get(apiserver, namespace, "trainjob", "exp-v2")
+    assert job["spec"]["trainer"]["numNodes"] == 2 and job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+
+    listing = kt(apiserver, namespace, "list")
+    row = next(line.split() for line in listing.stdout.splitlines() if line.startswith("exp-v2 "))
+    assert row[1:3] == ["Submitted", "2"] and row[-1] == "TrainJob", listing.stdout
+    status = kt(apiserver, namespace, "status", "exp-v2")
+    assert status.returncode == 3 and "Kind:       TrainJob" in status.stdout, status.stdout
+
+    # What Trainer v2 writes when the JobSet completes: status follows it, and says Succeeded.
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    apiserver.kubectl("patch", "trainjob", "exp-v2", "-n", namespace, "--subresource=status", "--type=merge",
+                      "-p", json.dumps({"status": {
+                          "conditions": [{"type": "Complete", "status": "True", "reason": "JobSetCompleted",
+                                          "message": "jobset completed", "lastTransitionTime": now}],
+                          "jobsStatus": [{"name": "node", "ready": 0, "succeeded": 1, "failed": 0, "active": 0,
+                                          "suspended": 0}]}}))
+    status = kt(apiserver, namespace, "status", "exp-v2")
+    assert status.returncode == 0 and "State:      Succeeded" in status.stdout, status.stdout
+    assert "node     active 0, ready 0, succeeded 1, failed 0, suspended 0" in status.stdout, status.stdout
+
+    refused = kt(apiserver, namespace, "submit", "exp-v2", *QUICK)  # the same name as a PyTorchJob
+    assert refused.returncode == 2 and "already exists" in refused.stderr, refused.stderr
+    deleted = kt(apiserver, namespace, "delete", "exp-v2")
+    assert deleted.returncode == 0 and "trainjob/exp-v2 deleted" in deleted.stdout, deleted.stdout
+    assert get(apiserver, namespace, "trainjob", "exp-v2", check=False) is None
+
+
+def test_the_trainjob_crds_cel_rules_run_server_side_and_submit_force_replaces(apiserver, namespace):
+    """The CRD's CEL rules (which the v1.31 API server could not compile) run here: its runtime
+    reference is immutable, so an in-place change is refused and `submit --force` replaces the job."""
+    apiserver.require_trainer_crds()
+    v2 = [*QUICK, "--set", "job.kind=TrainJob"]
+    assert kt(apiserver, namespace, "submit", "exp-cel", *v2).returncode == 0
+    rendered = run_cli("render", "exp-cel", *v2, "--set", "job.runtime=torch-other")
+    job = next(d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "TrainJob")
+    refused = apiserver.kubectl("apply", "--server-side", "--force-conflicts", "--dry-run=server", "-n", namespace,
+                                "-f", "-", input=yaml.safe_dump(job), check=False)
+    assert refused.returncode != 0 and "field is immutable" in refused.stderr, refused.stderr
+    forced = kt(apiserver, namespace, "submit", "exp-cel", *v2, "--set", "job.runtime=torch-other", "--force")
+    assert forced.returncode == 0 and "replacing experiment exp-cel" in forced.stdout, forced.stdout + forced.stderr
+    assert get(apiserver, namespace, "trainjob", "exp-cel")["spec"]["runtimeRef"]["name"] == "torch-other"

@@ -44,18 +44,21 @@ def get_json(node, namespace: str, *what: str) -> dict:
     return json.loads(node.cluster.kubectl("get", *what, "-n", namespace, "-o", "json").stdout)
 
 
-def job_pods(node, namespace: str, job: str) -> list[dict]:
-    return get_json(node, namespace, "pods", "-l", f"training.kubeflow.org/job-name={job}")["items"]
+def job_pods(node, namespace: str, job: str, kind: str = "PyTorchJob") -> list[dict]:
+    from trainer.controller.kinds import kind_named
+
+    return get_json(node, namespace, "pods", "-l", kind_named(kind).pod_selector(job))["items"]
 
 
-def wait_for_state(node, namespace: str, job: str, states: set[str], timeout: float = 600) -> dict:
-    """Poll the PyTorchJob until its newest true condition is one of `states`; return the job."""
+def wait_for_state(node, namespace: str, job: str, states: set[str], timeout: float = 600,
+                   kind: str = "PyTorchJob") -> dict:
+    """Poll the job until `kubetrain status` would report one of `states`; return the job."""
     from trainer.controller.jobs import job_state
 
     deadline = time.monotonic() + timeout
     job_obj = {}
     while time.monotonic() < deadline:
-        got = node.cluster.kubectl("get", "pytorchjob", job, "-n", namespace, "-o", "json", check=False)
+        got = node.cluster.kubectl("get", kind.lower(), job, "-n", namespace, "-o", "json", check=False)
         if got.returncode == 0:
             job_obj = json.loads(got.stdout)
             if job_state(job_obj) in states:
@@ -63,7 +66,7 @@ def wait_for_state(node, namespace: str, job: str, states: set[str], timeout: fl
         time.sleep(1)
     pods = node.cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False).stdout
     events = node.cluster.kubectl("get", "events", "-n", namespace, check=False).stdout[-3000:]
-    raise AssertionError(f"pytorchjob/{job} never reached {states}: {json.dumps(job_obj.get('status'))}\n"
+    raise AssertionError(f"{kind.lower()}/{job} never reached {states}: {json.dumps(job_obj.get('status'))}\n"
                          f"{pods}\n{events}")
 
 

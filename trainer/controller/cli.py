@@ -68,9 +68,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     values = resolved_values(args)
     jobs.rendered_objects(args.name, values)  # every values/name check before touching the cluster
-    if values["job"]["kind"] == "TrainJob":  # status, logs and list read PyTorchJobs only, so far
-        raise UserError("job.kind: TrainJob: kubetrain submit does not follow TrainJobs yet; install the release "
-                        "with `helm install NAME helm/kubetrain -f VALUES` (kubetrain render prints the same)")
     return jobs.submit(connect(args), args.name, values, dry_run=args.dry_run, force=args.force, wait=args.wait)
 
 

@@ -1,23 +1,25 @@
 """The cluster verbs: submit, status, logs, list and delete one experiment.
 
 An experiment is everything the chart renders for one release name, found
-again through the `kubetrain.io/experiment` label. The PyTorchJob carries a
+again through the `kubetrain.io/experiment` label; its job is a PyTorchJob or a
+TrainJob (trainer/controller/kinds.py reads either). The job carries a
 digest of what was rendered, so submitting the same values twice is a no-op
 while submitting different values under a taken name is refused unless forced.
 """
 
 from __future__ import annotations
 
+import codecs
 import datetime
 import hashlib
 import json
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Iterator, TextIO
 
-from trainer.controller.kube import (EXPERIMENT_KINDS, PYTORCHJOB_API, Kube, experiment_selector,
-                                     replica_prefix)
+from trainer.controller.kinds import JOB_KINDS, JobKind, kind_of
+from trainer.controller.kube import EXPERIMENT_KINDS, Kube, experiment_selector
 from trainer.controller.render import render_manifests
 from trainer.errors import UserError
 
@@ -41,7 +43,7 @@ def submit(kube: Kube, name: str, values: dict, dry_run: bool = False, force: bo
            wait: bool = False, out: TextIO = sys.stdout) -> int:
     objects = rendered_objects(name, values)
     digest = objects[0]["metadata"]["annotations"][SPEC_HASH]
-    existing = kube.get(*PYTORCHJOB_API, name)
+    existing = find_job(kube, name)
     if existing is not None:
         theirs = (existing["metadata"].get("annotations") or {}).get(SPEC_HASH)
         if theirs != digest and not force:
@@ -64,21 +66,27 @@ def submit(kube: Kube, name: str, values: dict, dry_run: bool = False, force: bo
     return 0
 
 
+def find_job(kube: Kube, name: str) -> dict | None:
+    """The experiment's PyTorchJob or TrainJob (a cluster may serve either API, or both)."""
+    for kind in JOB_KINDS:
+        job = kube.get(*kind.api, name)
+        if job is not None:
+            return {**job, "kind": kind.kind}
+    return None
+
+
 def _wait_gone(kube: Kube, name: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while kube.get(*PYTORCHJOB_API, name) is not None:
+    while (job := find_job(kube, name)) is not None:
         if time.monotonic() > deadline:
-            raise UserError(f"pytorchjob/{name} is still being deleted after {timeout:.0f}s")
+            raise UserError(f"{job['kind'].lower()}/{name} is still being deleted after {timeout:.0f}s")
         time.sleep(0.5)
 
 
 # ---------------------------------------------------------------- status
 def job_state(job: dict) -> str:
-    """The newest true condition (Created, Running, Restarting, Succeeded, Failed, Suspended)."""
-    conditions = [c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
-    if not conditions:
-        return "Submitted"  # no operator has acted on it yet
-    return max(enumerate(conditions), key=lambda ic: (str(ic[1].get("lastTransitionTime") or ""), ic[0]))[1]["type"]
+    """Submitted, Created, Running, Restarting, Suspended, Succeeded or Failed, for either kind."""
+    return kind_of(job).state(job)
 
 
 def _age(timestamp: str | None) -> str:
@@ -90,11 +98,6 @@ def _age(timestamp: str | None) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit}"
     return f"{max(seconds, 0)}s"
-
-
-def _replicas(job: dict) -> int:
-    specs = (job.get("spec") or {}).get("pytorchReplicaSpecs") or {}
-    return sum(int(spec.get("replicas", 1)) for spec in specs.values())
 
 
 def pending_reason(kube: Kube, pod) -> str:
@@ -110,37 +113,34 @@ def pending_reason(kube: Kube, pod) -> str:
 
 
 def describe(kube: Kube, job: dict, out: TextIO) -> None:
+    kind = kind_of(job)
     meta, status = job["metadata"], job.get("status") or {}
-    out.write(f"Name:       {meta['name']}\nNamespace:  {meta.get('namespace')}\n"
+    out.write(f"Name:       {meta['name']}\nNamespace:  {meta.get('namespace')}\nKind:       {kind.kind}\n"
               f"State:      {job_state(job)}\nAge:        {_age(meta.get('creationTimestamp'))}\n"
-              f"Nodes:      {_replicas(job)}\n")
-    replica_status = status.get("replicaStatuses") or {}
-    if replica_status:
-        out.write("Replicas:\n")
-        for kind, counts in replica_status.items():
-            parts = ", ".join(f"{k} {counts.get(k, 0)}" for k in ("active", "succeeded", "failed"))
-            out.write(f"  {kind:<8} {parts}\n")
+              f"Nodes:      {kind.nodes(job)}\n")
+    for line in kind.progress_lines(job):
+        out.write(line + "\n")
     conditions = status.get("conditions") or []
     if conditions:
         out.write("Conditions:\n")
         for c in conditions:
             out.write(f"  {c.get('type', ''):<11} {c.get('status', ''):<6} {c.get('reason', '')}: "
                       f"{c.get('message', '')}\n")
-    pods = kube.pods(meta["name"])
+    pods = kube.pods(kind, meta["name"])
     out.write("Pods:\n" if pods else "Pods:       none yet\n")
     for pod in pods:
         phase = pod.status.phase or "Unknown"
         restarts = sum(s.restart_count for s in pod.status.container_statuses or [])
         why = f"  ({pending_reason(kube, pod)})" if phase == "Pending" else ""
-        out.write(f"  [{replica_prefix(pod)}] {pod.metadata.name:<40} {phase:<10} restarts {restarts}{why}"
-                  f"{termination(pod)}\n")
+        out.write(f"  [{kind.replica_prefix(pod)}] {pod.metadata.name:<40} {phase:<10} restarts {restarts}{why}"
+                  f"{termination(pod, kind.container)}\n")
     out.flush()
 
 
-def termination(pod) -> str:
-    """How the `pytorch` container failed: now (a failed pod), or last time (before a restart)."""
+def termination(pod, container: str) -> str:
+    """How the trainer's container failed: now (a failed pod), or last time (before a restart)."""
     for status in pod.status.container_statuses or []:
-        if status.name != "pytorch":
+        if status.name != container:
             continue
         now, last = status.state and status.state.terminated, status.last_state and status.last_state.terminated
         for ended, label in ((now, ""), (last, "last ")):
@@ -151,7 +151,7 @@ def termination(pod) -> str:
 
 
 def _require_job(kube: Kube, name: str) -> dict:
-    job = kube.get(*PYTORCHJOB_API, name)
+    job = find_job(kube, name)
     if job is None:
         raise UserError(f"no experiment {name!r} in namespace {kube.namespace!r} (`kubetrain list` shows them)")
     return job
@@ -175,6 +175,7 @@ def watch(kube: Kube, name: str, out: TextIO = sys.stdout, resource_version: str
     from kubernetes.client.exceptions import ApiException
 
     job = _require_job(kube, name)
+    kind = kind_of(job)
     state = job_state(job)
     out.write(f"{_now()} {name}: {state}\n")
     out.flush()
@@ -184,14 +185,14 @@ def watch(kube: Kube, name: str, out: TextIO = sys.stdout, resource_version: str
         if deadline is not None and time.monotonic() > deadline:
             return EXIT_NOT_FINISHED
         try:
-            for event in kube.watch(*PYTORCHJOB_API, name, rv, timeout=30):
-                obj = event["raw_object"]
+            for event in kube.watch(*kind.api, name, rv, timeout=30):
+                obj = {**event["raw_object"], "kind": kind.kind}
                 if event["type"] == "ERROR":
                     if obj.get("code") == 410:
                         raise _Gone()
-                    raise UserError(f"watching pytorchjob/{name} failed: {obj.get('message')}")
+                    raise UserError(f"watching {kind.resource_name}/{name} failed: {obj.get('message')}")
                 if event["type"] == "DELETED":
-                    raise UserError(f"pytorchjob/{name} was deleted")
+                    raise UserError(f"{kind.resource_name}/{name} was deleted")
                 rv = obj["metadata"]["resourceVersion"]
                 new_state = job_state(obj)
                 if new_state != state:
@@ -229,30 +230,31 @@ def logs(kube: Kube, name: str, follow: bool = False, rank: int | None = None,
     `previous`, it shows the containers that ran before the kubelet restarted them.
     """
     deadline = time.monotonic() + wait_seconds
-    job = kube.get(*PYTORCHJOB_API, name)
+    job = find_job(kube, name)
     while job is None and follow and time.monotonic() < deadline:
         time.sleep(1)
-        job = kube.get(*PYTORCHJOB_API, name)
+        job = find_job(kube, name)
     job = job or _require_job(kube, name)
-    nproc = int(job["spec"].get("nprocPerNode", 1) or 1)
-    expected = _replicas(job)
+    kind = kind_of(job)
+    nproc, expected = kind.procs_per_node(job), kind.nodes(job)
     while True:
-        pods = kube.pods(name)
+        # The newest pod of each node (a Job keeps the pods it replaced).
+        pods = list({kind.node_index(p): p for p in kube.pods(kind, name)}.values())
         if rank is not None:
-            pods = [p for p in pods if replica_prefix(p).endswith(f"-{rank // nproc}")]
+            pods = [p for p in pods if kind.node_index(p) == rank // nproc]
         ready = [p for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")]
         wanted = 1 if rank is not None else expected
         if len(ready) >= wanted and ready:
             break
         if time.monotonic() > deadline:
             waiting = ", ".join(f"{p.metadata.name} {p.status.phase} {pending_reason(kube, p)}".strip()
-                                for p in pods) or "no pods yet (is the training operator running?)"
+                                for p in pods) or f"no pods yet (is {kind.operator} running?)"
             raise UserError(f"no logs after {wait_seconds:.0f}s: {waiting}")
         time.sleep(2)
     if previous:
-        return _previous_logs(kube, ready, out)
+        return _previous_logs(kube, kind, ready, out)
     lock = threading.Lock()
-    threads = [threading.Thread(target=_stream_pod, args=(kube, p, follow, out, lock), daemon=True)
+    threads = [threading.Thread(target=_stream_pod, args=(kube, kind, p, follow, out, lock), daemon=True)
                for p in ready]
     for t in threads:
         t.start()
@@ -261,22 +263,21 @@ def logs(kube: Kube, name: str, follow: bool = False, rank: int | None = None,
     return 0
 
 
-def _stream_pod(kube: Kube, pod, follow: bool, out: TextIO, lock: threading.Lock) -> None:
-    """Stream one pod's `pytorch` container; when following, pick up restarted containers."""
-    prefix = f"[{replica_prefix(pod)}] "
+def _stream_pod(kube: Kube, kind: JobKind, pod, follow: bool, out: TextIO, lock: threading.Lock) -> None:
+    """Stream one pod's trainer container; when following, pick up restarted containers."""
+    prefix = f"[{kind.replica_prefix(pod)}] "
     seen_restarts = -1
     while True:
         restarts = sum(s.restart_count for s in pod.status.container_statuses or [])
         if restarts == seen_restarts:
             break
         seen_restarts = restarts
-        response = kube.core.read_namespaced_pod_log(pod.metadata.name, kube.namespace, container="pytorch",
+        response = kube.core.read_namespaced_pod_log(pod.metadata.name, kube.namespace, container=kind.container,
                                                      follow=follow, _preload_content=False)
-        for raw in response.stream():
-            for line in raw.decode("utf-8", errors="replace").splitlines():
-                with lock:
-                    out.write(prefix + line + "\n")
-                    out.flush()
+        for line in whole_lines(response.stream()):
+            with lock:
+                out.write(prefix + line + "\n")
+                out.flush()
         if not follow:
             break
         pod = kube.core.read_namespaced_pod(pod.metadata.name, kube.namespace)
@@ -284,15 +285,27 @@ def _stream_pod(kube: Kube, pod, follow: bool, out: TextIO, lock: threading.Lock
             break
 
 
-def _previous_logs(kube: Kube, pods: list, out: TextIO) -> int:
-    restarted = [p for p in pods if any(s.name == "pytorch" and s.restart_count
+def whole_lines(chunks) -> Iterator[str]:
+    """Lines from a byte stream whose chunks end anywhere (mid-line, mid-character)."""
+    decoder, pending = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+    for chunk in chunks:
+        pending += decoder.decode(chunk)
+        *lines, pending = pending.split("\n")
+        yield from (line.rstrip("\r") for line in lines)
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        yield pending.rstrip("\r")
+
+
+def _previous_logs(kube: Kube, kind: JobKind, pods: list, out: TextIO) -> int:
+    restarted = [p for p in pods if any(s.name == kind.container and s.restart_count
                                         for s in p.status.container_statuses or [])]
     if not restarted:
         raise UserError("no replica has restarted: there is no previous container to show "
                         "(the operator replaces pods under restartPolicy ExitCode; `kubetrain status` lists them)")
     for pod in restarted:
-        prefix = f"[{replica_prefix(pod)}] "
-        response = kube.core.read_namespaced_pod_log(pod.metadata.name, kube.namespace, container="pytorch",
+        prefix = f"[{kind.replica_prefix(pod)}] "
+        response = kube.core.read_namespaced_pod_log(pod.metadata.name, kube.namespace, container=kind.container,
                                                      previous=True, _preload_content=False)
         for line in response.data.decode("utf-8", errors="replace").splitlines():
             out.write(prefix + line + "\n")
@@ -302,13 +315,14 @@ def _previous_logs(kube: Kube, pods: list, out: TextIO) -> int:
 
 # ---------------------------------------------------------------- list, delete
 def list_experiments(kube: Kube, all_namespaces: bool = False, out: TextIO = sys.stdout) -> int:
-    jobs = kube.list(*PYTORCHJOB_API, selector="app.kubernetes.io/part-of=kubetrain",
-                     all_namespaces=all_namespaces)["items"]
-    rows = [("NAMESPACE", "NAME", "STATE", "NODES", "AGE")]
+    jobs = [{**job, "kind": kind.kind} for kind in JOB_KINDS  # list items carry no kind
+            for job in kube.list(*kind.api, selector="app.kubernetes.io/part-of=kubetrain",
+                                 all_namespaces=all_namespaces)["items"]]
+    rows = [("NAMESPACE", "NAME", "STATE", "NODES", "AGE", "KIND")]
     for job in sorted(jobs, key=lambda j: (j["metadata"].get("namespace", ""), j["metadata"]["name"])):
         meta = job["metadata"]
-        rows.append((meta.get("namespace", ""), meta["name"], job_state(job), str(_replicas(job)),
-                     _age(meta.get("creationTimestamp"))))
+        rows.append((meta.get("namespace", ""), meta["name"], job_state(job), str(kind_of(job).nodes(job)),
+                     _age(meta.get("creationTimestamp")), job["kind"]))
     if not all_namespaces:
         rows = [row[1:] for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

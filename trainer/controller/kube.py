@@ -11,13 +11,13 @@ import functools
 import json
 from dataclasses import dataclass
 
+from trainer.controller.kinds import JOB_KINDS, JobKind
 from trainer.errors import UserError
 
 FIELD_MANAGER = "kubetrain"
-PYTORCHJOB_API = ("kubeflow.org/v1", "PyTorchJob")
 # What `kubetrain delete` removes: every kind the chart renders, selected by the experiment label.
 EXPERIMENT_KINDS = [
-    ("kubeflow.org/v1", "PyTorchJob"),
+    *(kind.api for kind in JOB_KINDS),
     ("v1", "ConfigMap"),
     ("v1", "Service"),
     ("v1", "ServiceAccount"),
@@ -159,27 +159,13 @@ class Kube:
                                   resource_version=resource_version, timeout=timeout)
 
     # ------------------------------------------------------------ pods
-    def pods(self, job_name: str) -> list:
+    def pods(self, kind: JobKind, job_name: str) -> list:
+        """The job's pods, master first, then by node index."""
         pods = self._call(self.core.list_namespaced_pod, self.namespace,
-                          label_selector=f"training.kubeflow.org/job-name={job_name}").items
-        return sorted(pods, key=pod_order)
+                          label_selector=kind.pod_selector(job_name)).items
+        return sorted(pods, key=lambda p: (kind.node_index(p), str(p.metadata.creation_timestamp or "")))
 
     def pod_events(self, pod_name: str) -> list:
         events = self._call(self.core.list_namespaced_event, self.namespace,
                             field_selector=f"involvedObject.name={pod_name}").items
         return sorted(events, key=lambda e: str(e.last_timestamp or e.event_time or ""))
-
-
-def pod_order(pod) -> tuple[int, int]:
-    labels = pod.metadata.labels or {}
-    kind = labels.get("training.kubeflow.org/replica-type", "")
-    index = int(labels.get("training.kubeflow.org/replica-index", "0") or 0)
-    return (0 if kind.lower() == "master" else 1, index)
-
-
-def replica_prefix(pod) -> str:
-    """`master-0`, `worker-1`, ... — the same prefixes as `kubetrain run`."""
-    labels = pod.metadata.labels or {}
-    kind = labels.get("training.kubeflow.org/replica-type", "pod").lower()
-    index = int(labels.get("training.kubeflow.org/replica-index", "0") or 0)
-    return f"{kind}-{index + 1 if kind == 'worker' else index}"

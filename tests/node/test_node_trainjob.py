@@ -1,0 +1,114 @@
+"""The same experiment as a Kubeflow Trainer v2 TrainJob, on the real node.
+
+The real Trainer v2 controller manager renders the TrainJob into a JobSet, the
+real JobSet controller makes its Jobs, kube-controller-manager's Job controller
+makes the pods, and the kubelet runs the trainer image under torchrun with
+only the PET_* variables v2's torch plugin injects.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from nodejobs import (QUICKSTART, create_s3_secret, job_pods, kt, kt_background, s3_values, summary_line,
+                      tier_values, wait_for_state)
+from support import run_cli
+from trainer.controller.jobs import job_state
+
+pytestmark = pytest.mark.timeout(1200)
+
+V2 = ["--set", "job.kind=TrainJob"]
+SHORT = ["--set", "training.epochs=1,training.data.trainSamples=2048,training.data.evalSamples=512"]
+
+
+def test_submit_wait_status_and_logs_follow_a_two_node_trainjob(node, node_ns):
+    values = ["-f", str(QUICKSTART), *V2, *tier_values(), *SHORT]
+    submit = kt_background(node, node_ns, "submit", "exp-v2", *values, "--wait")
+    submitted, submit_err = submit.communicate(timeout=600)
+    assert submit.returncode == 0, submitted + submit_err
+    assert "trainjob/exp-v2 applied" in submitted
+    states = [ln.split("exp-v2: ", 1)[1] for ln in submitted.splitlines() if "exp-v2: " in ln]
+    assert states[-1] == "Succeeded" and "Running" in states, submitted
+    print("submit --wait:", states)
+
+    pods = job_pods(node, node_ns, "exp-v2", kind="TrainJob")
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
+    env = {e["name"]: e.get("value") for e in pods[0]["spec"]["containers"][0]["env"]}
+    assert env["PET_NNODES"] == "2" and env["PET_MASTER_PORT"] == "29500", env  # set by Trainer v2, not us
+    assert env["PET_MASTER_ADDR"] == "exp-v2-node-0-0.exp-v2", env
+
+    status = kt(node, node_ns, "status", "exp-v2")
+    assert status.returncode == 0, status.stdout
+    assert "Kind:       TrainJob" in status.stdout and "State:      Succeeded" in status.stdout, status.stdout
+    assert "[master-0]" in status.stdout and "[worker-1]" in status.stdout, status.stdout
+    logs = kt(node, node_ns, "logs", "exp-v2")
+    assert logs.returncode == 0, logs.stderr
+    lines = logs.stdout.splitlines()
+    assert any(ln.startswith("[master-0] ") and "step 32/32" in ln for ln in lines), logs.stdout[-3000:]
+    assert any(ln.startswith("[worker-1] ") and "rank=1" in ln for ln in lines), logs.stdout[-3000:]
+    assert summary_line(logs.stdout)["status"] == "succeeded"
+    listing = kt(node, node_ns, "list")
+    assert any(ln.split()[0] == "exp-v2" and ln.split()[-1] == "TrainJob" for ln in listing.stdout.splitlines()[1:])
+    deleted = kt(node, node_ns, "delete", "exp-v2")
+    assert deleted.returncode == 0 and "trainjob/exp-v2 deleted" in deleted.stdout, deleted.stdout
+
+
+def test_a_suspended_trainjob_commits_on_sigterm_and_resumes_to_the_same_loss(node, node_ns, node_s3, tmp_path):
+    """Preemption as Kueue does it to a TrainJob: `spec.suspend: true` (JobSet deletes the pods: SIGTERM,
+    every rank commits), then `false` (new pods resume from that checkpoint)."""
+    bucket = "preempt-v2"
+    node_s3.create_bucket(bucket)
+    create_s3_secret(node, node_ns)
+    long = ["--set", "training.epochs=3,training.data.trainSamples=16384,training.data.evalSamples=512",
+            "--set", "checkpoint.everySteps=100,checkpoint.keepLast=20,training.logEverySteps=50"]
+    values = ["-f", str(QUICKSTART), *V2, *long]
+    submitted = kt(node, node_ns, "submit", "exp-sus", *values, *tier_values(),
+                   *s3_values(node_s3.endpoint, f"s3://{bucket}/runs"))
+    assert submitted.returncode == 0, submitted.stderr
+    wait_for_state(node, node_ns, "exp-sus", {"Running"}, kind="TrainJob")
+    deadline = time.monotonic() + 300
+    while not any(k.endswith("/commit.json") for k in node_s3.keys(bucket, "runs/exp-sus/")):
+        assert time.monotonic() < deadline, "no checkpoint committed in 300s"
+        time.sleep(1)
+    first_uids = {p["metadata"]["uid"] for p in job_pods(node, node_ns, "exp-sus", kind="TrainJob")}
+
+    def suspend(flag: bool) -> None:
+        node.cluster.kubectl("patch", "trainjob", "exp-sus", "-n", node_ns, "--type=merge",
+                             "-p", json.dumps({"spec": {"suspend": flag}}))
+
+    suspend(True)
+    wait_for_state(node, node_ns, "exp-sus", {"Suspended"}, timeout=120, kind="TrainJob")
+    deadline = time.monotonic() + 120
+    while job_pods(node, node_ns, "exp-sus", kind="TrainJob"):
+        assert time.monotonic() < deadline, "the suspended TrainJob's pods are still there after 120s"
+        time.sleep(1)
+    status = kt(node, node_ns, "status", "exp-sus")
+    assert status.returncode == 3 and "State:      Suspended" in status.stdout, status.stdout
+    suspend(False)
+
+    job = wait_for_state(node, node_ns, "exp-sus", {"Succeeded", "Failed"}, timeout=900, kind="TrainJob")
+    assert job_state(job) == "Succeeded", json.dumps(job["status"])
+    now_uids = {p["metadata"]["uid"] for p in job_pods(node, node_ns, "exp-sus", kind="TrainJob")}
+    assert now_uids and not now_uids & first_uids, "pods not recreated"
+    keys = node_s3.keys(bucket, "runs/exp-sus/")
+    steps = sorted({int(k.split("/")[2].split("-")[1]) for k in keys if k.endswith("commit.json")})
+    (preempted,) = [s for s in steps if s % 100 and s != 768]  # the one SIGTERM made every rank commit
+    step_dir = f"runs/exp-sus/step-{preempted:08d}/"
+    assert {step_dir + f for f in ("commit.json", "rank-00000.pt", "rank-00001.pt")} <= set(keys), keys
+    logs = kt(node, node_ns, "logs", "exp-sus")
+    assert f"resumed from s3://{bucket}/{step_dir.rstrip('/')}" in logs.stdout, logs.stdout[-3000:]
+    resumed = summary_line(logs.stdout)
+    assert resumed["status"] == "succeeded" and resumed["steps"] == 768, resumed
+
+    # The same values, uninterrupted, as local processes under v2's env: the same final loss, to the digit.
+    local = run_cli("run", "exp-sus", *values, "--workdir", str(tmp_path), "--set",
+                    f"checkpoint.uri=file://{tmp_path}/ckpt", timeout=600)
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert resumed["train_loss"] == local.summary["train_loss"], (resumed, local.summary)
+    assert resumed["eval_loss"] == local.summary["eval_loss"], (resumed, local.summary)
+    print(f"suspended at step {preempted}, committed {steps}; final loss {resumed['train_loss']} on the node, "
+          f"{local.summary['train_loss']} uninterrupted")
+
