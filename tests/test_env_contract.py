@@ -57,6 +57,14 @@ def test_inconsistent_env_fails_fast_with_a_clear_message(env, needle):
     assert needle in str(err.value)
 
 
+def test_trainer_v2s_auto_procs_per_node_defers_to_torchrun():
+    """A TrainJob without numProcPerNode on GPU nodes gets PET_NPROC_PER_NODE=auto; torchrun resolves it."""
+    for node in (0, 1):
+        for local in (0, 1, 2):
+            info = resolve_rank({**torchrun_env(node, local, nnodes=2, nproc=3), "PET_NPROC_PER_NODE": "auto"})
+            assert (info.rank, info.world_size, info.local_world_size) == (node * 3 + local, 6, 3)
+
+
 def test_elastic_nnodes_range_is_accepted():
     env = {**operator_env(1, 2, 1, 1), "PET_NNODES": "1:4"}
     assert resolve_rank(env).world_size == 2

@@ -62,12 +62,20 @@ def _nnodes(env: Mapping[str, str]) -> int | None:
     return _int(env, "PET_NNODES")
 
 
+def _nproc(env: Mapping[str, str]) -> int | None:
+    """PET_NPROC_PER_NODE is an integer, or a word torchrun resolves itself (Trainer v2 passes `auto`
+    when a TrainJob leaves numProcPerNode unset on GPU nodes): then LOCAL_WORLD_SIZE says."""
+    if env.get("PET_NPROC_PER_NODE") in (None, "auto", "cpu", "gpu"):
+        return None
+    return _int(env, "PET_NPROC_PER_NODE")
+
+
 def resolve_rank(env: Mapping[str, str] | None = None) -> RankInfo:
     env = os.environ if env is None else env
     addr = env.get("MASTER_ADDR", env.get("PET_MASTER_ADDR", "127.0.0.1"))
     port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500
     nnodes = _nnodes(env)
-    nproc = _int(env, "PET_NPROC_PER_NODE") if "PET_NPROC_PER_NODE" in env else None
+    nproc = _nproc(env)
 
     if "TORCHELASTIC_RUN_ID" in env or ("LOCAL_RANK" in env and "LOCAL_WORLD_SIZE" in env):
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
