@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -38,14 +39,20 @@ def test_a_checkpoint_crafted_to_run_code_is_refused(tmp_path):
     step = tmp_path / "store" / "evil" / "step-00000004"
     marker = tmp_path / "pwned"
     torch.save({"weight": RunsCodeWhenUnpickled(str(marker))}, step / "model.pt")
-    commit = json.loads((step / "commit.json").read_text())  # a consistent, committed step
+    commit = json.loads((step / "commit.json").read_text())  # a consistent, committed step, checksum too
     commit["files"]["model.pt"] = (step / "model.pt").stat().st_size
+    commit["sha256"]["model.pt"] = hashlib.sha256((step / "model.pt").read_bytes()).hexdigest()
     (step / "commit.json").write_text(json.dumps(commit))
 
+    named = train(tmp_path, "evil", "--set", "training.maxSteps=6,checkpoint.resume=4")
+    assert named.returncode == 2, named.stdout
+    assert "refusing to load" in named.stdout and "step-00000004/model.pt" in named.stdout
+    assert "Traceback" not in named.stdout
+    # resume: auto skips it, says why, and resumes from the step before.
     again = train(tmp_path, "evil", "--set", "training.maxSteps=6")
-    assert again.returncode == 2, again.stdout
-    assert "refusing to load" in again.stdout and "step-00000004/model.pt" in again.stdout
-    assert "Traceback" not in again.stdout
+    assert again.returncode == 0, again.stdout
+    assert "skipping committed step 4" in again.stdout and "refusing to load" in again.stdout, again.stdout
+    assert "resumed from" in again.stdout and "step-00000002 (step 2" in again.stdout, again.stdout
     assert not marker.exists()  # nothing ran
 
 

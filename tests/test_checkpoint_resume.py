@@ -135,3 +135,39 @@ def test_kill9_during_a_save_never_commits_a_partial_step(s3, tmp_path):
     assert f"ignoring incomplete steps [{2 * EVERY}]" in out, out
     assert re.search(rf"resumed from \S+/step-{EVERY:08d}", out), out
     assert committed_steps(s3, "killed") == [2 * EVERY, 3 * EVERY]
+
+
+def test_a_bit_flipped_newest_step_is_skipped_and_the_run_ends_as_an_uninterrupted_one(s3, tmp_path):
+    """Same size, other bytes (bit rot): the SHA-256 in commit.json catches it; resume: auto warns,
+    resumes from the intact step before, and the final model equals an uninterrupted run's."""
+    code, out = Run("rot", tmp_path / "first", s3, "--set", "training.maxSteps=24").wait()
+    assert code == 0, out[-3000:]
+    assert committed_steps(s3, "rot") == [16, 24]
+    key = "runs/rot/step-00000024/model.pt"
+    data = bytearray(s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the weights
+    s3.client().put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
+    commit = json.loads(s3.client().get_object(Bucket=BUCKET, Key="runs/rot/step-00000024/commit.json")["Body"]
+                        .read())
+    assert commit["files"]["model.pt"] == len(data) and len(commit["sha256"]["model.pt"]) == 64
+
+    code, out = Run("rot", tmp_path / "again", s3).wait()
+    assert code == 0, out[-3000:]
+    assert "skipping committed step 24" in out and "model.pt fails its SHA-256 check" in out, out[-3000:]
+    assert "resumed from s3://ckpt/runs/rot/step-00000016 (step 16" in out, out[-3000:]
+    code, straight = Run("straight", tmp_path / "straight", s3).wait()
+    assert code == 0, straight[-3000:]
+    resumed, uninterrupted = final_model(s3, "rot"), final_model(s3, "straight")
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    print(next(ln for ln in out.splitlines() if "skipping committed step" in ln))
+
+
+def test_an_explicit_step_that_fails_verification_exits_2_with_the_reason(s3, tmp_path):
+    code, out = Run("rot-named", tmp_path / "first", s3, "--set", "training.maxSteps=16").wait()
+    assert code == 0, out[-3000:]
+    key = "runs/rot-named/step-00000016/train.pt"
+    s3.client().delete_object(Bucket=BUCKET, Key=key)
+    code, out = Run("rot-named", tmp_path / "again", s3, "--set", "checkpoint.resume=16").wait()
+    assert code == 2, out[-3000:]
+    assert "checkpoint.resume: 16:" in out and "train.pt is missing or has the wrong size" in out, out[-3000:]

@@ -23,6 +23,11 @@ class UserError(Exception):
     exit_code = EXIT_USAGE
 
 
+class CorruptCheckpoint(UserError):
+    """A committed checkpoint step whose files fail verification (missing, wrong size, wrong
+    checksum, unreadable): resume falls back to an older step rather than stop."""
+
+
 class RetryableError(Exception):
     """A transient condition (storage down, hang) the operator should retry."""
 

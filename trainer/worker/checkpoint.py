@@ -8,10 +8,14 @@ A step directory holds
                    through torch.distributed.checkpoint (sharded_checkpoint.py)
   rank-<r:05d>.pt  every rank: its RNG states and data position (TrainState)
   commit.json      rank 0, written last after every rank reported its files
-                   written: step, config hash, resolved config, file sizes.
+                   written: step, config hash, resolved config, file sizes, and
+                   each file's SHA-256 (hashed from the bytes as they are written).
 A step without commit.json does not exist: resume ignores it (and says so),
 retention deletes it once a newer step is committed. Deleting a step removes
 its marker first, so a crash mid-delete never leaves a committed partial step.
+On resume every rank checks the files it reads (size, checksum, readable);
+`resume: auto` skips a committed step that fails, on every rank alike, with a
+warning and a `verify` failure metric, and loads the newest intact one.
 
 Loading never unpickles objects: torch.load(weights_only=True) refuses anything
 but tensors and plain containers, so a crafted checkpoint cannot run code (DCP's
@@ -26,6 +30,7 @@ on a dedicated gloo group so they never interleave with the training's.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -42,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import TrainerConfig
-from trainer.errors import EXIT_STORAGE_UNAVAILABLE, RetryableError, UserError
+from trainer.errors import EXIT_STORAGE_UNAVAILABLE, CorruptCheckpoint, RetryableError, UserError
 from trainer.worker.distributed import RankInfo
 from trainer.worker.sharded_checkpoint import DCP_DIR, is_sharded, load_sharded, save_sharded
 from trainer.worker.storage import Store, open_store
@@ -195,6 +200,7 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_committed: int | None = None
+        self.loaded: tuple[int, float] = (0, 0.0)  # bytes and seconds of this rank's last load
 
     def url(self, step: int | None = None) -> str:
         key = self.base if step is None else f"{self.base}/{step_dir(step)}"
@@ -222,6 +228,13 @@ class CheckpointManager:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         return bool(flag.item())
 
+    def _all_gather(self, obj: Any) -> list[Any]:
+        if self.group is None:
+            return [obj]
+        out = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
     def _broadcast(self, obj: Any) -> Any:
         if self.group is None:
             return obj
@@ -242,9 +255,47 @@ class CheckpointManager:
             raise UserError(value)
         if kind == "fresh":
             return None
-        step, files = value
-        self._load(trainer, step, files)
-        return step
+        tried = []
+        for step, files in value:  # newest first; an explicit step is the only one
+            # Every rank learns every rank's outcome, so all go on (or stop) together.
+            outcomes = [o for o in self._all_gather(self._try_load(trainer, step, files)) if o]
+            for kind, message in outcomes:
+                if kind == "retry":
+                    raise RetryableError(message, EXIT_STORAGE_UNAVAILABLE)
+                if kind == "user":
+                    raise UserError(message)
+            if not outcomes:  # every rank loaded this step
+                nbytes, seconds = self.loaded
+                self.last_committed = step
+                if self.metrics is not None:
+                    self.metrics.observe_checkpoint_load(seconds, nbytes)
+                if self.info.is_main:
+                    log.info("checkpoint: resumed from %s (step %d, %.1f MB in %.2fs)", self.url(step), step,
+                             nbytes / 1e6, seconds)
+                return step
+            problem = outcomes[0][1]
+            tried.append(f"step {step}: {problem}")
+            if self.metrics is not None:
+                self.metrics.observe_checkpoint_failure("verify")
+            if self.cfg.resume != "auto":
+                raise UserError(f"checkpoint.resume: {step}: {self.url(step)} fails verification: {problem}")
+            if self.info.is_main:
+                log.warning("checkpoint: skipping committed step %d (%s), which fails verification: %s",
+                            step, self.url(step), problem)
+        raise UserError(f"checkpoint.resume: auto: no intact committed step under {self.url()} "
+                        f"(tried {'; '.join(tried)})")
+
+    def _try_load(self, trainer, step: int, files: dict[str, int]) -> tuple[str, str] | None:
+        """None once loaded, else ("corrupt" | "retry" | "user", why)."""
+        try:
+            self._load(trainer, step, files)
+        except CorruptCheckpoint as e:
+            return ("corrupt", str(e))
+        except RetryableError as e:
+            return ("retry", str(e))
+        except UserError as e:
+            return ("user", str(e))
+        return None
 
     def _decide(self) -> tuple[str, Any]:
         """Rank 0 picks the step every rank loads (or why not), from one listing."""
@@ -272,26 +323,41 @@ class CheckpointManager:
             if not committed:
                 log.info("checkpoint: no committed step under %s: starting fresh", self.url())
                 return ("fresh", None)
-            step = committed[-1]
-        else:
-            step = int(mode)
-            if step not in committed:
-                return ("user", f"checkpoint.resume: {step}: no committed step {step} under {self.url()} "
-                                f"(committed: {committed or 'none'})")
-        return ("load", (step, steps[step]))
+            return ("load", [(step, steps[step]) for step in reversed(committed)])
+        step = int(mode)
+        if step not in committed:
+            return ("user", f"checkpoint.resume: {step}: no committed step {step} under {self.url()} "
+                            f"(committed: {committed or 'none'})")
+        return ("load", [(step, steps[step])])
 
     def _read(self, step: int, name: str) -> bytes:
         return self.store.read_bytes(f"{self.base}/{step_dir(step)}/{name}")
 
+    def _verified(self, step: int, name: str, sums: dict[str, str]) -> Any:
+        """The object in one file of the step, once its bytes match the commit's checksum."""
+        where = f"{self.url(step)}/{name}"
+        data = self._read(step, name)
+        if name in sums and hashlib.sha256(data).hexdigest() != sums[name]:
+            raise CorruptCheckpoint(f"{name} fails its SHA-256 check (same size, other bytes)")
+        try:
+            return safe_load(data, where), len(data)
+        except UserError as e:
+            raise CorruptCheckpoint(f"{name} is unreadable: {e}") from None
+
     def _load(self, trainer, step: int, files: dict[str, int]) -> None:
+        """Read and check every file this rank needs, then load them (CorruptCheckpoint: nothing loaded,
+        except FSDP shards, which DCP loads in place and the next step tried overwrites)."""
         started = time.perf_counter()
         where = self.url(step)
-        commit = json.loads(self._read(step, COMMIT))
+        try:
+            commit = json.loads(self._read(step, COMMIT))
+        except ValueError as e:
+            raise CorruptCheckpoint(f"{COMMIT} is unreadable: {e}") from None
         for name, size in commit.get("files", {}).items():
             if files.get(name) != size:
-                raise UserError(f"checkpoint {where} is committed but {name} is missing or has the wrong size "
-                                f"({files.get(name)} != {size} bytes); resume from another step "
-                                "(checkpoint.resume: <step>)")
+                raise CorruptCheckpoint(f"{name} is missing or has the wrong size ({files.get(name)} != {size} "
+                                        "bytes)")
+        sums = commit.get("sha256", {})  # absent in checkpoints from before checksums: sizes only
         ours = self.config.config_hash()
         if commit.get("config_hash") != ours:
             changes = _dotted_diff(commit.get("config", {}), self.config.as_dict())
@@ -306,38 +372,31 @@ class CheckpointManager:
         if sharded and not _is_fsdp(trainer.model):
             raise UserError(f"checkpoint {where} holds FSDP-sharded state (torch.distributed.checkpoint): "
                             "resume it with training.parallelism: fsdp on more than one process")
-        data = self._read(step, TRAIN)
-        nbytes = len(data)
-        train = safe_load(data, f"{where}/{TRAIN}")
-        if sharded:  # every rank reads the shards it needs into its own (sharded) state
-            model, optimizer = model_optimizer_state(trainer.model, trainer.raw_model, trainer.optimizer)
-            state = {"model": model, "optimizer": optimizer}
-            nbytes += load_sharded(self.store, f"{self.base}/{step_dir(step)}/{DCP_DIR}", state, self.group)
-            model, train["optimizer"] = state["model"], state["optimizer"]
-        else:
-            data = self._read(step, MODEL)
-            nbytes += len(data)
-            model = safe_load(data, f"{where}/{MODEL}")
+        train, nbytes = self._verified(step, TRAIN, sums)
         mine = rank_file(self.info.rank)
         if mine in files:
-            data = self._read(step, mine)
-            nbytes += len(data)
-            rank_state = safe_load(data, f"{where}/{mine}")
+            rank_state, n = self._verified(step, mine, sums)
         else:  # the world grew: positions are shared, RNG starts from the seed
             log.warning("checkpoint %s has no %s (saved with world size %s): this rank's RNG is re-seeded",
                         where, mine, commit.get("world_size"))
-            rank_state = safe_load(self._read(step, rank_file(0)), f"{where}/{rank_file(0)}")
+            rank_state, n = self._verified(step, rank_file(0), sums)
             rank_state.pop("rng", None)
+        nbytes += n
+        if sharded:  # every rank reads the shards it needs into its own (sharded) state
+            model, optimizer = model_optimizer_state(trainer.model, trainer.raw_model, trainer.optimizer)
+            state = {"model": model, "optimizer": optimizer}
+            dcp_sums = {k[len(DCP_DIR) + 1:]: v for k, v in sums.items() if k.startswith(DCP_DIR + "/")}
+            nbytes += load_sharded(self.store, f"{self.base}/{step_dir(step)}/{DCP_DIR}", state, self.group,
+                                   dcp_sums)
+            model, train["optimizer"] = state["model"], state["optimizer"]
+        else:
+            model, n = self._verified(step, MODEL, sums)
+            nbytes += n
         if commit.get("world_size") != self.info.world_size:
             log.warning("checkpoint %s was saved by %s ranks, this run has %s: the data order of the "
                         "current epoch differs", where, commit.get("world_size"), self.info.world_size)
         trainer.load_state_dict({"model": model, **train, **rank_state})
-        self.last_committed = step
-        seconds = time.perf_counter() - started
-        if self.metrics is not None:
-            self.metrics.observe_checkpoint_load(seconds, nbytes)
-        if self.info.is_main:
-            log.info("checkpoint: resumed from %s (step %d, %.1f MB in %.2fs)", where, step, nbytes / 1e6, seconds)
+        self.loaded = (nbytes, time.perf_counter() - started)
 
     # ------------------------------------------------------------ save
     def save(self, trainer, blocking: bool = False) -> None:
@@ -385,7 +444,7 @@ class CheckpointManager:
         started = time.perf_counter()
         prefix = f"{self.base}/{step_dir(step)}"
         error: BaseException | None = None
-        nbytes = 0
+        nbytes, sums = 0, {}
         sharded, dcp_files = payload.pop(DCP_DIR, None), None
         try:
             if self.info.is_main:  # re-saving a step (resume from an older one): uncommit it first
@@ -397,12 +456,14 @@ class CheckpointManager:
         if self._all_ok(error is None):
             try:
                 if sharded is not None:  # a collective: every rank gets here (all_ok above)
-                    written, names = save_sharded(self.store, f"{prefix}/{DCP_DIR}", sharded, self.group,
-                                                  self.info.rank)
+                    written, names, shard_sums = save_sharded(self.store, f"{prefix}/{DCP_DIR}", sharded,
+                                                              self.group, self.info.rank)
                     nbytes += written
                     dcp_files = [f"{DCP_DIR}/{name}" for name in names]
+                    sums.update({f"{DCP_DIR}/{name}": digest for name, digest in shard_sums.items()})
                 for name, obj in payload.items():
                     data = serialize(obj)
+                    sums[name] = hashlib.sha256(data).hexdigest()  # the bytes in hand, not read back
                     self.store.write_bytes(f"{prefix}/{name}", data)
                     nbytes += len(data)
                 pause = float(os.environ.get(PAUSE_BEFORE_COMMIT_ENV) or 0)
@@ -412,11 +473,13 @@ class CheckpointManager:
                     time.sleep(pause)
             except BaseException as e:
                 error = e
-        if self._all_ok(error is None) and self.info.is_main:
-            try:
-                self._commit(step, prefix, dcp_files)
-            except BaseException as e:
-                error = e
+        if self._all_ok(error is None):
+            every_rank = self._all_gather(sums)  # each rank's checksums, for the commit marker
+            if self.info.is_main:
+                try:
+                    self._commit(step, prefix, dcp_files, {k: v for part in every_rank for k, v in part.items()})
+                except BaseException as e:
+                    error = e
         if not self._all_ok(error is None):
             if self.metrics is not None:
                 self.metrics.observe_checkpoint_failure("save")
@@ -435,9 +498,11 @@ class CheckpointManager:
             log.info("checkpoint: committed %s (%.1f MB from rank 0 in %.2fs)", self.url(step), nbytes / 1e6,
                      seconds)
 
-    def _commit(self, step: int, prefix: str, dcp_files: list[str] | None = None) -> None:
+    def _commit(self, step: int, prefix: str, dcp_files: list[str] | None = None,
+                sums: dict[str, str] | None = None) -> None:
         """Rank 0, after every rank wrote its files: the marker, then retention.
-        `dcp_files`: the sharded checkpoint's files (DCP's index names them all), or None."""
+        `dcp_files`: the sharded checkpoint's files (DCP's index names them all), or None;
+        `sums`: every rank's files' SHA-256."""
         steps = self.scan()
         files = steps.get(step, {})
         expected = {TRAIN, *(rank_file(r) for r in range(self.info.world_size)), *(dcp_files or [MODEL])}
@@ -450,6 +515,7 @@ class CheckpointManager:
             "format": "dcp" if dcp_files else "torch",
             "config_hash": self.config.config_hash(), "config": self.config.as_dict(),
             "files": {name: files[name] for name in sorted(expected)},
+            "sha256": {name: (sums or {})[name] for name in sorted(expected) if name in (sums or {})},
         }
         self.store.write_bytes(f"{prefix}/{COMMIT}", json.dumps(marker, indent=1, default=str).encode())
         steps[step][COMMIT] = 0

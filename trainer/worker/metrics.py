@@ -161,7 +161,7 @@ class MetricsProcessor:
                                            "Step of the last committed checkpoint.")
         self.checkpoint_failures = metric(Counter, "kubetrain_checkpoint_failures",
                                           "Checkpoint saves or loads that failed.", LABELS + ("operation",))
-        for operation in ("save", "load"):  # both series exist from the start, so increase() sees the first
+        for operation in ("save", "load", "verify"):  # every series from the start: increase() sees the first
             self.checkpoint_failures.labels(*values, operation)
         self.gpu_allocated = metric(Gauge, "kubetrain_gpu_memory_allocated_bytes",
                                     "GPU memory held by tensors of this rank.")
@@ -284,7 +284,7 @@ class MetricsProcessor:
             self.checkpoint_loaded_bytes.inc(nbytes)
 
     def observe_checkpoint_failure(self, operation: str) -> None:
-        """`operation` is "save" or "load"."""
+        """`operation`: "save", "load", or "verify" (a committed step that failed its checks on resume)."""
         if self.enabled:
             self.checkpoint_failures.labels(*self.label_values, operation).inc()
 

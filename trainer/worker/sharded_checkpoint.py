@@ -23,6 +23,7 @@ optimizer's hyper-parameters) with weights_only=True by `SafeLoadPlanner`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import re
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-from trainer.errors import RetryableError, UserError
+from trainer.errors import CorruptCheckpoint, RetryableError, UserError
 from trainer.worker.storage import FileStore, Store
 
 DCP_DIR = "dcp"
@@ -123,7 +124,7 @@ def _local_dir(store: Store, key: str) -> Path | None:
     return store.root / key if isinstance(store, FileStore) else None
 
 
-def _reader(store: Store, key: str, scratch: Path | None):
+def _reader(store: Store, key: str, scratch: Path | None, sums: dict[str, str]):
     from torch.distributed.checkpoint import FileSystemReader
 
     class StoreReader(FileSystemReader):
@@ -140,6 +141,8 @@ def _reader(store: Store, key: str, scratch: Path | None):
             if name not in self.fetched:
                 if scratch is not None:
                     store.read_file(f"{key}/{name}", local)
+                if name in sums and file_sha256(local) != sums[name]:
+                    raise CorruptCheckpoint(f"{DCP_DIR}/{name} fails its SHA-256 check")
                 self.fetched.add(name)
                 self.nbytes += local.stat().st_size
             return local
@@ -174,10 +177,11 @@ def _first_failure(e) -> BaseException:
     return (ours or errors or [e])[0]
 
 
-def save_sharded(store: Store, key: str, state: dict, group, rank: int) -> tuple[int, list[str]]:
+def save_sharded(store: Store, key: str, state: dict, group, rank: int) -> tuple[int, list[str], dict[str, str]]:
     """Every rank: write this rank's shards (and rank 0 the index) below `key`.
 
-    Returns (bytes this rank wrote, every file name of the checkpoint below `key`)."""
+    Returns (bytes this rank wrote, every file name of the checkpoint below `key`, the SHA-256 of
+    each file this rank wrote, from DCP's local copy as it goes up)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -191,25 +195,35 @@ def save_sharded(store: Store, key: str, state: dict, group, rank: int) -> tuple
             raise _first_failure(e) from None
         names = sorted({info.relative_path for info in metadata.storage_data.values()} | {METADATA})
         mine = [name for name in names if name.startswith(f"__{rank}_") or (name == METADATA and rank == 0)]
-        nbytes = 0
+        nbytes, sums = 0, {}
         for name in mine:
             path = (local or scratch) / name
+            sums[name] = file_sha256(path)
             if scratch is not None:
                 store.write_file(f"{key}/{name}", path)
             nbytes += path.stat().st_size
-        return nbytes, names
+        return nbytes, names, sums
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def load_sharded(store: Store, key: str, state: dict, group) -> int:
-    """Every rank: fill `state` (a sharded state dict, in place) from the checkpoint below `key`."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_sharded(store: Store, key: str, state: dict, group, sums: dict[str, str] | None = None) -> int:
+    """Every rank: fill `state` (a sharded state dict, in place) from the checkpoint below `key`,
+    checking each file it reads against `sums` (name -> SHA-256) where the commit recorded them."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
     scratch = None if _local_dir(store, key) is not None else Path(tempfile.mkdtemp(prefix="kubetrain-dcp-"))
-    reader = _reader(store, key, scratch)
+    reader = _reader(store, key, scratch, sums or {})
     try:
         reader.checked_metadata()
         try:
