@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from kube_control_plane import write_kubeconfig
+from kube_control_plane import wait_established, write_kubeconfig
 
 JOBSET_NAMESPACE, TRAINER_NAMESPACE = "jobset-system", "kubeflow-system"
 JOBSET_WEBHOOK_PORT, TRAINER_WEBHOOK_PORT = 9445, 9446
@@ -108,8 +108,6 @@ def kustomize(node, path: Path) -> list[dict]:
 
 
 def install(node, crds: list[dict], rest: list[dict]) -> None:
-    from kube_control_plane import wait_established
-
     node.cluster.apply(crds)  # server-side: these CRDs are too large for client-side apply
     for crd in crds:
         wait_established(node.cluster, crd["metadata"]["name"])

@@ -160,18 +160,12 @@ log "go: $(go version) GOPROXY=$(go env GOPROXY)"
 now() { date +%s; }
 
 build_k8s_binaries() { # kube-apiserver and kubectl, from one wrapper module
-    local t0 dir b
+    local t0 dir
     t0=$(now)
     dir="$BUILD_ROOT/kubernetes-v$K8S_VERSION"
     log "resolving k8s.io/kubernetes@v$K8S_VERSION"
     write_k8s_wrapper_module "$dir" "kubetrain.test/kube-apiserver-build" "$K8S_VERSION"
-    for b in kube-apiserver kubectl; do
-        [[ -x "$ASSETS/$b" ]] && continue
-        log "building $b v$K8S_VERSION (cold: several minutes)"
-        (cd "$dir" && go build -trimpath -ldflags "$(k8s_version_ldflags "$K8S_VERSION")" \
-            -o "$ASSETS/.$b.tmp" "k8s.io/kubernetes/cmd/$b")
-        mv -f "$ASSETS/.$b.tmp" "$ASSETS/$b"
-    done
+    build_k8s_commands "$dir" "$ASSETS" "$K8S_VERSION" kube-apiserver kubectl
     log "kube-apiserver, kubectl built in $(( $(now) - t0 ))s"
 }
 

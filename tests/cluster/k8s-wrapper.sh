@@ -44,6 +44,20 @@ write_k8s_wrapper_module() {
     echo "$(echo "$staging" | wc -l) staging modules replaced by v0.${version#*.} in $dir/go.mod" >&2
 }
 
+# build_k8s_commands DIR OUT K8S_VERSION NAME...: build k8s.io/kubernetes/cmd/NAME in the wrapper
+# module at DIR into OUT/NAME (atomically), for each NAME not built yet. The caller defines `log`.
+build_k8s_commands() {
+    local dir="$1" out="$2" version="$3" b
+    shift 3
+    for b in "$@"; do
+        [[ -x "$out/$b" ]] && continue
+        log "building $b v$version (cold: minutes)"
+        (cd "$dir" && go build -trimpath -ldflags "$(k8s_version_ldflags "$version")" \
+            -o "$out/.$b.tmp" "k8s.io/kubernetes/cmd/$b")
+        mv -f "$out/.$b.tmp" "$out/$b"
+    done
+}
+
 # k8s_version_ldflags K8S_VERSION: what `kubectl version` and /version report.
 k8s_version_ldflags() {
     local v="$1" f="-s -w"

@@ -74,13 +74,7 @@ build_k8s_node() {
     t0=$(now)
     dir="$BUILD_ROOT/kubernetes-node-v$K8S_VERSION"
     write_k8s_wrapper_module "$dir" "kubetrain.test/kube-node-build" "$K8S_VERSION" "$K8S_NODE_OVERRIDES"
-    for b in kubelet kube-scheduler kube-controller-manager; do
-        [[ -x "$OUT/$b" ]] && continue
-        log "building $b v$K8S_VERSION (cold: minutes)"
-        (cd "$dir" && go build -trimpath -ldflags "$(k8s_version_ldflags "$K8S_VERSION")" \
-            -o "$OUT/.$b.tmp" "k8s.io/kubernetes/cmd/$b")
-        mv -f "$OUT/.$b.tmp" "$OUT/$b"
-    done
+    build_k8s_commands "$dir" "$OUT" "$K8S_VERSION" kubelet kube-scheduler kube-controller-manager
     log "kubelet, kube-scheduler, kube-controller-manager built in $(( $(now) - t0 ))s"
 }
 

@@ -93,3 +93,47 @@ def create_s3_secret(node, namespace: str) -> None:
 
     node.cluster.kubectl("create", "secret", "generic", "s3-credentials", "-n", namespace,
                          *[f"--from-literal={k}={v}" for k, v in CREDENTIALS.items()])
+
+
+# 768 steps: long enough (about 30 s here) to be preempted after the first periodic checkpoint.
+LONG = ["--set", "training.epochs=3,training.data.trainSamples=16384,training.data.evalSamples=512",
+        "--set", "checkpoint.everySteps=100,checkpoint.keepLast=20,training.logEverySteps=50"]
+
+
+def submit_until_first_commit(node, namespace: str, node_s3, bucket: str, name: str, values: list[str],
+                              kind: str = "PyTorchJob") -> None:
+    """Submit `values` checkpointing to `bucket`; return once the job runs and has committed a step."""
+    node_s3.create_bucket(bucket)
+    create_s3_secret(node, namespace)
+    submitted = kt(node, namespace, "submit", name, *values, *tier_values(),
+                   *s3_values(node_s3.endpoint, f"s3://{bucket}/runs"))
+    assert submitted.returncode == 0, submitted.stderr
+    wait_for_state(node, namespace, name, {"Running"}, kind=kind)
+    deadline = time.monotonic() + 300
+    while not any(k.endswith("/commit.json") for k in node_s3.keys(bucket, f"runs/{name}/")):
+        assert time.monotonic() < deadline, "no checkpoint committed in 300s"
+        time.sleep(1)
+
+
+def assert_resumed_exactly(node, namespace: str, node_s3, bucket: str, name: str, values: list[str],
+                           workdir) -> tuple[int, list[int], float]:
+    """After a preemption of a LONG run that then succeeded: every rank committed the step SIGTERM
+    caught, the resumed pods loaded it, and the final loss equals the same values run uninterrupted
+    as local processes, to the digit. Returns (that step, every committed step, the final loss)."""
+    # The steps on the 100-step cadence and the final one, plus the one the SIGTERM made every rank commit.
+    keys = node_s3.keys(bucket, f"runs/{name}/")
+    steps = sorted({int(k.split("/")[2].split("-")[1]) for k in keys if k.endswith("commit.json")})
+    (preempted,) = [s for s in steps if s % 100 and s != 768]
+    step_dir = f"runs/{name}/step-{preempted:08d}/"
+    assert {step_dir + f for f in ("commit.json", "rank-00000.pt", "rank-00001.pt")} <= set(keys), keys
+    logs = kt(node, namespace, "logs", name)
+    assert f"resumed from s3://{bucket}/{step_dir.rstrip('/')}" in logs.stdout, logs.stdout[-3000:]
+    resumed = summary_line(logs.stdout)
+    assert resumed["status"] == "succeeded" and resumed["steps"] == 768, resumed
+
+    local = run_cli("run", name, *values, "--workdir", str(workdir), "--set",
+                    f"checkpoint.uri=file://{workdir}/ckpt", timeout=600)
+    assert local.returncode == 0, local.stderr[-2000:]
+    assert resumed["train_loss"] == local.summary["train_loss"], (resumed, local.summary)
+    assert resumed["eval_loss"] == local.summary["eval_loss"], (resumed, local.summary)
+    return preempted, steps, resumed["train_loss"]

@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from nodejobs import (QUICKSTART, create_s3_secret, job_pods, kt, kt_background, mount_user_code, s3_values,
-                      summary_line, tier_values, wait_for_state)
-from support import run_cli
+from nodejobs import (LONG, QUICKSTART, assert_resumed_exactly, job_pods, kt, kt_background,
+                      mount_user_code, submit_until_first_commit, summary_line, tier_values, wait_for_state)
 
 # The first test also waits for the node to start (a cold image import takes minutes).
 pytestmark = pytest.mark.timeout(1200)
@@ -69,22 +68,9 @@ def test_status_says_why_pods_are_pending_from_the_real_scheduler(node, node_ns)
 
 
 def test_deleting_the_worker_pod_preempts_commits_and_resumes_to_the_same_loss(node, node_ns, node_s3, tmp_path):
-    bucket = "preempt"
-    node_s3.create_bucket(bucket)
-    create_s3_secret(node, node_ns)
-    # 768 steps: long enough (about 30 s here) to be preempted after the first periodic checkpoint.
-    long = ["--set", "training.epochs=3,training.data.trainSamples=16384,training.data.evalSamples=512",
-            "--set", "checkpoint.everySteps=100,checkpoint.keepLast=20,training.logEverySteps=50"]
-    values = ["-f", str(QUICKSTART), *long]
-    submitted = kt(node, node_ns, "submit", "exp-pre", *values, *tier_values(),
-                   *s3_values(node_s3.endpoint, f"s3://{bucket}/runs"))
-    assert submitted.returncode == 0, submitted.stderr
-    wait_for_state(node, node_ns, "exp-pre", {"Running"})
+    values = ["-f", str(QUICKSTART), *LONG]
     # Preempt once training is under way and a periodic checkpoint is committed.
-    deadline = time.monotonic() + 300
-    while not any(k.endswith("/commit.json") for k in node_s3.keys(bucket, "runs/exp-pre/")):
-        assert time.monotonic() < deadline, "no checkpoint committed in 300s"
-        time.sleep(1)
+    submit_until_first_commit(node, node_ns, node_s3, "preempt", "exp-pre", values)
     pods = {p["metadata"]["labels"]["training.kubeflow.org/replica-type"]: p for p in job_pods(node, node_ns, "exp-pre")}
     first_uids = {kind: p["metadata"]["uid"] for kind, p in pods.items()}
     node.cluster.kubectl("delete", "pod", pods["worker"]["metadata"]["name"], "-n", node_ns, "--wait=false")
@@ -94,31 +80,14 @@ def test_deleting_the_worker_pod_preempts_commits_and_resumes_to_the_same_loss(n
     now = {p["metadata"]["labels"]["training.kubeflow.org/replica-type"]: p["metadata"]["uid"]
            for p in job_pods(node, node_ns, "exp-pre")}
     assert now["master"] != first_uids["master"] and now["worker"] != first_uids["worker"], "pods not recreated"
-    # The steps on the 100-step cadence and the final one, plus the one the SIGTERM made every rank commit.
-    keys = node_s3.keys(bucket, "runs/exp-pre/")
-    steps = sorted({int(k.split("/")[2].split("-")[1]) for k in keys if k.endswith("commit.json")})
-    (preempted,) = [s for s in steps if s % 100 and s != 768]
-    step_dir = f"runs/exp-pre/step-{preempted:08d}/"
-    assert {step_dir + f for f in ("commit.json", "rank-00000.pt", "rank-00001.pt")} <= set(keys), keys
     events = node.cluster.kubectl("get", "events", "-n", node_ns, "-o", "json").stdout
     exits = sorted({e["message"] for e in json.loads(events)["items"] if "exited with code" in e["message"]})
     print("operator events:", exits)
     # The preempted pod's own exit: 143, which restartPolicy ExitCode retries (the operator then
     # restarts every replica; whether it records the master's exit too depends on timing).
     assert any("exp-pre-worker-0 exited with code 143" in m for m in exits), exits
-    logs = kt(node, node_ns, "logs", "exp-pre")
-    assert f"resumed from s3://{bucket}/{step_dir.rstrip('/')}" in logs.stdout, logs.stdout[-3000:]
-    resumed = summary_line(logs.stdout)
-    assert resumed["status"] == "succeeded" and resumed["steps"] == 768, resumed
-
-    # The same values, uninterrupted, as local processes: the same final loss, to the digit.
-    local = run_cli("run", "exp-pre", *values, "--workdir", str(tmp_path), "--set",
-                    f"checkpoint.uri=file://{tmp_path}/ckpt", timeout=600)
-    assert local.returncode == 0, local.stderr[-2000:]
-    assert resumed["train_loss"] == local.summary["train_loss"], (resumed, local.summary)
-    assert resumed["eval_loss"] == local.summary["eval_loss"], (resumed, local.summary)
-    print(f"preempted at step {preempted}, committed {steps}; final loss {resumed['train_loss']} on the node, "
-          f"{local.summary['train_loss']} uninterrupted")
+    preempted, steps, loss = assert_resumed_exactly(node, node_ns, node_s3, "preempt", "exp-pre", values, tmp_path)
+    print(f"preempted at step {preempted}, committed {steps}; final loss {loss} on the node and uninterrupted")
 
 
 FLAKY = '''

@@ -13,9 +13,8 @@ import time
 
 import pytest
 
-from nodejobs import (QUICKSTART, create_s3_secret, job_pods, kt, kt_background, s3_values, summary_line,
-                      tier_values, wait_for_state)
-from support import run_cli
+from nodejobs import (LONG, QUICKSTART, assert_resumed_exactly, job_pods, kt, kt_background,
+                      submit_until_first_commit, summary_line, tier_values, wait_for_state)
 from trainer.controller.jobs import job_state
 
 pytestmark = pytest.mark.timeout(1200)
@@ -59,20 +58,8 @@ def test_submit_wait_status_and_logs_follow_a_two_node_trainjob(node, node_ns):
 def test_a_suspended_trainjob_commits_on_sigterm_and_resumes_to_the_same_loss(node, node_ns, node_s3, tmp_path):
     """Preemption as Kueue does it to a TrainJob: `spec.suspend: true` (JobSet deletes the pods: SIGTERM,
     every rank commits), then `false` (new pods resume from that checkpoint)."""
-    bucket = "preempt-v2"
-    node_s3.create_bucket(bucket)
-    create_s3_secret(node, node_ns)
-    long = ["--set", "training.epochs=3,training.data.trainSamples=16384,training.data.evalSamples=512",
-            "--set", "checkpoint.everySteps=100,checkpoint.keepLast=20,training.logEverySteps=50"]
-    values = ["-f", str(QUICKSTART), *V2, *long]
-    submitted = kt(node, node_ns, "submit", "exp-sus", *values, *tier_values(),
-                   *s3_values(node_s3.endpoint, f"s3://{bucket}/runs"))
-    assert submitted.returncode == 0, submitted.stderr
-    wait_for_state(node, node_ns, "exp-sus", {"Running"}, kind="TrainJob")
-    deadline = time.monotonic() + 300
-    while not any(k.endswith("/commit.json") for k in node_s3.keys(bucket, "runs/exp-sus/")):
-        assert time.monotonic() < deadline, "no checkpoint committed in 300s"
-        time.sleep(1)
+    values = ["-f", str(QUICKSTART), *V2, *LONG]
+    submit_until_first_commit(node, node_ns, node_s3, "preempt-v2", "exp-sus", values, kind="TrainJob")
     first_uids = {p["metadata"]["uid"] for p in job_pods(node, node_ns, "exp-sus", kind="TrainJob")}
 
     def suspend(flag: bool) -> None:
@@ -93,22 +80,5 @@ def test_a_suspended_trainjob_commits_on_sigterm_and_resumes_to_the_same_loss(no
     assert job_state(job) == "Succeeded", json.dumps(job["status"])
     now_uids = {p["metadata"]["uid"] for p in job_pods(node, node_ns, "exp-sus", kind="TrainJob")}
     assert now_uids and not now_uids & first_uids, "pods not recreated"
-    keys = node_s3.keys(bucket, "runs/exp-sus/")
-    steps = sorted({int(k.split("/")[2].split("-")[1]) for k in keys if k.endswith("commit.json")})
-    (preempted,) = [s for s in steps if s % 100 and s != 768]  # the one SIGTERM made every rank commit
-    step_dir = f"runs/exp-sus/step-{preempted:08d}/"
-    assert {step_dir + f for f in ("commit.json", "rank-00000.pt", "rank-00001.pt")} <= set(keys), keys
-    logs = kt(node, node_ns, "logs", "exp-sus")
-    assert f"resumed from s3://{bucket}/{step_dir.rstrip('/')}" in logs.stdout, logs.stdout[-3000:]
-    resumed = summary_line(logs.stdout)
-    assert resumed["status"] == "succeeded" and resumed["steps"] == 768, resumed
-
-    # The same values, uninterrupted, as local processes under v2's env: the same final loss, to the digit.
-    local = run_cli("run", "exp-sus", *values, "--workdir", str(tmp_path), "--set",
-                    f"checkpoint.uri=file://{tmp_path}/ckpt", timeout=600)
-    assert local.returncode == 0, local.stderr[-2000:]
-    assert resumed["train_loss"] == local.summary["train_loss"], (resumed, local.summary)
-    assert resumed["eval_loss"] == local.summary["eval_loss"], (resumed, local.summary)
-    print(f"suspended at step {preempted}, committed {steps}; final loss {resumed['train_loss']} on the node, "
-          f"{local.summary['train_loss']} uninterrupted")
-
+    preempted, steps, loss = assert_resumed_exactly(node, node_ns, node_s3, "preempt-v2", "exp-sus", values, tmp_path)
+    print(f"suspended at step {preempted}, committed {steps}; final loss {loss} on the node and uninterrupted")

@@ -333,8 +333,8 @@ class CheckpointManager:
     def _read(self, step: int, name: str) -> bytes:
         return self.store.read_bytes(f"{self.base}/{step_dir(step)}/{name}")
 
-    def _verified(self, step: int, name: str, sums: dict[str, str]) -> Any:
-        """The object in one file of the step, once its bytes match the commit's checksum."""
+    def _verified(self, step: int, name: str, sums: dict[str, str]) -> tuple[Any, int]:
+        """(the object in one file of the step, its size), once its bytes match the commit's checksum."""
         where = f"{self.url(step)}/{name}"
         data = self._read(step, name)
         if name in sums and hashlib.sha256(data).hexdigest() != sums[name]:
