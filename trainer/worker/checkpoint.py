@@ -49,7 +49,7 @@ import torch.distributed as dist
 from trainer.config import TrainerConfig
 from trainer.errors import EXIT_STORAGE_UNAVAILABLE, CorruptCheckpoint, RetryableError, UserError
 from trainer.worker.distributed import RankInfo
-from trainer.worker.sharded_checkpoint import DCP_DIR, is_sharded, load_sharded, save_sharded
+from trainer.worker.sharded_checkpoint import DCP_DIR, hashed_upload, is_sharded, load_sharded, save_sharded
 from trainer.worker.storage import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -463,8 +463,9 @@ class CheckpointManager:
                     sums.update({f"{DCP_DIR}/{name}": digest for name, digest in shard_sums.items()})
                 for name, obj in payload.items():
                     data = serialize(obj)
-                    sums[name] = hashlib.sha256(data).hexdigest()  # the bytes in hand, not read back
-                    self.store.write_bytes(f"{prefix}/{name}", data)
+                    sums[name] = hashed_upload(  # the bytes in hand, as they go up; not read back
+                        lambda: hashlib.sha256(data).hexdigest(),
+                        lambda: self.store.write_bytes(f"{prefix}/{name}", data))
                     nbytes += len(data)
                 pause = float(os.environ.get(PAUSE_BEFORE_COMMIT_ENV) or 0)
                 if pause:

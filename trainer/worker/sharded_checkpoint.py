@@ -29,8 +29,9 @@ import pickle
 import re
 import shutil
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -198,14 +199,39 @@ def save_sharded(store: Store, key: str, state: dict, group, rank: int) -> tuple
         nbytes, sums = 0, {}
         for name in mine:
             path = (local or scratch) / name
-            sums[name] = file_sha256(path)
-            if scratch is not None:
-                store.write_file(f"{key}/{name}", path)
+            if scratch is None:  # DCP wrote into the store's own folder: nothing to upload
+                sums[name] = file_sha256(path)
+            else:
+                sums[name] = hashed_upload(lambda: file_sha256(path),
+                                           lambda: store.write_file(f"{key}/{name}", path))
             nbytes += path.stat().st_size
         return nbytes, names, sums
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def hashed_upload(digest: Callable[[], str], upload: Callable[[], object]) -> str:
+    """Run `upload()` while `digest()` hashes the same bytes in a second thread; returns the digest.
+    hashlib releases the GIL on large buffers, so the checksum overlaps the upload instead of adding
+    its time to the save's."""
+    outcome: dict[str, Any] = {}
+
+    def hash_them() -> None:
+        try:
+            outcome["digest"] = digest()
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=hash_them, name="kubetrain-sha256", daemon=True)
+    thread.start()
+    try:
+        upload()
+    finally:
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["digest"]
 
 
 def file_sha256(path: Path) -> str:
