@@ -57,6 +57,22 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
+# What the controller verbs must never load: the trainer's stack, which costs seconds of start-up.
+HEAVY_MODULES = frozenset({"torch", "numpy", "transformers", "datasets", "tokenizers", "safetensors",
+                           "boto3", "botocore", "prometheus_client", "pandas", "pyarrow"})
+
+
+def heavy_imports(*args: str, module: str = "trainer.controller.cli") -> tuple[Result, set[str]]:
+    """Run `kubetrain ARGS` (or `python -m MODULE ARGS`) under `python -X importtime`;
+    the heavy top-level packages it imported."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+                for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    stderr = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("import time:"))
+    return Result(proc.returncode, proc.stdout, stderr), imported & HEAVY_MODULES
+
+
 @pytest.fixture
 def values_file(tmp_path):  # re-exported by tests/conftest.py
     """Write a values mapping to a YAML file and return its path."""

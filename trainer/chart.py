@@ -8,6 +8,9 @@ from pathlib import Path
 
 import yaml
 
+# libyaml's parser where PyYAML has it: the same documents, ten times faster (the CLI's start-up).
+SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 _PACKAGED = Path(__file__).resolve().parent / "chart"
 _SOURCE = Path(__file__).resolve().parent.parent / "helm" / "kubetrain"
 
@@ -23,7 +26,7 @@ def chart_dir() -> Path:
 @functools.cache
 def default_values() -> dict:
     with open(chart_dir() / "values.yaml", encoding="utf-8") as f:
-        return yaml.safe_load(f)
+        return yaml.load(f, Loader=SafeLoader)
 
 
 @functools.cache

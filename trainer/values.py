@@ -21,7 +21,7 @@ from typing import Any, Iterable
 import jsonschema
 import yaml
 
-from trainer.chart import default_values, values_schema
+from trainer.chart import SafeLoader, default_values, values_schema
 from trainer.errors import UserError
 
 
@@ -55,7 +55,7 @@ def _coalesce(dst: dict, src: dict) -> None:
             _coalesce(dst[key], default)
 
 
-class HelmValuesLoader(yaml.SafeLoader):
+class HelmValuesLoader(SafeLoader):
     """YAML scalars typed as Helm types them (go-yaml v2): `y`/`n` are booleans and `1e3`
     a float; dates, `1:30` and `=` stay strings. Keeps render and helm template in step."""
 

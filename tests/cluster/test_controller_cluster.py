@@ -17,7 +17,7 @@ import time
 import pytest
 import yaml
 
-from support import REPO, EXAMPLES, run_cli, tool
+from support import REPO, EXAMPLES, heavy_imports, run_cli, tool
 from trainer.controller import jobs
 from trainer.controller.kube import Kube
 
@@ -138,6 +138,19 @@ def test_list_and_delete_touch_only_the_named_experiment(apiserver, namespace):
     assert not [n for n in left if "exp-one" in n], left
     assert "pytorchjob.kubeflow.org/exp-two" in left and "configmap/unrelated" in left
     assert kt(apiserver, namespace, "delete", "exp-one").returncode == 2  # nothing left to delete
+
+
+def test_cluster_verbs_import_nothing_heavy(apiserver, namespace):
+    """submit, status, logs, list and delete against the real API server never load torch and the like
+    (tests/test_cli_startup.py covers render and --help)."""
+    target = ["--kubeconfig", str(apiserver.kubeconfig), "-n", namespace]
+    # status: 3, not finished; logs: 2, no kubelet runs its pods here
+    for verb, code in ((["submit", "exp-i", *QUICK], 0), (["status", "exp-i"], 3),
+                       (["logs", "exp-i", "--wait-seconds", "1"], 2), (["list"], 0), (["delete", "exp-i"], 0)):
+        result, heavy = heavy_imports(*verb, *target)
+        assert result.returncode == code, result.stderr
+        assert "Traceback" not in result.stderr
+        assert not heavy, f"kubetrain {verb[0]} imported {sorted(heavy)}"
 
 
 def test_helm_install_and_uninstall_against_the_api_server(apiserver, namespace):

@@ -20,7 +20,7 @@ import json
 
 import yaml
 
-from trainer.chart import chart_dir
+from trainer.chart import SafeLoader, chart_dir
 from trainer.config import check_experiment_name, trainer_config_document
 from trainer.controller.helm_functions import nindent, quote, to_json, to_pretty_json, to_yaml
 from trainer.errors import UserError
@@ -43,7 +43,7 @@ print(f"kubetrain config for {config.experiment} is valid (task {config.training
 @functools.cache
 def chart_metadata() -> dict:
     with open(chart_dir() / "Chart.yaml", encoding="utf-8") as f:
-        return yaml.safe_load(f)
+        return yaml.load(f, Loader=SafeLoader)
 
 
 def chart_file(relative: str, experiment: str) -> str:
