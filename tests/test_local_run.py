@@ -27,6 +27,14 @@ def test_quickstart_two_gloo_processes_learn(tmp_path):
     assert "[master-0]" in result.stdout and "rank table" in result.stdout
     assert re.search(r"^\[master-0\] 1 +0 +1 +worker-1 ", result.stdout, re.M)
     assert (tmp_path / "config.json").is_file()
+    # Rank 0 says once where the time to its first step went; the phases add up to the total.
+    startup = re.findall(r"^\[master-0\] .* start-up: (.*); ([\d.]+)s from process start$", result.stdout, re.M)
+    assert len(startup) == 1 and "[worker-1]" not in "".join(
+        line for line in result.stdout.splitlines() if "start-up:" in line), result.stdout[-3000:]
+    phases = dict(re.findall(r"([a-z][a-z ]*) ([\d.]+)s", startup[0][0]))
+    assert list(phases) == ["interpreter", "imports", "config and metrics", "rendezvous", "data and model",
+                            "resume", "first step"], phases
+    assert abs(sum(map(float, phases.values())) - float(startup[0][1])) < 0.05
     # Without checkpoint.uri nothing is kept, and the run says so before it starts.
     assert summary["checkpoint"] is None
     notice = f"[kubetrain] checkpoint.uri is not set: this run keeps no checkpoint and no trained model; " \

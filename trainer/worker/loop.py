@@ -24,6 +24,7 @@ from trainer.worker.distributed import RankInfo
 from trainer.worker.parallel import (even_eval_batches, fsdp_mixed_precision, gradient_sync, parallelize,
                                      run_epoch_start_hook)
 from trainer.worker.metrics import DISABLED, MetricsProcessor
+from trainer.worker.startup import STARTUP
 from trainer.worker.watchdog import HangWatchdog
 
 log = logging.getLogger(__name__)
@@ -261,6 +262,7 @@ class Trainer:
     def _fit(self, checkpoints, preemption, watchdog) -> dict:
         cfg, info = self.cfg, self.info
         checkpoints.resume(self)
+        STARTUP.mark("resume")
         watchdog.start()  # after the resume: downloading a checkpoint is not a hang
         every = self.config.checkpoint.every_steps
         preempted = False
@@ -290,6 +292,7 @@ class Trainer:
                     break
                 continue
             step_loss = self.train_step(group)
+            STARTUP.report(info.is_main)  # once: where the time to this first step went
             window_loss += step_loss
             window_steps += 1
             done = self.state.step >= self.total_steps

@@ -15,6 +15,7 @@ import time
 
 from trainer import __version__
 from trainer.errors import EXIT_FAILURE, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, RetryableError, UserError
+from trainer.worker.startup import STARTUP
 
 log = logging.getLogger("trainer")
 
@@ -55,6 +56,7 @@ def run(config_path: str) -> int:
     from trainer.worker.loop import Trainer
     from trainer.worker.metrics import DISABLED, MetricsProcessor
 
+    STARTUP.mark("imports")
     started = time.perf_counter()
     rank = int(os.environ.get("RANK", "0") or 0)
     whole_line_output()
@@ -70,11 +72,15 @@ def run(config_path: str) -> int:
         metrics = MetricsProcessor.from_config(config, info.local_rank, info.rank)
         metrics.start()
         metrics.describe_run(config, info.world_size, backend, __version__)
+        STARTUP.mark("config and metrics")
         with ProcessGroup(info, backend, config.training.distributed.timeout_seconds):
+            STARTUP.mark("rendezvous")
             log_rank_table(info, device, backend)
             if info.is_main:
                 log.info("kubetrain %s, resolved config:\n%s", __version__, dump_config(config))
-            summary = Trainer(config, info, device, metrics).fit()
+            trainer = Trainer(config, info, device, metrics)
+            STARTUP.mark("data and model")
+            summary = trainer.fit()
         if info.is_main:
             print(json.dumps(summary), flush=True)
         if summary["status"] == "preempted":  # SIGTERM: the checkpoint is committed, restart resumes it
