@@ -1,13 +1,14 @@
-"""Training throughput per task on CPU: 1 process vs 2 gloo processes, as a table.
+"""Training throughput per task on CPU: 1, 2 and 4 gloo processes against ideal scaling, as a table.
 
-    python benchmarks/tasks_throughput.py [--steps 30] [--tasks speech-conv1d,custom]
+    python benchmarks/tasks_throughput.py [--steps 30] [--procs 1,2,4] [--tasks speech-conv1d,custom]
 
 Each cell runs `kubetrain run` for real (one process per replica, gloo, the
 task's synthetic data, small sizes that fit a laptop) and reads rank 0's
 progress lines: the samples/s of every logged window after the first (the
 first holds warm-up), summed over ranks (the loop logs global samples/s). The
-table shows the median window and the 2-process / 1-process ratio (2.0 = linear
-scaling; on a machine with fewer free cores than processes it is lower).
+table shows the median window per process count and its efficiency: samples/s
+over N times the 1-process samples/s (1.00 = linear scaling; on a machine with
+fewer free cores than processes it is lower, by at least cores/N).
 OMP_NUM_THREADS=1 per process so the two configurations get comparable cores.
 """
 
@@ -81,24 +82,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     parser.add_argument("--tasks", default="", help="comma-separated row names (default: all)")
+    parser.add_argument("--procs", default="1,2,4", help="comma-separated process counts; the first is the base")
     args = parser.parse_args()
+    procs = [int(n) for n in args.procs.split(",")]
     with tempfile.TemporaryDirectory(prefix="kubetrain-bench-") as tmp_name:
         tmp = Path(tmp_name)
         loads = workloads(tmp)
         chosen = [t for t in loads if not args.tasks or t.split(" ")[0] in args.tasks.split(",")]
         rows = []
         for name in chosen:
-            one, two = (run(name, loads[name], nodes, args.steps, tmp) for nodes in (1, 2))
-            rows.append((name, loads[name]["batchSize"], one, two))
+            rates = [run(name, loads[name], nodes, args.steps, tmp) for nodes in procs]
+            rows.append((name, loads[name]["batchSize"], rates))
             print(f"  done: {name}", file=sys.stderr, flush=True)
     fmt = lambda v: "failed" if v is None else f"{v:,.0f}"  # noqa: E731
     print(f"\nCPU training throughput, median samples/s over logged windows ({args.steps} steps, "
           f"OMP_NUM_THREADS=1, {os.cpu_count()} CPUs)\n")
-    print(f"| {'task':32} | batch/proc | 1 process | 2 processes | 2p/1p |")
-    print(f"|{'-' * 34}|-----------:|----------:|------------:|------:|")
-    for name, batch, one, two in rows:
-        ratio = f"{two / one:.2f}" if one and two else "-"
-        print(f"| {name:32} | {batch:>10} | {fmt(one):>9} | {fmt(two):>11} | {ratio:>5} |")
+    head = "".join(f" {n}p samples/s | eff. |" for n in procs)
+    print(f"| {'task':32} | batch/proc |{head}")
+    print(f"|{'-' * 34}|-----------:|" + "--------------:|-----:|" * len(procs))
+    for name, batch, rates in rows:
+        base = rates[0] / procs[0] if rates[0] else None
+        cells = "".join(f" {fmt(r):>13} | {(f'{r / (n * base):.2f}' if r and base else '-'):>4} |"
+                        for n, r in zip(procs, rates))
+        print(f"| {name:32} | {batch:>10} |{cells}")
 
 
 if __name__ == "__main__":
