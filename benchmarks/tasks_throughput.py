@@ -97,7 +97,7 @@ def main() -> None:
     fmt = lambda v: "failed" if v is None else f"{v:,.0f}"  # noqa: E731
     print(f"\nCPU training throughput, median samples/s over logged windows ({args.steps} steps, "
           f"OMP_NUM_THREADS=1, {os.cpu_count()} CPUs)\n")
-    head = "".join(f" {n}p samples/s | eff. |" for n in procs)
+    head = "".join(f" {f'{n}p samples/s':>13} | eff. |" for n in procs)
     print(f"| {'task':32} | batch/proc |{head}")
     print(f"|{'-' * 34}|-----------:|" + "--------------:|-----:|" * len(procs))
     for name, batch, rates in rows:
