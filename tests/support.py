@@ -47,11 +47,12 @@ def tool(env_var: str, name: str) -> str:
                 '(run: eval "$(bash scripts/install-test-tools.sh)")')
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300) -> Result:
-    """Run `kubetrain ARGS` in a fresh interpreter, as a user would."""
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300,
+            python: tuple[str, ...] = (), module: str = "trainer.controller.cli") -> Result:
+    """Run `kubetrain ARGS` in a fresh interpreter, as a user would (`python PYTHON -m MODULE ARGS`)."""
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run(
-        [sys.executable, "-m", "trainer.controller.cli", *args],
+        [sys.executable, *python, "-m", module, *args],
         cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
@@ -65,12 +66,11 @@ HEAVY_MODULES = frozenset({"torch", "numpy", "transformers", "datasets", "tokeni
 def heavy_imports(*args: str, module: str = "trainer.controller.cli") -> tuple[Result, set[str]]:
     """Run `kubetrain ARGS` (or `python -m MODULE ARGS`) under `python -X importtime`;
     the heavy top-level packages it imported."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
-                for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    stderr = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("import time:"))
-    return Result(proc.returncode, proc.stdout, stderr), imported & HEAVY_MODULES
+    result = run_cli(*args, python=("-X", "importtime"), module=module, timeout=120)
+    lines = result.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
+    result.stderr = "\n".join(line for line in lines if not line.startswith("import time:"))
+    return result, imported & HEAVY_MODULES
 
 
 @pytest.fixture
