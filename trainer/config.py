@@ -72,6 +72,12 @@ class DistributedConfig:
 
 
 @dataclass(frozen=True)
+class TensorBoardConfig:
+    enabled: bool = True
+    sync_seconds: int = 30
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     task: str
     entrypoint: str
@@ -95,6 +101,8 @@ class TrainingConfig:
     options: dict = field(default_factory=dict)
     python_path: tuple[str, ...] = ()
     step_log_file: str = ""  # JSON lines, one per optimizer step, appended by rank 0
+    tensorboard: TensorBoardConfig = TensorBoardConfig()
+    export_model: bool = True
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,9 @@ class TrainerConfig:
     checkpoint: CheckpointConfig
     s3: S3Config
     metrics: MetricsConfig
+    # The local run's directory (`kubetrain run` sets it): TensorBoard events and the exported model
+    # go there; in a pod they go under <checkpoint.uri>/<experiment>/ instead.
+    workdir: str = ""
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -206,11 +217,13 @@ def trainer_config_document(experiment: str, values: dict) -> dict:
 def load_trainer_config(path: str | Path) -> TrainerConfig:
     data = load_values_file(path)
     experiment = data.pop("experiment", None)
+    workdir = data.pop("workdir", "")
     if not isinstance(experiment, str):
         raise UserError(f"{path}: `experiment` (the experiment name) is missing")
     defaults = {k: v for k, v in default_values().items() if k in TRAINER_SECTIONS}
     values = validate(merge(defaults, data), source=str(path))
-    return trainer_config_from_values(experiment, values)
+    config = trainer_config_from_values(experiment, values)
+    return dataclasses.replace(config, workdir=str(workdir)) if workdir else config
 
 
 def dump_config(config: TrainerConfig) -> str:

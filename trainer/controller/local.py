@@ -115,7 +115,8 @@ class LocalRunner:
         self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "config.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(trainer_config_document(self.experiment, self.values), indent=2) + "\n")
+        document = {**trainer_config_document(self.experiment, self.values), "workdir": str(self.workdir)}
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
         os.replace(tmp, path)
         return path
 

@@ -25,6 +25,7 @@ from trainer.worker.parallel import (even_eval_batches, fsdp_mixed_precision, gr
                                      run_epoch_start_hook)
 from trainer.worker.metrics import DISABLED, MetricsProcessor
 from trainer.worker.startup import STARTUP
+from trainer.worker.tensorboard import TensorBoardLogger
 from trainer.worker.watchdog import HangWatchdog
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Trainer:
                  metrics: MetricsProcessor = DISABLED):
         self.config, self.info, self.device = config, info, device
         self.metrics = metrics
+        self.tensorboard = TensorBoardLogger(config, info, device)
         self.grad_norm: torch.Tensor | None = None  # of the last step that measured it
         # Owned here so evaluation can report progress too; fit() replaces it with a running one.
         self.watchdog = HangWatchdog(0)
@@ -94,6 +96,8 @@ class Trainer:
         self.spec = get_task(cfg.task)(cfg)
         model = self.spec.model.to(device)
         freeze_parameters(model, cfg.finetune.freeze)
+        if info.is_main:
+            log_parameter_counts(model, cfg.finetune.freeze)
         # FSDP shards in place, so raw_model is the sharded module then (eval must use it).
         self.raw_model = model
         self.model = model = parallelize(model, self.spec, cfg, info.world_size, device)
@@ -147,7 +151,8 @@ class Trainer:
         if cfg.grad_clip_norm > 0:
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
-        elif log_step and self.metrics.enabled:  # the norm for the metric, only where the loop syncs anyway
+        elif log_step and (self.metrics.enabled or self.tensorboard.enabled):
+            # the norm for the metric and TensorBoard, only where the loop syncs anyway
             self.scaler.unscale_(self.optimizer)
             self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)  # clips nothing
         self.scaler.step(self.optimizer)
@@ -258,10 +263,12 @@ class Trainer:
         finally:
             self.watchdog.stop()
             preemption.uninstall()
+            self.tensorboard.close()
 
     def _fit(self, checkpoints, preemption, watchdog) -> dict:
         cfg, info = self.cfg, self.info
         checkpoints.resume(self)
+        self.tensorboard.start(self.state.step)
         STARTUP.mark("resume")
         watchdog.start()  # after the resume: downloading a checkpoint is not a hang
         every = self.config.checkpoint.every_steps
@@ -270,6 +277,7 @@ class Trainer:
         start = time.perf_counter()
         window_loss = torch.zeros((), device=self.device)
         window_steps, window_start = 0, start
+        window_compute = 0.0  # this rank's seconds in train_step over the window (TensorBoard)
         eval_loss = eval_acc = None
         train_loss = float("nan")
         steps_at_start = self.state.step
@@ -283,6 +291,7 @@ class Trainer:
                 if (self.state.epoch + 1) % cfg.eval_every_epochs == 0 or self.state.step >= self.total_steps:
                     eval_loss, eval_acc = self.evaluate()
                     self.metrics.observe_eval(eval_loss, eval_acc)
+                    self.tensorboard.log_eval(self.state.step, eval_loss, eval_acc)
                     if info.is_main:
                         log.info("epoch %d eval: loss=%s accuracy=%s", self.state.epoch + 1,
                                  _fmt(eval_loss), _fmt(eval_acc))
@@ -292,6 +301,7 @@ class Trainer:
                     break
                 continue
             step_loss = self.train_step(group)
+            window_compute += time.perf_counter() - fetched
             STARTUP.report(info.is_main)  # once: where the time to this first step went
             window_loss += step_loss
             window_steps += 1
@@ -307,12 +317,15 @@ class Trainer:
                 now = time.perf_counter()
                 rate = window_steps * self.samples_per_step / (now - window_start)
                 eta = (self.total_steps - self.state.step) * (now - start) / (self.state.step - steps_at_start)
+                self.tensorboard.log_train(self.state.step, train_loss, self.scheduler.get_last_lr()[0],
+                                           self.grad_norm, rate,
+                                           self.tensorboard.step_times(window_compute / window_steps))
                 if info.is_main:
                     log.info("step %d/%d epoch %d loss %.4f lr %.3g samples/s %.0f eta %.0fs",
                              self.state.step, self.total_steps, self.state.epoch + 1, train_loss,
                              self.scheduler.get_last_lr()[0], rate, eta)
                 window_loss.zero_()
-                window_steps, window_start = 0, now
+                window_steps, window_start, window_compute = 0, now, 0.0
             now = time.perf_counter()
             self.metrics.observe_step(now - tick, fetched - tick, self.samples_per_step // info.world_size,
                                       self.scheduler.get_last_lr()[0], self.state.epoch)
@@ -331,10 +344,16 @@ class Trainer:
             if done and self.state.batch_in_epoch < self.steps_per_epoch * cfg.grad_accum_steps:
                 eval_loss, eval_acc = self.evaluate()  # maxSteps hit mid-epoch: evaluate once more
                 self.metrics.observe_eval(eval_loss, eval_acc)
+                self.tensorboard.log_eval(self.state.step, eval_loss, eval_acc)
                 break
         preemption.drain()
         checkpoints.close()
         wall = time.perf_counter() - start
+        exported = None
+        if not preempted and self.state.step >= self.total_steps > steps_at_start:
+            from trainer.export import export_model
+
+            exported = export_model(self, eval_loss, eval_acc)
         steps_run = self.state.step - steps_at_start
         return {
             "event": "summary",
@@ -351,7 +370,16 @@ class Trainer:
             "wall_seconds": round(wall, 3),
             "checkpoint": checkpoints.url(checkpoints.last_committed) if checkpoints.last_committed is not None
             else None,
+            "model": exported,
+            "tensorboard": self.tensorboard.location or None,
         }
+
+
+def log_parameter_counts(model: nn.Module, freeze: tuple[str, ...]) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    log.info("parameters: %d trainable, %d frozen%s", trainable, frozen,
+             f" (training.finetune.freeze: {list(freeze)})" if freeze else "")
 
 
 def _fmt(value: float | None) -> str:

@@ -1,0 +1,146 @@
+"""The trained model for inference: `model.safetensors` plus `model.json`, apart from the checkpoints.
+
+At the end of a successful run rank 0 writes both under `<outputs>/model/`
+(trainer/worker/outputs.py: the local run's workdir, else
+`<checkpoint.uri>/<experiment>/`). `model.json` holds the training section
+needed to rebuild the network (task, entry point, class count, options) and
+the run's final eval figures; it is written last, so a folder with it is
+whole. Under FSDP the full state is gathered once, parameter by parameter,
+into rank 0's CPU memory: no rank holds a second copy of the model on its
+device, and the other ranks hold nothing.
+
+Loading reads safetensors only, so nothing is unpickled:
+
+    from trainer.export import load_exported
+    exported = load_exported(".kubetrain/runs/quickstart/model")   # or s3://bucket/prefix/EXPERIMENT/model
+    logits = exported.model(inputs)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import torch
+from torch import nn
+
+from trainer import __version__
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "kubetrain-model/1"
+WEIGHTS, METADATA = "model.safetensors", "model.json"
+SUBDIR = "model"
+
+
+# ------------------------------------------------------------------ writing (in the trainer)
+def full_state_dict(model: nn.Module, raw_model: nn.Module, is_main: bool) -> dict[str, torch.Tensor]:
+    """Unprefixed parameter and buffer tensors on CPU; a collective under FSDP (every rank calls it),
+    {} on ranks other than 0 then."""
+    from trainer.worker.checkpoint import _is_fsdp
+
+    if _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return {}
+    return {k: v.detach().cpu() for k, v in raw_model.state_dict().items()}
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage (tied weights): copy all but the first."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.contiguous()
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        out[name] = tensor.clone() if ident in seen and tensor.numel() else tensor
+        seen.add(ident)
+    return out
+
+
+def export_model(trainer, eval_loss: float | None, eval_accuracy: float | None) -> str | None:
+    """Write the export (rank 0) and return its URL; None where disabled or not rank 0."""
+    from safetensors.torch import save_file
+
+    from trainer.worker.outputs import NOWHERE, run_outputs
+
+    place = run_outputs(trainer.config)
+    if not trainer.cfg.export_model or place is None:
+        if place is None and trainer.cfg.export_model and trainer.info.is_main:
+            log.info("export: skipped, %s", NOWHERE)
+        return None
+    state = full_state_dict(trainer.model, trainer.raw_model, trainer.info.is_main)
+    if not trainer.info.is_main:
+        return None
+    training = dataclasses.asdict(trainer.cfg)
+    metadata = {
+        "format": FORMAT, "kubetrain_version": __version__, "experiment": trainer.config.experiment,
+        "step": trainer.state.step, "task": trainer.cfg.task, "weights": WEIGHTS,
+        "eval_loss": eval_loss, "eval_accuracy": eval_accuracy,
+        "parameters": sum(t.numel() for t in state.values()), "training": training,
+    }
+    with tempfile.TemporaryDirectory(prefix="kubetrain-export-") as tmp:
+        weights = Path(tmp) / WEIGHTS
+        save_file(_unshared(state), str(weights), metadata={"format": FORMAT})
+        del state
+        place.store.write_file(place.key(SUBDIR, WEIGHTS), weights)
+    place.store.write_bytes(place.key(SUBDIR, METADATA), (json.dumps(metadata, indent=2) + "\n").encode())
+    url = place.url(SUBDIR)
+    log.info("exported the model (%d parameters) to %s", metadata["parameters"], url)
+    return url
+
+
+# ------------------------------------------------------------------ reading (anywhere)
+@dataclass
+class ExportedModel:
+    model: nn.Module  # in eval mode, on CPU
+    spec: Any  # the task's TaskSpec: eval_dataset, collate_fn, loss_fn for evaluation
+    metadata: dict
+
+
+def _local_folder(where: str | Path, s3=None) -> Path:
+    text = str(where)
+    parsed = urlparse(text)
+    if parsed.scheme in ("", "file"):
+        folder = Path(unquote(parsed.path) if parsed.scheme else text)
+        if not (folder / METADATA).is_file():
+            raise UserError(f"{where}: no {METADATA} here (not a kubetrain model export)")
+        return folder
+    if parsed.scheme != "s3":
+        raise UserError(f"{where}: a folder, file:// or s3:// URI of a model export")
+    from trainer.tasks import _weights
+
+    _weights.configure(s3)
+    return _weights.fetch_directory(text.rstrip("/"), "model export")
+
+
+def load_exported(where: str | Path, s3=None) -> ExportedModel:
+    """Rebuild the task's network from model.json and load model.safetensors into it (strict).
+
+    `where` is the export folder, or a file:// or s3:// URI of it; `s3` an S3Config for a
+    non-AWS endpoint (boto3 also reads AWS_ENDPOINT_URL and the AWS_* credentials)."""
+    from safetensors.torch import load_file
+
+    from trainer.config import TrainingConfig, _build
+    from trainer.tasks import get_task
+
+    folder = _local_folder(where, s3)
+    metadata = json.loads((folder / METADATA).read_text())
+    if metadata.get("format") != FORMAT:
+        raise UserError(f"{where}: {METADATA} has format {metadata.get('format')!r}, expected {FORMAT!r}")
+    # The weights are all here: rebuild the bare network, without fetching pretrained ones again.
+    cfg = dataclasses.replace(_build(TrainingConfig, metadata["training"]), pretrained=False)
+    spec = get_task(cfg.task)(cfg)
+    state = load_file(str(folder / metadata["weights"]))
+    spec.model.load_state_dict(state, strict=True)
+    spec.model.eval()
+    return ExportedModel(model=spec.model, spec=spec, metadata=metadata)
