@@ -336,3 +336,25 @@ def resolve_values(
     for exprs, mode in ((set_json, "json"), (set_values, "set"), (set_string, "string")):
         parse_set(exprs, mode, into=user)
     return validate(merge(default_values(), user))
+
+
+def resolve_python_path(values: dict, files: Iterable[str | Path] = (), set_exprs: Iterable[str] = ()) -> dict:
+    """For a local run: relative `training.pythonPath` entries resolved against the directory of the
+    values file that set them (the current directory when --set did), as a user writing `["."]` next
+    to their code means. A pod resolves them against the container's working directory instead."""
+    entries = values["training"]["pythonPath"]
+    if all(Path(e).is_absolute() for e in entries):
+        return values
+    base, origin = Path.cwd(), "the current directory"
+    for path in files:
+        if "pythonPath" in (load_values_file(path).get("training") or {}):
+            base, origin = Path(path).resolve().parent, f"values file {path}"
+    if any("training.pythonPath" in expr for expr in set_exprs):
+        base, origin = Path.cwd(), "the current directory (--set)"
+    resolved = []
+    for entry in entries:
+        absolute = (base / entry).resolve()
+        if not absolute.is_dir():
+            raise UserError(f"training.pythonPath: {entry!r} is relative to {origin}, and {absolute} is not a directory")
+        resolved.append(str(absolute))
+    return {**values, "training": {**values["training"], "pythonPath": resolved}}

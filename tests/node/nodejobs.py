@@ -136,4 +136,25 @@ def assert_resumed_exactly(node, namespace: str, node_s3, bucket: str, name: str
     assert local.returncode == 0, local.stderr[-2000:]
     assert resumed["train_loss"] == local.summary["train_loss"], (resumed, local.summary)
     assert resumed["eval_loss"] == local.summary["eval_loss"], (resumed, local.summary)
+    assert_curves_and_model_on_s3(node_s3, bucket, name, resumed, workdir / "tensorboard-from-s3")
     return preempted, steps, resumed["train_loss"]
+
+
+def assert_curves_and_model_on_s3(node_s3, bucket: str, name: str, summary: dict, folder) -> None:
+    """A LONG run, preempted once: rank 0's events of both attempts are on S3, and read as one curve
+    with a point per log step (the resumed attempt purged what the first logged after its checkpoint);
+    the export's figures are the run's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    keys = node_s3.keys(bucket, f"runs/{name}/tensorboard/")
+    assert len(keys) >= 2 and all(k.endswith(".rank0") for k in keys), keys  # rank 0 only, one file an attempt
+    folder.mkdir(parents=True)
+    for key in keys:
+        node_s3.client().download_file(bucket, key, str(folder / key.rsplit("/", 1)[1]))
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [*range(50, 751, 50), 768]
+    assert [e.step for e in events.Scalars("eval/accuracy")] == [256, 512, 768]
+    model = json.loads(node_s3.client().get_object(Bucket=bucket, Key=f"runs/{name}/model/model.json")["Body"].read())
+    assert (model["step"], model["eval_accuracy"]) == (768, summary["eval_accuracy"]), model
+    assert summary["model"] == f"s3://{bucket}/runs/{name}/model", summary

@@ -34,11 +34,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     from trainer.controller.local import LocalRunner
     from trainer.controller.render import check_values
 
+    from trainer.values import resolve_python_path
+
     values = resolved_values(args)
     check_values(args.name, values)  # the chart's checks: what render and submit refuse, run refuses
+    values = resolve_python_path(values, args.values, args.set_values + args.set_string + args.set_json)
     trainer_config_from_values(args.name, values)  # the sections check before any process starts
-    workdir = Path(args.workdir) if args.workdir else Path(".kubetrain") / "runs" / args.name
-    return LocalRunner(args.name, values, workdir.resolve()).run()
+    return LocalRunner(args.name, values, run_workdir(args)).run()
+
+
+def cmd_tensorboard(args: argparse.Namespace) -> int:
+    from trainer.config import check_experiment_name
+    from trainer.controller.tensorboard import serve
+
+    check_experiment_name(args.name)
+    values = resolved_values(args)
+    return serve(args.name, values, run_workdir(args), Path(".kubetrain") / "tensorboard", args.host, args.port)
+
+
+def run_workdir(args: argparse.Namespace) -> Path:
+    return (Path(args.workdir) if args.workdir else Path(".kubetrain") / "runs" / args.name).resolve()
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -109,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workdir", metavar="DIR",
                      help="where the trainer config and outputs go (default .kubetrain/runs/NAME)")
     run.set_defaults(handler=cmd_run)
+
+    board = sub.add_parser("tensorboard", help="serve the experiment's TensorBoard events: the local run's, "
+                                               "else those under checkpoint.uri")
+    add_values_arguments(board)
+    board.add_argument("--workdir", metavar="DIR", help="the local run's directory (default .kubetrain/runs/NAME)")
+    board.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    board.add_argument("--port", type=int, default=6006, help="port to serve on (default 6006; 0 picks a free one)")
+    board.set_defaults(handler=cmd_tensorboard)
 
     render = sub.add_parser("render", help="print the manifests, as `helm template NAME helm/kubetrain` does")
     add_values_arguments(render)

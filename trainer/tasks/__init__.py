@@ -53,4 +53,24 @@ def get_task(name: str) -> Builder:
         ) from None
 
 
-__all__ = ["TaskSpec", "register", "get_task", "task_names"]
+def load_weights(uri: str, key: str = "training.pretrained") -> dict:
+    """A state dict from a `file://` or `s3://` weights file: `.safetensors`, or a `.pt`/`.pth`/`.bin`
+    state dict (read with weights_only=True; a checkpoint-style {"model": ...} is unwrapped). S3 reads
+    use the run's `s3.*` values and credentials, like checkpoints. Bad URIs and files are user
+    errors naming `key`."""
+    from trainer.tasks._weights import load_state_dict
+
+    return load_state_dict(uri, key)
+
+
+def load_pretrained(model, uri: str, key: str = "training.pretrained") -> dict[str, list[str]]:
+    """Load `uri`'s tensors into `model` by name, for fine-tuning your own network: tensors whose shape
+    differs from the model's (a new classifier head) are skipped, as are names the model lacks; both
+    are logged. Returns {"loaded": [...], "skipped": [...], "missing": [...]} (missing: model tensors
+    the file does not have, left as initialised). A file that matches nothing is a user error."""
+    from trainer.tasks._weights import load_matching
+
+    return load_matching(model, load_weights(uri, key), uri, key)
+
+
+__all__ = ["TaskSpec", "register", "get_task", "task_names", "load_weights", "load_pretrained"]

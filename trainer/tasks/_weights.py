@@ -111,3 +111,29 @@ def load_state_dict(uri: str, key: str = "training.pretrained") -> dict[str, tor
         raise UserError(f"{key}: {uri!r} does not hold a state dict of tensors")
     log.info("loaded %d tensors from %s", len(state), uri)
     return state
+
+
+applied: set[str] = set()  # URIs load_matching() loaded in this process (custom tasks check it)
+
+
+def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], uri: str, key: str) -> dict[str, list[str]]:
+    """Copy the tensors of `state` whose name and shape match into `model`; report the rest."""
+    own = model.state_dict()
+    loaded = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+    reshaped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    unknown = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
+    if not loaded:
+        raise UserError(f"{key}: {uri!r} has no tensor whose name and shape match the model's "
+                        f"(file: {_few(sorted(state), 3)}; model: {_few(sorted(own), 3)})")
+    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    log.info("%s: loaded %d of the model's %d tensors from %s%s%s%s", key, len(loaded), len(own), uri,
+             f"; skipped, shape differs: {_few(reshaped)}" if reshaped else "",
+             f"; skipped, not in the model: {_few(unknown)}" if unknown else "",
+             f"; not in the file, kept as initialised: {_few(missing)}" if missing else "")
+    applied.add(uri)
+    return {"loaded": loaded, "skipped": reshaped + unknown, "missing": missing}
+
+
+def _few(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")

@@ -14,6 +14,13 @@ TrainingConfig (or nothing) and returns a TaskSpec, or a mapping with its keys:
 
 Everything else the loop provides: DDP or FSDP, precision, accumulation,
 checkpoints, metrics. `training.options` reaches the function as `cfg.options`.
+
+Fine-tuning: `training.pretrained: s3://.../weights.safetensors` (or file://) is
+loaded into the returned model by name, skipping tensors whose shape differs
+(a new head), unless the function already called
+`trainer.tasks.load_pretrained(model, cfg.pretrained)` itself (e.g. into a
+sub-module). `training.finetune.freeze` prefixes freeze, and
+`unfreezeAfterEpochs` unfreezes at a lower LR, as for the built-in tasks.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ import sys
 from collections.abc import Mapping
 
 from trainer.errors import UserError
-from trainer.tasks import TaskSpec, register
+from trainer.tasks import TaskSpec, _weights, load_pretrained, register
+from trainer.tasks._finetune import hooks
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,10 @@ def build(cfg) -> TaskSpec:
     function = resolve_entrypoint(cfg.entrypoint, cfg.python_path)
     takes_config = bool(inspect.signature(function).parameters)
     spec = as_spec(function(cfg) if takes_config else function(), cfg.entrypoint)
+    if isinstance(cfg.pretrained, str) and cfg.pretrained not in _weights.applied:
+        load_pretrained(spec.model, cfg.pretrained)  # the entry point left training.pretrained to the loop
+    if cfg.finetune.freeze and spec.param_groups is None and spec.on_epoch_start is None:
+        spec = dataclasses.replace(spec, **hooks(cfg.finetune, tuple(cfg.finetune.freeze)))  # unfreezeAfterEpochs
     log.info("custom task from %s: %s, %d parameters", cfg.entrypoint, type(spec.model).__name__,
              sum(p.numel() for p in spec.model.parameters()))
     return spec
