@@ -82,6 +82,8 @@ def main() -> None:
           f"ratio on/off = {median_on / median_off:.4f} "
           f"({args.repeats} repeats x {args.steps} steps, batch {args.batch}, {args.threads} thread(s), "
           f"a log step every {every})")
+    paired = statistics.median(a / b for a, b in zip(on, off))
+    print(f"median of the {args.repeats} paired on/off ratios = {paired:.4f}")
     print(f"one log step's TensorBoard calls: {hook:.1f} us = "
           f"{hook / (every * median_off * 1e6) * 100:.3f}% of the {every} steps between them")
 
