@@ -50,6 +50,22 @@ def test_fsdp_matches_ddp_and_speech_conv1d_learns(tmp_path, values_file):
     assert abs(summary["eval_loss"] - fsdp_summary["eval_loss"]) <= LOSS_TOLERANCE
     assert summary["eval_accuracy"] == fsdp_summary["eval_accuracy"]
 
+    # The FSDP export is the whole model, gathered once: the DDP export's names and shapes, close in
+    # value, and reloaded it scores the run's own eval accuracy.
+    from safetensors.torch import load_file
+
+    from trainer.export import load_exported
+
+    full, gathered = (load_file(str(tmp_path / p / "model" / "model.safetensors")) for p in ("ddp", "fsdp"))
+    assert {k: v.shape for k, v in full.items()} == {k: v.shape for k, v in gathered.items()}
+    assert max((full[k] - gathered[k]).abs().max().item() for k in full) < 1e-2
+    exported = load_exported(tmp_path / "fsdp" / "model")
+    loader = torch.utils.data.DataLoader(exported.spec.eval_dataset, batch_size=64,
+                                         collate_fn=exported.spec.collate_fn)
+    with torch.no_grad():
+        correct = sum((exported.model(x).argmax(dim=-1) == y).sum().item() for x, y in loader)
+    assert correct / len(exported.spec.eval_dataset) == fsdp_summary["eval_accuracy"]
+
 
 @pytest.mark.slow
 def test_fsdp_matches_ddp_when_a_frozen_backbone_unfreezes_mid_run(tmp_path, values_file):
@@ -76,17 +92,3 @@ def test_fsdp_matches_ddp_when_a_frozen_backbone_unfreezes_mid_run(tmp_path, val
     for step, loss in losses["ddp"].items():
         assert abs(loss - losses["fsdp"][step]) <= LOSS_TOLERANCE, (step, loss, losses["fsdp"][step])
 
-    # The FSDP export is the whole model, gathered once: the DDP export's names and shapes, close in
-    # value, and reloaded it scores the run's own eval accuracy.
-    from safetensors.torch import load_file
-
-    from trainer.export import load_exported
-
-    full, gathered = (load_file(str(tmp_path / p / "model" / "model.safetensors")) for p in ("ddp", "fsdp"))
-    assert {k: v.shape for k, v in full.items()} == {k: v.shape for k, v in gathered.items()}
-    assert max((full[k] - gathered[k]).abs().max().item() for k in full) < 1e-2
-    exported = load_exported(tmp_path / "fsdp" / "model")
-    loader = torch.utils.data.DataLoader(exported.spec.eval_dataset, batch_size=64)
-    with torch.no_grad():
-        correct = sum((exported.model(x).argmax(dim=-1) == y).sum().item() for x, y in loader)
-    assert correct / len(exported.spec.eval_dataset) == fsdp_summary["eval_accuracy"]
