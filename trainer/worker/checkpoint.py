@@ -369,7 +369,9 @@ class CheckpointManager:
                     "experiment name, or set checkpoint.force: true to load it anyway")
             log.warning("checkpoint.force: loading %s despite a config change: %s", where, detail)
         sharded = commit.get("format") == "dcp"
-        if sharded and not _is_fsdp(trainer.model):
+        # DCP loads into this rank's own (sharded) state in place: the trainer's state dict is the skeleton.
+        skeleton = trainer.state_dict() if sharded else None
+        if sharded and not is_sharded(skeleton["model"]):
             raise UserError(f"checkpoint {where} holds FSDP-sharded state (torch.distributed.checkpoint): "
                             "resume it with training.parallelism: fsdp on more than one process")
         train, nbytes = self._verified(step, TRAIN, sums)
@@ -383,8 +385,7 @@ class CheckpointManager:
             rank_state.pop("rng", None)
         nbytes += n
         if sharded:  # every rank reads the shards it needs into its own (sharded) state
-            model, optimizer = model_optimizer_state(trainer.model, trainer.raw_model, trainer.optimizer)
-            state = {"model": model, "optimizer": optimizer}
+            state = {"model": skeleton["model"], "optimizer": skeleton["optimizer"]}
             dcp_sums = {k[len(DCP_DIR) + 1:]: v for k, v in sums.items() if k.startswith(DCP_DIR + "/")}
             nbytes += load_sharded(self.store, f"{self.base}/{step_dir(step)}/{DCP_DIR}", state, self.group,
                                    dcp_sums)
@@ -404,8 +405,8 @@ class CheckpointManager:
         if not self.enabled:
             return
         self.wait()  # at most one save in flight
-        step = trainer.state.step
         state = trainer.state_dict()
+        step = state["train_state"]["step"]
         model, optimizer = state.pop("model"), state.pop("optimizer")
         train = {k: state.pop(k) for k in ("scheduler", "scaler")}
         payload = {rank_file(self.info.rank): state}  # train_state + rng

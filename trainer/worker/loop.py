@@ -24,6 +24,7 @@ from trainer.worker.distributed import RankInfo
 from trainer.worker.parallel import (even_eval_batches, fsdp_mixed_precision, gradient_sync, parallelize,
                                      run_epoch_start_hook)
 from trainer.worker.metrics import DISABLED, MetricsProcessor
+from trainer.worker.progress import LogWindow, StepTimer, mean_across_ranks
 from trainer.worker.startup import STARTUP
 from trainer.worker.tensorboard import TensorBoardLogger
 from trainer.worker.watchdog import HangWatchdog
@@ -74,13 +75,6 @@ def build_optimizer(cfg: TrainingConfig, model: nn.Module, spec=None) -> torch.o
     return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
 
 
-def _mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values /= dist.get_world_size()
-    return values
-
-
 class Trainer:
     def __init__(self, config: TrainerConfig, info: RankInfo, device: torch.device,
                  metrics: MetricsProcessor = DISABLED):
@@ -122,6 +116,8 @@ class Trainer:
         self.state = TrainState()
         self.samples_per_step = cfg.batch_size * cfg.grad_accum_steps * info.world_size
         self.history: list[tuple[int, float]] = []  # (step, mean train loss over the log window)
+        self.eval_loss: float | None = None  # of the last evaluation
+        self.eval_accuracy: float | None = None
 
     # ------------------------------------------------------------ steps
     def _autocast(self):
@@ -245,7 +241,7 @@ class Trainer:
 
     def _log_step(self, step_loss: torch.Tensor) -> None:
         """training.stepLogFile: one JSON line per optimizer step (mean loss over ranks)."""
-        loss = _mean_across_ranks(step_loss.detach().clone()).item()
+        loss = mean_across_ranks(step_loss.detach().clone()).item()
         if self.info.is_main:
             with open(self.cfg.step_log_file, "a") as f:
                 f.write(json.dumps({"step": self.state.step, "epoch": self.state.epoch, "loss": loss,
@@ -266,106 +262,71 @@ class Trainer:
             self.tensorboard.close()
 
     def _fit(self, checkpoints, preemption, watchdog) -> dict:
-        cfg, info = self.cfg, self.info
         checkpoints.resume(self)
         self.tensorboard.start(self.state.step)
         STARTUP.mark("resume")
         watchdog.start()  # after the resume: downloading a checkpoint is not a hang
-        every = self.config.checkpoint.every_steps
-        preempted = False
         self.model.train()
-        start = time.perf_counter()
-        window_loss = torch.zeros((), device=self.device)
-        window_steps, window_start = 0, start
-        window_compute = 0.0  # this rank's seconds in train_step over the window (TensorBoard)
-        eval_loss = eval_acc = None
-        train_loss = float("nan")
-        steps_at_start = self.state.step
+        window = LogWindow(self.device, self.cfg.log_every_steps, self.total_steps, self.samples_per_step,
+                           first_step=self.state.step)
+        timer = StepTimer()
         self.metrics.observe_run_start(self.total_steps, self.state.step, self.state.epoch)
-        tick = time.perf_counter()  # end of the last step: what follows until the next batch is data wait
-        if self.state.step >= self.total_steps:
+        preempted = False
+        if self.done:
             log.info("resumed at step %d of %d: nothing left to train", self.state.step, self.total_steps)
-        for group in self._micro_batches() if self.state.step < self.total_steps else ():
-            fetched = time.perf_counter()
-            if group is None:
-                if (self.state.epoch + 1) % cfg.eval_every_epochs == 0 or self.state.step >= self.total_steps:
-                    eval_loss, eval_acc = self.evaluate()
-                    self.metrics.observe_eval(eval_loss, eval_acc)
-                    self.tensorboard.log_eval(self.state.step, eval_loss, eval_acc)
-                    if info.is_main:
-                        log.info("epoch %d eval: loss=%s accuracy=%s", self.state.epoch + 1,
-                                 _fmt(eval_loss), _fmt(eval_acc))
+        for group in self._micro_batches() if not self.done else ():
+            timer.batch_arrived()
+            if group is None:  # an epoch ended
+                if (self.state.epoch + 1) % self.cfg.eval_every_epochs == 0 or self.done:
+                    self._evaluate_and_report(announce=True)
                     watchdog.beat("evaluation")
-                tick = time.perf_counter()
-                if self.state.step >= self.total_steps:
+                timer.restart()
+                if self.done:
                     break
                 continue
             step_loss = self.train_step(group)
-            window_compute += time.perf_counter() - fetched
-            STARTUP.report(info.is_main)  # once: where the time to this first step went
-            window_loss += step_loss
-            window_steps += 1
-            done = self.state.step >= self.total_steps
-            if cfg.step_log_file:
+            window.add(step_loss, timer.since_arrival())
+            STARTUP.report(self.info.is_main)  # once: where the time to this first step went
+            if self.cfg.step_log_file:
                 self._log_step(step_loss)
-            if self.state.step % cfg.log_every_steps == 0 or done:
-                train_loss = _mean_across_ranks(window_loss / window_steps).item()
-                self.metrics.observe_log(train_loss, self.grad_norm, self.device)
-                if not math.isfinite(train_loss):
-                    raise TrainingDiverged(f"train loss is {train_loss} at step {self.state.step}")
-                self.history.append((self.state.step, train_loss))
-                now = time.perf_counter()
-                rate = window_steps * self.samples_per_step / (now - window_start)
-                eta = (self.total_steps - self.state.step) * (now - start) / (self.state.step - steps_at_start)
-                self.tensorboard.log_train(self.state.step, train_loss, self.scheduler.get_last_lr()[0],
-                                           self.grad_norm, rate,
-                                           self.tensorboard.step_times(window_compute / window_steps))
-                if info.is_main:
-                    log.info("step %d/%d epoch %d loss %.4f lr %.3g samples/s %.0f eta %.0fs",
-                             self.state.step, self.total_steps, self.state.epoch + 1, train_loss,
-                             self.scheduler.get_last_lr()[0], rate, eta)
-                window_loss.zero_()
-                window_steps, window_start, window_compute = 0, now, 0.0
-            now = time.perf_counter()
-            self.metrics.observe_step(now - tick, fetched - tick, self.samples_per_step // info.world_size,
+            if window.due(self.state.step):
+                self._report_window(window)
+            self.metrics.observe_step(*timer.lap(), self.samples_per_step // self.info.world_size,
                                       self.scheduler.get_last_lr()[0], self.state.epoch)
-            tick = now
             watchdog.beat(f"step {self.state.step}")
             preempted = preemption.should_stop()  # every rank, every step: agree on one boundary
-            if preempted or done or (every and self.state.step % every == 0):
-                checkpoints.save(self, blocking=preempted or done)
+            if preempted or self.done or self._checkpoint_due():
+                checkpoints.save(self, blocking=preempted or self.done)
                 watchdog.beat(f"checkpoint at step {self.state.step}")
-                tick = time.perf_counter()
-            if preempted and not done:
+                timer.restart()
+            if preempted and not self.done:
                 if not checkpoints.enabled:
                     log.warning("preempted without checkpoint.uri: progress since the start is lost")
                 break
             preempted = False
-            if done and self.state.batch_in_epoch < self.steps_per_epoch * cfg.grad_accum_steps:
-                eval_loss, eval_acc = self.evaluate()  # maxSteps hit mid-epoch: evaluate once more
-                self.metrics.observe_eval(eval_loss, eval_acc)
-                self.tensorboard.log_eval(self.state.step, eval_loss, eval_acc)
+            if self.done and self.state.batch_in_epoch < self.steps_per_epoch * self.cfg.grad_accum_steps:
+                self._evaluate_and_report(announce=False)  # maxSteps hit mid-epoch: evaluate once more
                 break
         preemption.drain()
         checkpoints.close()
-        wall = time.perf_counter() - start
+        wall = time.perf_counter() - window.run_start
         exported = None
-        if not preempted and self.state.step >= self.total_steps > steps_at_start:
+        if not preempted and self.done and self.state.step > window.first_step:
             from trainer.export import export_model
 
-            exported = export_model(self, eval_loss, eval_acc)
-        steps_run = self.state.step - steps_at_start
+            exported = export_model(self, self.eval_loss, self.eval_accuracy)
+        steps_run = self.state.step - window.first_step
         return {
             "event": "summary",
             "status": "preempted" if preempted else "succeeded",
             "experiment": self.config.experiment,
             "steps": self.state.step,
             "epochs": self.state.epoch + (1 if self.state.batch_in_epoch else 0),
-            "world_size": info.world_size,
-            "train_loss": train_loss,
+            "world_size": self.info.world_size,
+            "train_loss": window.last_loss,
             "first_train_loss": self.history[0][1] if self.history else None,
-            "eval_loss": eval_loss,
-            "eval_accuracy": eval_acc,
+            "eval_loss": self.eval_loss,
+            "eval_accuracy": self.eval_accuracy,
             "samples_per_second": steps_run * self.samples_per_step / wall if wall > 0 else 0.0,
             "wall_seconds": round(wall, 3),
             "checkpoint": checkpoints.url(checkpoints.last_committed) if checkpoints.last_committed is not None
@@ -373,6 +334,38 @@ class Trainer:
             "model": exported,
             "tensorboard": self.tensorboard.location or None,
         }
+
+    # ------------------------------------------------------------ what happens each step
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    def _checkpoint_due(self) -> bool:
+        every = self.config.checkpoint.every_steps
+        return bool(every) and self.state.step % every == 0
+
+    def _report_window(self, window: LogWindow) -> None:
+        """A log step: the window's mean loss across ranks to the log, metrics and TensorBoard."""
+        report = window.close(self.state.step)
+        self.metrics.observe_log(report.train_loss, self.grad_norm, self.device)
+        if not window.finite:
+            raise TrainingDiverged(f"train loss is {report.train_loss} at step {self.state.step}")
+        self.history.append((self.state.step, report.train_loss))
+        lr = self.scheduler.get_last_lr()[0]
+        self.tensorboard.log_train(self.state.step, report.train_loss, lr, self.grad_norm,
+                                   report.samples_per_second, self.tensorboard.step_times(report.step_seconds))
+        if self.info.is_main:
+            log.info("step %d/%d epoch %d loss %.4f lr %.3g samples/s %.0f eta %.0fs", self.state.step,
+                     self.total_steps, self.state.epoch + 1, report.train_loss, lr, report.samples_per_second,
+                     report.eta_seconds)
+
+    def _evaluate_and_report(self, announce: bool) -> None:
+        self.eval_loss, self.eval_accuracy = self.evaluate()
+        self.metrics.observe_eval(self.eval_loss, self.eval_accuracy)
+        self.tensorboard.log_eval(self.state.step, self.eval_loss, self.eval_accuracy)
+        if announce and self.info.is_main:
+            log.info("epoch %d eval: loss=%s accuracy=%s", self.state.epoch + 1, _fmt(self.eval_loss),
+                     _fmt(self.eval_accuracy))
 
 
 def log_parameter_counts(model: nn.Module, freeze: tuple[str, ...]) -> None:
