@@ -19,7 +19,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from support import FAST_TRAINING, REPO, read_until, run_cli
 from trainer.config import S3Config, trainer_config_document
-from trainer.controller.local import free_port, operator_env, replica_command
+from trainer.controller.local import free_port, operator_env
+from trainer.controller.render import trainer_command
 from trainer.export import load_exported
 from trainer.values import resolve_values
 
@@ -111,7 +112,7 @@ def run_as_pods(s3, tmp_path: Path, experiment: str) -> dict:
     config = tmp_path / "config.json"
     config.write_text(json.dumps(trainer_config_document(experiment, values)))
     port = free_port()
-    procs = [subprocess.Popen(replica_command(config, 1), cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(trainer_command(values, str(config), python=sys.executable), cwd=tmp_path, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT,
                               env={**os.environ, **s3.env, **operator_env(i, 2, 1, port), "OMP_NUM_THREADS": "1"})
              for i in range(2)]

@@ -93,8 +93,12 @@ class JobKind:
 
     def replica_prefix(self, pod) -> str:
         """`master-0`, `worker-1`, ... — the same prefixes as `kubetrain run`."""
-        index = self.node_index(pod)
-        return "master-0" if index == 0 else f"worker-{index}"
+        return replica_name(self.node_index(pod))
+
+
+def replica_name(index: int) -> str:
+    """Node `index` of a job, as `kubetrain run` and `kubetrain logs` prefix its lines."""
+    return "master-0" if index == 0 else f"worker-{index}"
 
 
 def _train_job_state(job: dict, true: set) -> str:

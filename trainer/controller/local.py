@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trainer.config import trainer_config_document, trainer_config_from_values
+from trainer.controller.kinds import replica_name
+from trainer.controller.render import trainer_command
 from trainer.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, is_retryable
 
 STOP_GRACE_SECONDS = 30.0
@@ -33,10 +35,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def replica_name(index: int) -> str:
-    return "master-0" if index == 0 else f"worker-{index}"
 
 
 def trainer_v2_env(index: int, nodes: int, nproc: int, port: int) -> dict[str, str]:
@@ -58,12 +56,6 @@ def operator_env(index: int, nodes: int, nproc: int, port: int) -> dict[str, str
         "PET_NPROC_PER_NODE": str(nproc), "PET_NNODES": str(nodes),
         "PYTHONUNBUFFERED": "1",
     }
-
-
-def replica_command(config_path: Path, nproc: int, torchrun: bool = False) -> list[str]:
-    if nproc > 1 or torchrun:  # torchrun (keeping exit codes) reads PET_* for nnodes, node rank and master, as in the pod
-        return [sys.executable, "-m", "trainer.worker.launch", "-m", "trainer", "--config", str(config_path)]
-    return [sys.executable, "-m", "trainer", "--config", str(config_path)]
 
 
 def _die_with_parent() -> None:
@@ -148,7 +140,7 @@ class LocalRunner:
             env.update({"KUBETRAIN_METRICS_PORT_OFFSET": str(index * nproc),
                         "KUBETRAIN_RESTART_COUNT": str(restarts)})
             proc = subprocess.Popen(
-                replica_command(config_path, nproc, torchrun=train_job), env=env, cwd=self.workdir,
+                trainer_command(self.values, str(config_path), python=sys.executable), env=env, cwd=self.workdir,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # our own signal forwarding reaches torchrun's children too
                 preexec_fn=_die_with_parent,

@@ -215,14 +215,14 @@ def _with(value, key_line: str, spaces: int) -> str:
 
 
 # ---------------------------------------------------------------- the PyTorchJob
-def trainer_command(values: dict) -> list[str]:
-    """`kubetrain.command`: torchrun reads PET_* (set by the operator) for nodes, rank and rendezvous;
-    trainer.worker.launch is torchrun that keeps the workers' exit codes for restartPolicy ExitCode, and the
-    launcher a TrainJob needs (Trainer v2 sets only PET_*)."""
+def trainer_command(values: dict, config_path: str = CONFIG_PATH, python: str = "python") -> list[str]:
+    """`kubetrain.command`, for the pods and `kubetrain run`'s processes alike: torchrun reads PET_* (set by
+    the operator) for nodes, rank and rendezvous; trainer.worker.launch is torchrun that keeps the workers'
+    exit codes for restartPolicy ExitCode, and the launcher a TrainJob needs (Trainer v2 sets only PET_*)."""
     job = values["job"]
     torchrun = ["-m", "trainer.worker.launch"] if (int(job["nprocPerNode"]) > 1 or job["elastic"]["enabled"]
                                                    or job["kind"] == "TrainJob") else []
-    return ["python", *torchrun, "-m", "trainer", "--config", CONFIG_PATH]
+    return [python, *torchrun, "-m", "trainer", "--config", config_path]
 
 
 def resource_list(values: dict) -> str:
