@@ -9,6 +9,7 @@ kept up to date (new and grown files only) while TensorBoard runs.
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -98,9 +99,17 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def serve(name: str, values: dict, workdir: Path, cache: Path, host: str, port: int,
           ready_timeout: float = 60.0) -> int:
     folder, source, mirror = event_folder(name, values, workdir, cache)
+    # Ctrl-C and SIGTERM stop it alike. Set explicitly: a process started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     port = port or _free_port(host)
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(folder), "--host", host,
                "--port", str(port), "--reload_interval", "5"]
