@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "kubetrain-model/1"
 WEIGHTS, METADATA = "model.safetensors", "model.json"
-SUBDIR = "model"
 
 
 # ------------------------------------------------------------------ writing (in the trainer)
@@ -67,34 +66,35 @@ def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_model(trainer, eval_loss: float | None, eval_accuracy: float | None) -> str | None:
-    """Write the export (rank 0) and return its URL; None where disabled or not rank 0."""
+def export_model(trainer) -> str | None:
+    """Write the export (rank 0) with the trainer's last eval figures and return its URL; None where
+    disabled or not rank 0. Every rank calls it: under FSDP the gather is a collective."""
     from safetensors.torch import save_file
 
-    from trainer.worker.outputs import NOWHERE, run_outputs
+    from trainer.worker.outputs import MODEL_DIR, NOWHERE, has_outputs, run_outputs
 
-    place = run_outputs(trainer.config)
-    if not trainer.cfg.export_model or place is None:
-        if place is None and trainer.cfg.export_model and trainer.info.is_main:
+    if not (trainer.cfg.export_model and has_outputs(trainer.config)):
+        if trainer.cfg.export_model and trainer.info.is_main:
             log.info("export: skipped, %s", NOWHERE)
         return None
     state = full_state_dict(trainer.model, trainer.raw_model, trainer.info.is_main)
     if not trainer.info.is_main:
         return None
+    place = run_outputs(trainer.config)  # rank 0 alone opens the store
     training = dataclasses.asdict(trainer.cfg)
     metadata = {
         "format": FORMAT, "kubetrain_version": __version__, "experiment": trainer.config.experiment,
         "step": trainer.state.step, "task": trainer.cfg.task, "weights": WEIGHTS,
-        "eval_loss": eval_loss, "eval_accuracy": eval_accuracy,
+        "eval_loss": trainer.eval_loss, "eval_accuracy": trainer.eval_accuracy,
         "parameters": sum(t.numel() for t in state.values()), "training": training,
     }
     with tempfile.TemporaryDirectory(prefix="kubetrain-export-") as tmp:
         weights = Path(tmp) / WEIGHTS
         save_file(_unshared(state), str(weights), metadata={"format": FORMAT})
         del state
-        place.store.write_file(place.key(SUBDIR, WEIGHTS), weights)
-    place.store.write_bytes(place.key(SUBDIR, METADATA), (json.dumps(metadata, indent=2) + "\n").encode())
-    url = place.url(SUBDIR)
+        place.store.write_file(place.key(MODEL_DIR, WEIGHTS), weights)
+    place.store.write_bytes(place.key(MODEL_DIR, METADATA), (json.dumps(metadata, indent=2) + "\n").encode())
+    url = place.url(MODEL_DIR)
     log.info("exported the model (%d parameters) to %s", metadata["parameters"], url)
     return url
 
@@ -108,19 +108,22 @@ class ExportedModel:
 
 
 def _local_folder(where: str | Path, s3=None) -> Path:
+    """The export's folder here: a path as given, or a file:// or s3:// URI through the weights
+    fetcher (an s3:// one is downloaded)."""
     text = str(where)
-    parsed = urlparse(text)
-    if parsed.scheme in ("", "file"):
-        folder = Path(unquote(parsed.path) if parsed.scheme else text)
-        if not (folder / METADATA).is_file():
-            raise UserError(f"{where}: no {METADATA} here (not a kubetrain model export)")
-        return folder
-    if parsed.scheme != "s3":
+    scheme = urlparse(text).scheme
+    if scheme not in ("", "file", "s3"):
         raise UserError(f"{where}: a folder, file:// or s3:// URI of a model export")
-    from trainer.tasks import _weights
+    if scheme:
+        from trainer.tasks import _weights
 
-    _weights.configure(s3)
-    return _weights.fetch_directory(text.rstrip("/"), "model export")
+        _weights.configure(s3)
+        folder = _weights.fetch_directory(text.rstrip("/"), "model export")
+    else:
+        folder = Path(text)
+    if not (folder / METADATA).is_file():
+        raise UserError(f"{where}: no {METADATA} here (not a kubetrain model export)")
+    return folder
 
 
 def load_exported(where: str | Path, s3=None) -> ExportedModel:

@@ -33,7 +33,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from trainer.config import trainer_config_from_values
     from trainer.controller.local import LocalRunner
     from trainer.controller.render import check_values
-
     from trainer.values import resolve_python_path
 
     values = resolved_values(args)

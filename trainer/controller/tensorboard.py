@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from trainer.errors import UserError
-
-SUBDIR = "tensorboard"
+from trainer.worker.outputs import TENSORBOARD_DIR
 
 
 class Mirror:
@@ -58,7 +57,7 @@ def event_folder(name: str, values: dict, workdir: Path, cache: Path) -> tuple[P
     from trainer.config import S3Config, _build
     from trainer.worker.storage import FileStore, open_store
 
-    local = workdir / SUBDIR
+    local = workdir / TENSORBOARD_DIR
     if local.is_dir():
         return local, str(local), None
     uri = values["checkpoint"]["uri"]
@@ -66,7 +65,7 @@ def event_folder(name: str, values: dict, workdir: Path, cache: Path) -> tuple[P
         raise UserError(f"no TensorBoard events for {name!r}: {local} does not exist (no local run) and "
                         "checkpoint.uri is empty (a cluster run writes them under <checkpoint.uri>/NAME/tensorboard/)")
     store = open_store(uri, _build(S3Config, values["s3"]))
-    prefix = f"{name}/{SUBDIR}"
+    prefix = f"{name}/{TENSORBOARD_DIR}"
     source = store.url(prefix)
     if isinstance(store, FileStore):  # served in place
         folder = store.root / prefix

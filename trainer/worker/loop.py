@@ -314,7 +314,7 @@ class Trainer:
         if not preempted and self.done and self.state.step > window.first_step:
             from trainer.export import export_model
 
-            exported = export_model(self, self.eval_loss, self.eval_accuracy)
+            exported = export_model(self)
         steps_run = self.state.step - window.first_step
         return {
             "event": "summary",

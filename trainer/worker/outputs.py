@@ -34,6 +34,13 @@ class OutputPlace:
 
 
 NOWHERE = "no checkpoint.uri (nor a local run's workdir) to keep it in"
+# The folders below the place: for the trainer that writes them and `kubetrain tensorboard` that reads.
+TENSORBOARD_DIR, MODEL_DIR = "tensorboard", "model"
+
+
+def has_outputs(config: TrainerConfig) -> bool:
+    """Whether run_outputs() has a place, without opening its store: every rank can ask cheaply."""
+    return bool(config.workdir or config.checkpoint.uri)
 
 
 def run_outputs(config: TrainerConfig) -> OutputPlace | None:

@@ -26,11 +26,9 @@ import torch.distributed as dist
 
 from trainer.config import TrainerConfig, dump_config
 from trainer.worker.distributed import RankInfo
-from trainer.worker.outputs import NOWHERE, run_outputs
+from trainer.worker.outputs import NOWHERE, TENSORBOARD_DIR, has_outputs, run_outputs
 
 log = logging.getLogger(__name__)
-
-SUBDIR = "tensorboard"
 
 
 class EventSync:
@@ -73,30 +71,33 @@ class EventSync:
 
 
 class TensorBoardLogger:
-    """Every rank holds one (the per-rank step time is a collective); only rank 0 writes."""
+    """Every rank holds one (the per-rank step time is a collective); only rank 0 writes. Enabled only
+    where the events have a place to go, so no rank gathers step times (or the loop a grad norm) for
+    events nobody writes; the same on every rank, as it depends on the config alone."""
 
     def __init__(self, config: TrainerConfig, info: RankInfo, device: torch.device):
         self.config, self.info, self.device = config, info, device
-        self.enabled = config.training.tensorboard.enabled
+        self.enabled = config.training.tensorboard.enabled and has_outputs(config)
         self.writer = None
         self.sync: EventSync | None = None
         self.location = ""
 
     def start(self, start_step: int) -> None:
-        if not (self.enabled and self.info.is_main):
+        if not self.info.is_main:
+            return
+        if not self.enabled:
+            if self.config.training.tensorboard.enabled:
+                log.info("tensorboard: off, %s", NOWHERE)
             return
         from torch.utils.tensorboard import SummaryWriter
 
         place = run_outputs(self.config)
-        if place is None:
-            log.info("tensorboard: off, %s", NOWHERE)
-            return
-        local = place.local_dir(SUBDIR)
+        local = place.local_dir(TENSORBOARD_DIR)
         if local is None:  # S3: a local folder, copied up
             local = Path(tempfile.mkdtemp(prefix="kubetrain-tensorboard-"))
-            self.sync = EventSync(local, place.store, place.key(SUBDIR),
+            self.sync = EventSync(local, place.store, place.key(TENSORBOARD_DIR),
                                   self.config.training.tensorboard.sync_seconds).start()
-        self.location = place.url(SUBDIR)
+        self.location = place.url(TENSORBOARD_DIR)
         # A resumed attempt starts after step `start_step`: TensorBoard drops what an earlier attempt
         # logged beyond it (the preempted attempt ran past its last checkpoint).
         self.writer = SummaryWriter(log_dir=str(local), purge_step=start_step + 1 if start_step else None,
