@@ -4,6 +4,7 @@ The file that `python -m trainer --config FILE` reads is the `training`,
 `checkpoint`, `s3` and `metrics` sections of the values plus the experiment
 name. Chart defaults fill what the file leaves out, so a hand-written config
 may be short; the result is validated with the same schema as the values.
+The section types are the values model's own (trainer/values_model.py).
 """
 
 from __future__ import annotations
@@ -12,121 +13,22 @@ import dataclasses
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union, get_origin, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 import yaml
 
-from trainer.chart import default_values, values_schema
+from trainer.chart import default_values
 from trainer.errors import UserError
 from trainer.values import load_values_file, merge, validate
+from trainer.values_model import (  # noqa: F401  (the config types, re-exported for their users)
+    TASK_RULES, CheckpointConfig, DataConfig, DistributedConfig, FinetuneConfig, LrScheduleConfig, MetricsConfig,
+    OptimizerConfig, S3Config, TensorBoardConfig, TrainingConfig, chart_only_keys,
+)
 
 TRAINER_SECTIONS = ("training", "checkpoint", "s3", "metrics")
 EXPERIMENT_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-
-@dataclass(frozen=True)
-class OptimizerConfig:
-    name: str
-    lr: float
-    weight_decay: float
-    momentum: float
-
-
-@dataclass(frozen=True)
-class LrScheduleConfig:
-    name: str
-    warmup_steps: int
-    min_lr_ratio: float
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    freeze: tuple[str, ...]
-    unfreeze_after_epochs: Optional[int] = None  # None: the frozen parameters never train
-    backbone_lr_scale: float = 0.1
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: str
-    root: str
-    download: bool
-    train_samples: int
-    eval_samples: int
-    num_workers: int
-    path: str = ""
-    eval_path: str = ""
-    pin_memory: bool = True
-    persistent_workers: bool = True
-    prefetch_factor: int = 2
-    on_device: bool = False
-
-
-@dataclass(frozen=True)
-class DistributedConfig:
-    backend: str
-    timeout_seconds: int
-    hang_timeout_seconds: int = 1800
-
-
-@dataclass(frozen=True)
-class TensorBoardConfig:
-    enabled: bool = True
-    sync_seconds: int = 30
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    task: str
-    entrypoint: str
-    epochs: int
-    max_steps: int
-    batch_size: int
-    grad_accum_steps: int
-    grad_clip_norm: float
-    precision: str
-    parallelism: str
-    seed: int
-    num_classes: Optional[int]  # None only for a custom task that leaves it unset
-    pretrained: Union[bool, str]
-    log_every_steps: int
-    eval_every_epochs: int
-    optimizer: OptimizerConfig
-    lr_schedule: LrScheduleConfig
-    finetune: FinetuneConfig
-    data: DataConfig
-    distributed: DistributedConfig
-    options: dict = field(default_factory=dict)
-    python_path: tuple[str, ...] = ()
-    step_log_file: str = ""  # JSON lines, one per optimizer step, appended by rank 0
-    tensorboard: TensorBoardConfig = TensorBoardConfig()
-    export_model: bool = True
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    uri: str
-    every_steps: int
-    keep_last: int
-    resume: Union[str, int]
-    force: bool = False  # load a checkpoint made with a different config hash
-    async_save: bool = False  # upload in a background thread; at most one save in flight
-
-
-@dataclass(frozen=True)
-class S3Config:
-    endpoint: str
-    region: str
-    addressing_style: str
-    credentials_secret: str
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    enabled: bool
-    port: int
 
 
 @dataclass(frozen=True)
@@ -141,7 +43,12 @@ class TrainerConfig:
     workdir: str = ""
 
     def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The config as the trainer uses it: chart-only settings (s3.devSecret, ...) left out."""
+        out = dataclasses.asdict(self)
+        for section, keys in CHART_ONLY_KEYS.items():
+            for key in keys:
+                out[section].pop(_snake(key))
+        return out
 
     def config_hash(self) -> str:
         """A digest of what shapes the model and data, to refuse a mismatched resume."""
@@ -187,22 +94,14 @@ def trainer_config_from_values(experiment: str, values: dict) -> TrainerConfig:
     sections = {name: values[name] for name in TRAINER_SECTIONS}
     training = sections["training"]
     if training.get("numClasses") is None:
-        sections["training"] = {**training, "numClasses": task_default(training["task"], "numClasses")}
+        # null in values.yaml means the task's own head size
+        sections["training"] = {**training, "numClasses": TASK_RULES[training["task"]].num_classes}
     return _build(TrainerConfig, {"experiment": experiment, **sections})
-
-
-def task_default(task: str, key: str):
-    """A training setting's default for one task: the `default` its rule in values.schema.json gives
-    (settings such as numClasses are null in values.yaml, meaning "the task's own")."""
-    for rule in values_schema()["properties"]["training"].get("allOf", []):
-        if rule["if"]["properties"].get("task", {}).get("const") == task:
-            return rule["then"]["properties"].get(key, {}).get("default")
-    return None
 
 
 # Chart-only keys inside the trainer's sections: never in the trainer's config file
 # (s3.devSecret holds credentials). The chart's configmap.yaml omits the same keys.
-CHART_ONLY_KEYS = {"s3": ("devSecret",), "metrics": ("podMonitor", "prometheusRule", "dashboard")}
+CHART_ONLY_KEYS = chart_only_keys()
 
 
 def trainer_config_document(experiment: str, values: dict) -> dict:
