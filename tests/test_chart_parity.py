@@ -369,3 +369,15 @@ def test_files_flags_and_nulls_merge_as_in_helm(tmp_path, files, flags, renders)
         assert_same_bytes(theirs.stdout, ours.stdout)
     else:
         assert ours.returncode == 2 and ours.stdout == "" and "Traceback" not in ours.stderr, ours.stderr
+
+
+def test_every_chart_message_is_raised_by_both_paths():
+    """files/messages.yaml owns the refusals: each is used by the template and by the Python side, and
+    CHART_FAILURES above makes each one happen in both."""
+    messages = yaml.safe_load((REPO / "helm" / "kubetrain" / "files" / "messages.yaml").read_text())
+    helpers = (REPO / "helm" / "kubetrain" / "templates" / "_helpers.tpl").read_text()
+    python = "".join((REPO / "trainer" / p).read_text() for p in ("config.py", "controller/render.py"))
+    for key in messages:
+        assert f"$say.{key}" in helpers, f"{key} is not used by _helpers.tpl"
+        assert f'chart_message("{key}"' in python, f"{key} is not used by render.py or config.py"
+    assert len(CHART_FAILURES) >= len(messages)

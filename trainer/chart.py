@@ -33,3 +33,21 @@ def default_values() -> dict:
 def values_schema() -> dict:
     with open(chart_dir() / "values.schema.json", encoding="utf-8") as f:
         return json.load(f)
+
+
+@functools.cache
+def _messages() -> dict:
+    with open(chart_dir() / "files" / "messages.yaml", encoding="utf-8") as f:
+        return yaml.load(f, Loader=SafeLoader)
+
+
+def chart_message(key: str, *args) -> str:
+    """One of the chart's refusals (files/messages.yaml), formatted as the template's printf formats it."""
+    from trainer.controller.helm_functions import printf
+
+    return printf(_messages()[key], *args)
+
+
+def chart_text(relative: str) -> str:
+    """A file the chart ships (`.Files.Get`)."""
+    return (chart_dir() / relative).read_text(encoding="utf-8")

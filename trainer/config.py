@@ -19,13 +19,10 @@ from typing import Any, get_origin, get_type_hints
 
 import yaml
 
-from trainer.chart import default_values
+from trainer.chart import chart_message, default_values
 from trainer.errors import UserError
 from trainer.values import load_values_file, merge, validate
-from trainer.values_model import (  # noqa: F401  (the config types, re-exported for their users)
-    TASK_RULES, CheckpointConfig, DataConfig, DistributedConfig, FinetuneConfig, LrScheduleConfig, MetricsConfig,
-    OptimizerConfig, S3Config, TensorBoardConfig, TrainingConfig, chart_only_keys,
-)
+from trainer.values_model import TASK_RULES, CheckpointConfig, MetricsConfig, S3Config, TrainingConfig, chart_only_keys
 
 TRAINER_SECTIONS = ("training", "checkpoint", "s3", "metrics")
 EXPERIMENT_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -85,8 +82,7 @@ def _build(cls: type, data: dict) -> Any:
 def check_experiment_name(name: str) -> None:
     """The chart's rule (`kubetrain.validate`): Services and pods are named after the experiment."""
     if not EXPERIMENT_NAME.match(name or ""):
-        raise UserError(f"experiment name {json.dumps(name)} must be a DNS-1035 label: lowercase letters, digits "
-                        "and '-', starting with a letter and ending with a letter or digit")
+        raise UserError(chart_message("experimentName", name or ""))
 
 
 def trainer_config_from_values(experiment: str, values: dict) -> TrainerConfig:

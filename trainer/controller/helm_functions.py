@@ -5,6 +5,7 @@ functions the templates call are reproduced here from their Go sources (Helm 3,
 sprig, sigs.k8s.io/yaml and its go-yaml v2 fork, encoding/json, strconv):
 
 - `quote`      fmt's %q: strconv.Quote.
+- `printf`     fmt.Sprintf for the verbs the chart's messages use: %q, %d, %s.
 - `toJson`     encoding/json, HTML-escaping and float formatting included.
 - `toPrettyJson`  the same, indented by two spaces.
 - `toYaml`     sigs.k8s.io/yaml: JSON first (so 1.0 becomes 1), then go-yaml v2's
@@ -36,6 +37,23 @@ def indent(spaces: int, text: str) -> str:
 
 def nindent(spaces: int, text: str) -> str:
     return "\n" + indent(spaces, text)
+
+
+_PRINTF_VERB = re.compile(r"%([qds%])")
+
+
+def printf(format: str, *args) -> str:
+    """fmt.Sprintf with %q (strconv.Quote), %d (an integer), %s and %%."""
+    values = iter(args)
+
+    def verb(match: re.Match) -> str:
+        kind = match.group(1)
+        if kind == "%":
+            return "%"
+        value = next(values)
+        return quote(str(value)) if kind == "q" else str(int(value)) if kind == "d" else str(value)
+
+    return _PRINTF_VERB.sub(verb, format)
 
 
 def quote(text: str) -> str:

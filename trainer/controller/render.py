@@ -20,7 +20,7 @@ import json
 
 import yaml
 
-from trainer.chart import SafeLoader, chart_dir
+from trainer.chart import SafeLoader, chart_dir, chart_message, chart_text
 from trainer.config import check_experiment_name, trainer_config_document
 from trainer.controller.helm_functions import nindent, quote, to_json, to_pretty_json, to_yaml
 from trainer.errors import UserError
@@ -30,16 +30,6 @@ CONFIG_DIR = "/etc/kubetrain"
 CONFIG_PATH = f"{CONFIG_DIR}/config.json"
 MAX_NAME = 63  # DNS-1035 label: the operator names pods and Services `<job>-worker-<i>`
 MAX_RELEASE_NAME = 53  # Helm refuses longer release names
-TEST_POD_SCRIPT = """\
-from trainer.config import load_trainer_config
-from trainer.tasks import get_task
-config = load_trainer_config("/etc/kubetrain/config.json")
-if config.training.task != "custom":
-    get_task(config.training.task)
-print(f"kubetrain config for {config.experiment} is valid (task {config.training.task})")
-"""
-
-
 @functools.cache
 def chart_metadata() -> dict:
     with open(chart_dir() / "Chart.yaml", encoding="utf-8") as f:
@@ -48,8 +38,7 @@ def chart_metadata() -> dict:
 
 def chart_file(relative: str, experiment: str) -> str:
     """A file shipped in the chart with __EXPERIMENT__ and __DASHBOARD_UID__ filled in (`.Files.Get | replace`)."""
-    text = (chart_dir() / relative).read_text(encoding="utf-8")
-    return text.replace("__EXPERIMENT__", experiment).replace("__DASHBOARD_UID__", dashboard_uid(experiment))
+    return chart_text(relative).replace("__EXPERIMENT__", experiment).replace("__DASHBOARD_UID__", dashboard_uid(experiment))
 
 
 def dashboard_uid(experiment: str) -> str:
@@ -94,51 +83,43 @@ def check_values(name: str, values: dict) -> None:
     job = values["job"]
     last_worker = f"{name}-worker-{max(0, max_nodes(job) - 2)}"
     if len(last_worker) > MAX_NAME:
-        raise UserError(f'experiment name "{name}" is too long: pod name "{last_worker}" would exceed 63 characters')
+        raise UserError(chart_message("podNameTooLong", name, last_worker))
     nodes, elastic = int(job["nodes"]), job["elastic"]
     if elastic["enabled"]:
         if int(elastic["minNodes"]) > nodes:
-            raise UserError(f"job.elastic.minNodes ({int(elastic['minNodes'])}) must not exceed job.nodes ({nodes})")
+            raise UserError(chart_message("elasticMinNodes", elastic["minNodes"], nodes))
         if max_nodes(job) < nodes:
-            raise UserError(f"job.elastic.maxNodes ({int(elastic['maxNodes'])}) must be 0 or at least "
-                            f"job.nodes ({nodes})")
+            raise UserError(chart_message("elasticMaxNodes", elastic["maxNodes"], nodes))
     if values["metrics"]["enabled"]:
         first, nproc = int(values["metrics"]["port"]), int(job["nprocPerNode"])
         last = first + nproc - 1
         if last > 65535:
-            raise UserError(f"metrics.port ({first}) + job.nprocPerNode ({nproc}) - 1 exceeds 65535: "
-                            "local rank N listens on metrics.port + N")
+            raise UserError(chart_message("metricsPortRange", first, nproc))
         if first <= int(job["masterPort"]) <= last:
-            raise UserError(f"job.masterPort ({int(job['masterPort'])}) collides with the metrics ports "
-                            f"{first}-{last} (metrics.port + local rank)")
+            raise UserError(chart_message("masterPortCollides", job["masterPort"], first, last))
     if job["kind"] == "TrainJob":
         check_train_job(values)
     s3 = values["s3"]
     if s3["devSecret"]["enabled"] and s3["credentialsSecret"]:
-        raise UserError("s3.devSecret.enabled and s3.credentialsSecret are exclusive: "
-                        "use the existing Secret or the development one")
+        raise UserError(chart_message("devSecretExclusive"))
     if s3["devSecret"]["enabled"] and not (s3["devSecret"]["accessKeyId"] and s3["devSecret"]["secretAccessKey"]):
-        raise UserError("s3.devSecret.enabled needs s3.devSecret.accessKeyId and s3.devSecret.secretAccessKey")
+        raise UserError(chart_message("devSecretKeys"))
 
 
 def check_train_job(values: dict) -> None:
     """What only a PyTorchJob can do, refused for a TrainJob (`kubetrain.validate`)."""
     job, scheduling = values["job"], values["job"]["schedulingPolicy"]
     if job["elastic"]["enabled"]:
-        raise UserError("job.elastic.enabled: Kubeflow Trainer v2 (job.kind: TrainJob) has no elastic policy; "
-                        "use job.kind: PyTorchJob")
+        raise UserError(chart_message("trainJobElastic"))
     if scheduling["queue"] or scheduling["priorityClass"] or int(scheduling["minAvailable"]) > 0:
-        raise UserError("job.schedulingPolicy is the v1 operator's gang scheduling; a TrainJob queues through "
-                        "Kueue: set kueue.queueName")
+        raise UserError(chart_message("trainJobGangScheduling"))
     if job.get("ttlSecondsAfterFinished") is not None:
-        raise UserError("job.ttlSecondsAfterFinished: a TrainJob has no TTL; leave it null with job.kind: TrainJob")
+        raise UserError(chart_message("trainJobTtl"))
     if values.get("priorityClassName") or values.get("schedulerName"):
-        raise UserError("priorityClassName and schedulerName cannot be patched into a Trainer v2 runtime; "
-                        "set them in the ClusterTrainingRuntime (job.runtime)")
+        raise UserError(chart_message("trainJobPodScheduling"))
     for entry in values.get("env") or []:
         if str(entry.get("name", "")).startswith("PET_"):
-            raise UserError(f"env: {entry['name']} is set by Kubeflow Trainer v2's torch plugin and may not be "
-                            "given with job.kind: TrainJob")
+            raise UserError(chart_message("trainJobReservedEnv", entry["name"]))
 
 
 # ---------------------------------------------------------------- labels
@@ -546,7 +527,7 @@ def prometheus_rule(name: str, values: dict) -> str:
 
 def test_pod(name: str, values: dict) -> str:
     """templates/tests/test-config.yaml: `helm test` checks the image accepts the config."""
-    script = nindent(10, TEST_POD_SCRIPT.rstrip("\n"))
+    script = nindent(10, chart_text("files/helm-test-check.py").removesuffix("\n"))
     return _lines(
         _header("v1", "Pod", f"{name}-test", labels_text(name)),
         "    app.kubernetes.io/component: test",

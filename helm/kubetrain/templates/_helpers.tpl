@@ -63,61 +63,62 @@ app.kubernetes.io/component: trainer
 {{- end -}}
 
 {{/*
-Checks the schema cannot express. render.py's check_values raises the same
-messages, in the same order, before anything is rendered.
+Checks the schema cannot express. The messages are files/messages.yaml's, which
+render.py's check_values also reads; it checks in the same order before anything is rendered.
 */}}
 {{- define "kubetrain.validate" -}}
+{{- $say := .Files.Get "files/messages.yaml" | fromYaml -}}
 {{- $name := .Release.Name -}}
 {{- if not (regexMatch "^[a-z]([-a-z0-9]*[a-z0-9])?$" $name) -}}
-{{- fail (printf "experiment name %q must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter and ending with a letter or digit" $name) -}}
+{{- fail (printf $say.experimentName $name) -}}
 {{- end -}}
 {{- $lastWorker := printf "%s-worker-%d" $name (max 0 (sub (include "kubetrain.maxNodes" . | int) 2)) -}}
 {{- if gt (len $lastWorker) 63 -}}
-{{- fail (printf "experiment name %q is too long: pod name %q would exceed 63 characters" $name $lastWorker) -}}
+{{- fail (printf $say.podNameTooLong $name $lastWorker) -}}
 {{- end -}}
 {{- $job := .Values.job -}}
 {{- if $job.elastic.enabled -}}
 {{- if gt (int $job.elastic.minNodes) (int $job.nodes) -}}
-{{- fail (printf "job.elastic.minNodes (%d) must not exceed job.nodes (%d)" (int $job.elastic.minNodes) (int $job.nodes)) -}}
+{{- fail (printf $say.elasticMinNodes (int $job.elastic.minNodes) (int $job.nodes)) -}}
 {{- end -}}
 {{- if lt (include "kubetrain.maxNodes" . | int) (int $job.nodes) -}}
-{{- fail (printf "job.elastic.maxNodes (%d) must be 0 or at least job.nodes (%d)" (int $job.elastic.maxNodes) (int $job.nodes)) -}}
+{{- fail (printf $say.elasticMaxNodes (int $job.elastic.maxNodes) (int $job.nodes)) -}}
 {{- end -}}
 {{- end -}}
 {{- if .Values.metrics.enabled -}}
 {{- $first := int .Values.metrics.port -}}
 {{- $last := add $first (int $job.nprocPerNode) -1 -}}
 {{- if gt $last 65535 -}}
-{{- fail (printf "metrics.port (%d) + job.nprocPerNode (%d) - 1 exceeds 65535: local rank N listens on metrics.port + N" $first (int $job.nprocPerNode)) -}}
+{{- fail (printf $say.metricsPortRange $first (int $job.nprocPerNode)) -}}
 {{- end -}}
 {{- if and (ge (int $job.masterPort) $first) (le (int $job.masterPort) $last) -}}
-{{- fail (printf "job.masterPort (%d) collides with the metrics ports %d-%d (metrics.port + local rank)" (int $job.masterPort) $first $last) -}}
+{{- fail (printf $say.masterPortCollides (int $job.masterPort) $first $last) -}}
 {{- end -}}
 {{- end -}}
 {{- if eq $job.kind "TrainJob" -}}
 {{- if $job.elastic.enabled -}}
-{{- fail "job.elastic.enabled: Kubeflow Trainer v2 (job.kind: TrainJob) has no elastic policy; use job.kind: PyTorchJob" -}}
+{{- fail $say.trainJobElastic -}}
 {{- end -}}
 {{- if or $job.schedulingPolicy.queue $job.schedulingPolicy.priorityClass (gt (int $job.schedulingPolicy.minAvailable) 0) -}}
-{{- fail "job.schedulingPolicy is the v1 operator's gang scheduling; a TrainJob queues through Kueue: set kueue.queueName" -}}
+{{- fail $say.trainJobGangScheduling -}}
 {{- end -}}
 {{- if not (kindIs "invalid" $job.ttlSecondsAfterFinished) -}}
-{{- fail "job.ttlSecondsAfterFinished: a TrainJob has no TTL; leave it null with job.kind: TrainJob" -}}
+{{- fail $say.trainJobTtl -}}
 {{- end -}}
 {{- if or .Values.priorityClassName .Values.schedulerName -}}
-{{- fail "priorityClassName and schedulerName cannot be patched into a Trainer v2 runtime; set them in the ClusterTrainingRuntime (job.runtime)" -}}
+{{- fail $say.trainJobPodScheduling -}}
 {{- end -}}
 {{- range .Values.env -}}
 {{- if hasPrefix "PET_" (toString .name) -}}
-{{- fail (printf "env: %s is set by Kubeflow Trainer v2's torch plugin and may not be given with job.kind: TrainJob" .name) -}}
+{{- fail (printf $say.trainJobReservedEnv .name) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
 {{- if and .Values.s3.devSecret.enabled .Values.s3.credentialsSecret -}}
-{{- fail "s3.devSecret.enabled and s3.credentialsSecret are exclusive: use the existing Secret or the development one" -}}
+{{- fail $say.devSecretExclusive -}}
 {{- end -}}
 {{- if and .Values.s3.devSecret.enabled (not (and .Values.s3.devSecret.accessKeyId .Values.s3.devSecret.secretAccessKey)) -}}
-{{- fail "s3.devSecret.enabled needs s3.devSecret.accessKeyId and s3.devSecret.secretAccessKey" -}}
+{{- fail $say.devSecretKeys -}}
 {{- end -}}
 {{- end -}}
 
