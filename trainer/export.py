@@ -115,10 +115,9 @@ def _local_folder(where: str | Path, s3=None) -> Path:
     if scheme not in ("", "file", "s3"):
         raise UserError(f"{where}: a folder, file:// or s3:// URI of a model export")
     if scheme:
-        from trainer.tasks import _weights
+        from trainer.tasks._weights import WeightsReader
 
-        _weights.configure(s3)
-        folder = _weights.fetch_directory(text.rstrip("/"), "model export")
+        folder = WeightsReader(s3).fetch_directory(text.rstrip("/"), "model export")
     else:
         folder = Path(text)
     if not (folder / METADATA).is_file():
@@ -135,6 +134,7 @@ def load_exported(where: str | Path, s3=None) -> ExportedModel:
 
     from trainer.config import TrainingConfig, _build
     from trainer.tasks import get_task
+    from trainer.tasks._weights import WeightsReader
 
     folder = _local_folder(where, s3)
     metadata = json.loads((folder / METADATA).read_text())
@@ -142,7 +142,7 @@ def load_exported(where: str | Path, s3=None) -> ExportedModel:
         raise UserError(f"{where}: {METADATA} has format {metadata.get('format')!r}, expected {FORMAT!r}")
     # The weights are all here: rebuild the bare network, without fetching pretrained ones again.
     cfg = dataclasses.replace(_build(TrainingConfig, metadata["training"]), pretrained=False)
-    spec = get_task(cfg.task)(cfg)
+    spec = get_task(cfg.task)(cfg, weights=WeightsReader(s3))  # bert reads options.model's config
     state = load_file(str(folder / metadata["weights"]))
     spec.model.load_state_dict(state, strict=True)
     spec.model.eval()

@@ -1,7 +1,9 @@
 """The task registry: one module per workload, looked up by name.
 
 A task module decorates a builder with `@register("name")`; the builder takes
-the TrainingConfig and returns a TaskSpec. Modules in this package are imported
+the TrainingConfig and, as `weights`, the run's WeightsReader (for
+`training.pretrained` URIs; None means boto3's default S3 settings), and returns
+a TaskSpec. Modules in this package are imported
 on first lookup, so adding a workload is adding a file.
 """
 
@@ -53,24 +55,29 @@ def get_task(name: str) -> Builder:
         ) from None
 
 
-def load_weights(uri: str, key: str = "training.pretrained") -> dict:
+def load_weights(uri: str, key: str = "training.pretrained", s3=None) -> dict:
     """A state dict from a `file://` or `s3://` weights file: `.safetensors`, or a `.pt`/`.pth`/`.bin`
-    state dict (read with weights_only=True; a checkpoint-style {"model": ...} is unwrapped). S3 reads
-    use the run's `s3.*` values and credentials, like checkpoints. Bad URIs and files are user
-    errors naming `key`."""
-    from trainer.tasks._weights import load_state_dict
+    state dict (read with weights_only=True; a checkpoint-style {"model": ...} is unwrapped). Called
+    from a custom entry point, S3 reads use the run's `s3.*` values and credentials, like
+    checkpoints; elsewhere pass `s3` (an S3Config) for a non-AWS endpoint. Bad URIs and files are
+    user errors naming `key`."""
+    from trainer.tasks._weights import current_reader
 
-    return load_state_dict(uri, key)
+    return current_reader(s3_config=s3).load_state_dict(uri, key)
 
 
-def load_pretrained(model, uri: str, key: str = "training.pretrained") -> dict[str, list[str]]:
+def load_pretrained(model, uri: str, key: str = "training.pretrained", s3=None) -> dict[str, list[str]]:
     """Load `uri`'s tensors into `model` by name, for fine-tuning your own network: tensors whose shape
     differs from the model's (a new classifier head) are skipped, as are names the model lacks; both
     are logged. Returns {"loaded": [...], "skipped": [...], "missing": [...]} (missing: model tensors
-    the file does not have, left as initialised). A file that matches nothing is a user error."""
-    from trainer.tasks._weights import load_matching
+    the file does not have, left as initialised). A file that matches nothing is a user error.
+    S3 settings as for load_weights."""
+    from trainer.tasks._weights import current_reader, load_matching
 
-    return load_matching(model, load_weights(uri, key), uri, key)
+    reader = current_reader(s3_config=s3)
+    report = load_matching(model, reader.load_state_dict(uri, key), uri, key)
+    reader.applied.add(uri)
+    return report
 
 
 __all__ = ["TaskSpec", "register", "get_task", "task_names", "load_weights", "load_pretrained"]

@@ -1,13 +1,17 @@
 """Pretrained weights from a URI (`file://`, `s3://`), for clusters without internet.
 
-Reads through the checkpoint store (trainer/worker/storage.py), so S3 settings
-(endpoint, region, addressing style) and credentials work the same as for
-checkpoints. Loading never unpickles arbitrary objects: `.safetensors`, or
-`torch.load(weights_only=True)` for `.pt`/`.pth`/`.bin`.
+A `WeightsReader` reads through the checkpoint store (trainer/worker/storage.py)
+with the S3 settings it is given (endpoint, region, addressing style), so
+credentials work the same as for checkpoints. The Trainer makes one from the
+run's `s3` section and passes it to the task's builder. Loading never unpickles
+arbitrary objects: `.safetensors`, or `torch.load(weights_only=True)` for
+`.pt`/`.pth`/`.bin`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -18,14 +22,6 @@ import torch
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
-
-_s3_config = None  # the run's `s3` values section, set once by the trainer before tasks build
-
-
-def configure(s3_config) -> None:
-    global _s3_config
-    _s3_config = s3_config
-
 
 def _split(uri: str, key: str) -> tuple[str, str]:
     """('scheme://bucket-or-dir', 'name') for a file URI."""
@@ -38,82 +34,108 @@ def _split(uri: str, key: str) -> tuple[str, str]:
     return f"s3://{parsed.netloc}{path.parent}".rstrip("/"), path.name
 
 
-def _store(base: str):
-    from trainer.worker.storage import open_store
+class WeightsReader:
+    """Weights files and folders from file:// and s3:// URIs, read with one run's S3 settings."""
 
-    return open_store(base, _s3_config)
+    def __init__(self, s3_config=None):
+        self.s3_config = s3_config  # an S3Config; None: boto3's defaults (AWS, AWS_* variables)
+        self.applied: set[str] = set()  # URIs load_pretrained() loaded through this reader
 
+    def _store(self, base: str):
+        from trainer.worker.storage import open_store
 
-def fetch_file(uri: str, key: str, workdir: Path) -> Path:
-    """A local path holding the object at `uri` (file:// is used in place)."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        path = Path(unquote(parsed.path))
-        if not path.is_file():
-            raise UserError(f"{key}: {uri!r}: no such file")
-        return path
-    base, name = _split(uri, key)
-    target = workdir / name
-    try:
-        _store(base).read_file(name, target)
-    except UserError:
-        raise
-    except Exception as e:  # botocore's NoSuchKey and friends
-        raise UserError(f"{key}: cannot read {uri!r}: {e}") from None
-    return target
+        return open_store(base, self.s3_config)
 
-
-def fetch_directory(uri: str, key: str) -> Path:
-    """A local directory with the files below `uri` (a Hugging Face model folder)."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        path = Path(unquote(parsed.path))
-        if not path.is_dir():
-            raise UserError(f"{key}: {uri!r}: no such directory")
-        return path
-    if parsed.scheme != "s3":
-        raise UserError(f"{key}: {uri!r} must be a file:// or s3:// URI, or a model name")
-    store = _store(f"s3://{parsed.netloc}")
-    prefix = unquote(parsed.path).strip("/")
-    target = Path(tempfile.mkdtemp(prefix="kubetrain-weights-"))
-    try:
-        keys = store.sizes(prefix)
-        for k in keys:
-            local = target / PurePosixPath(k).relative_to(prefix)
-            local.parent.mkdir(parents=True, exist_ok=True)
-            store.read_file(k, local)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"{key}: cannot read {uri!r}: {e}") from None
-    if not keys:
-        raise UserError(f"{key}: {uri!r} holds no files")
-    return target
-
-
-def load_state_dict(uri: str, key: str = "training.pretrained") -> dict[str, torch.Tensor]:
-    """A state dict from a weights file; a checkpoint-style {"model": {...}} is unwrapped."""
-    with tempfile.TemporaryDirectory(prefix="kubetrain-weights-") as tmp:
-        path = fetch_file(uri, key, Path(tmp))
+    def fetch_file(self, uri: str, key: str, workdir: Path) -> Path:
+        """A local path holding the object at `uri` (file:// is used in place)."""
+        parsed = urlparse(uri)
+        if parsed.scheme == "file":
+            path = Path(unquote(parsed.path))
+            if not path.is_file():
+                raise UserError(f"{key}: {uri!r}: no such file")
+            return path
+        base, name = _split(uri, key)
+        target = workdir / name
         try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
+            self._store(base).read_file(name, target)
+        except UserError:
+            raise
+        except Exception as e:  # botocore's NoSuchKey and friends
+            raise UserError(f"{key}: cannot read {uri!r}: {e}") from None
+        return target
 
-                state = load_file(str(path))
-            else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+    def fetch_directory(self, uri: str, key: str) -> Path:
+        """A local directory with the files below `uri` (a Hugging Face model folder)."""
+        parsed = urlparse(uri)
+        if parsed.scheme == "file":
+            path = Path(unquote(parsed.path))
+            if not path.is_dir():
+                raise UserError(f"{key}: {uri!r}: no such directory")
+            return path
+        if parsed.scheme != "s3":
+            raise UserError(f"{key}: {uri!r} must be a file:// or s3:// URI, or a model name")
+        store = self._store(f"s3://{parsed.netloc}")
+        prefix = unquote(parsed.path).strip("/")
+        target = Path(tempfile.mkdtemp(prefix="kubetrain-weights-"))
+        try:
+            keys = store.sizes(prefix)
+            for k in keys:
+                local = target / PurePosixPath(k).relative_to(prefix)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                store.read_file(k, local)
+        except UserError:
+            raise
         except Exception as e:
-            raise UserError(f"{key}: {uri!r} is not a weights file (.pt state dict or .safetensors): "
-                            f"{type(e).__name__}: {e}") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{key}: {uri!r} does not hold a state dict of tensors")
-    log.info("loaded %d tensors from %s", len(state), uri)
-    return state
+            raise UserError(f"{key}: cannot read {uri!r}: {e}") from None
+        if not keys:
+            raise UserError(f"{key}: {uri!r} holds no files")
+        return target
+
+    def load_state_dict(self, uri: str, key: str = "training.pretrained") -> dict[str, torch.Tensor]:
+        """A state dict from a weights file; a checkpoint-style {"model": {...}} is unwrapped."""
+        with tempfile.TemporaryDirectory(prefix="kubetrain-weights-") as tmp:
+            path = self.fetch_file(uri, key, Path(tmp))
+            try:
+                if path.suffix == ".safetensors":
+                    from safetensors.torch import load_file
+
+                    state = load_file(str(path))
+                else:
+                    state = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise UserError(f"{key}: {uri!r} is not a weights file (.pt state dict or .safetensors): "
+                                f"{type(e).__name__}: {e}") from None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"{key}: {uri!r} does not hold a state dict of tensors")
+        log.info("loaded %d tensors from %s", len(state), uri)
+        return state
 
 
-applied: set[str] = set()  # URIs load_matching() loaded in this process (custom tasks check it)
+# The reader of the run whose custom entry point is being called, for the public helpers
+# (trainer.tasks.load_weights/load_pretrained) that a user's entry point calls without one.
+_entrypoint_reader: contextvars.ContextVar[WeightsReader | None] = contextvars.ContextVar(
+    "kubetrain_entrypoint_weights", default=None)
+
+
+@contextlib.contextmanager
+def reading_with(reader: WeightsReader):
+    """While a custom entry point runs: the public helpers read with this run's reader."""
+    token = _entrypoint_reader.set(reader)
+    try:
+        yield reader
+    finally:
+        _entrypoint_reader.reset(token)
+
+
+def current_reader(reader: WeightsReader | None = None, s3_config=None) -> WeightsReader:
+    """The reader to use: the one given, one for `s3_config`, the calling run's, else boto3's defaults."""
+    if reader is not None:
+        return reader
+    if s3_config is not None:
+        return WeightsReader(s3_config)
+    return _entrypoint_reader.get() or WeightsReader()
 
 
 def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], uri: str, key: str) -> dict[str, list[str]]:
@@ -131,7 +153,6 @@ def load_matching(model: torch.nn.Module, state: dict[str, torch.Tensor], uri: s
              f"; skipped, shape differs: {_few(reshaped)}" if reshaped else "",
              f"; skipped, not in the model: {_few(unknown)}" if unknown else "",
              f"; not in the file, kept as initialised: {_few(missing)}" if missing else "")
-    applied.add(uri)
     return {"loaded": loaded, "skipped": reshaped + unknown, "missing": missing}
 
 

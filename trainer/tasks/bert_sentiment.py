@@ -138,7 +138,7 @@ def hf_datasets(name: str, options: dict) -> tuple[TextDataset, TextDataset]:
     return split("train"), split(eval_split)
 
 
-def load_model_and_tokenizer(cfg):
+def load_model_and_tokenizer(cfg, weights: _weights.WeightsReader | None = None):
     try:
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     except ImportError:
@@ -149,7 +149,7 @@ def load_model_and_tokenizer(cfg):
     if isinstance(cfg.pretrained, str):
         source, key = cfg.pretrained, "training.pretrained"
     if source.startswith(("file://", "s3://")):
-        source = str(_weights.fetch_directory(source, key))
+        source = str((weights or _weights.WeightsReader()).fetch_directory(source, key))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         if cfg.pretrained:
@@ -191,7 +191,7 @@ def logits_cross_entropy(outputs, targets: torch.Tensor) -> torch.Tensor:
 
 
 @register("bert-sentiment")
-def build(cfg) -> TaskSpec:
+def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
     data = cfg.data
     if data.source == "synthetic":
         if cfg.num_classes != 2:
@@ -215,7 +215,7 @@ def build(cfg) -> TaskSpec:
                         "(use synthetic, file or huggingface)")
     if max(train.labels) >= cfg.num_classes:
         raise UserError(f"training.numClasses: {cfg.num_classes} is too small for label {max(train.labels)}")
-    model, tokenizer = load_model_and_tokenizer(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg, weights)
     collate = DynamicPaddingCollate(tokenizer, int(cfg.options.get("maxLength", 128)))
     return TaskSpec(model=model, train_dataset=train, eval_dataset=test, loss_fn=logits_cross_entropy,
                     collate_fn=collate)

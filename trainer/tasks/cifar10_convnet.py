@@ -61,7 +61,7 @@ def cifar10_datasets(root: str, download: bool, augment: bool):
 
 
 @register("cifar10-convnet")
-def build(cfg) -> TaskSpec:
+def build(cfg, weights=None) -> TaskSpec:  # no pretrained weights to read
     options = cfg.options
     model = ConvNet(cfg.num_classes, width=int(options.get("width", 16)),
                     hidden=int(options.get("hidden", 128)))

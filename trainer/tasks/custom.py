@@ -80,12 +80,14 @@ def as_spec(result, entrypoint: str) -> TaskSpec:
 
 
 @register("custom")
-def build(cfg) -> TaskSpec:
+def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
     function = resolve_entrypoint(cfg.entrypoint, cfg.python_path)
     takes_config = bool(inspect.signature(function).parameters)
-    spec = as_spec(function(cfg) if takes_config else function(), cfg.entrypoint)
-    if isinstance(cfg.pretrained, str) and cfg.pretrained not in _weights.applied:
-        load_pretrained(spec.model, cfg.pretrained)  # the entry point left training.pretrained to the loop
+    reader = weights or _weights.WeightsReader()
+    with _weights.reading_with(reader):  # load_pretrained() in the entry point reads with the run's S3 settings
+        spec = as_spec(function(cfg) if takes_config else function(), cfg.entrypoint)
+        if isinstance(cfg.pretrained, str) and cfg.pretrained not in reader.applied:
+            load_pretrained(spec.model, cfg.pretrained)  # the entry point left training.pretrained to the loop
     if cfg.finetune.freeze and spec.param_groups is None and spec.on_epoch_start is None:
         spec = dataclasses.replace(spec, **hooks(cfg.finetune, tuple(cfg.finetune.freeze)))  # unfreezeAfterEpochs
     log.info("custom task from %s: %s, %d parameters", cfg.entrypoint, type(spec.model).__name__,

@@ -60,7 +60,7 @@ def resnet_blocks(model: nn.Module) -> list[nn.Module]:
     return [block for layer in (model.layer1, model.layer2, model.layer3, model.layer4) for block in layer]
 
 
-def build_model(num_classes: int, pretrained) -> nn.Module:
+def build_model(num_classes: int, pretrained, weights: _weights.WeightsReader | None = None) -> nn.Module:
     model = finetune_resnet_class()(num_classes=1000)
     if pretrained is True:
         from torchvision.models import ResNet18_Weights
@@ -71,7 +71,7 @@ def build_model(num_classes: int, pretrained) -> nn.Module:
             raise UserError(f"training.pretrained: cannot download torchvision's ResNet-18 weights ({e}); "
                             "on an offline cluster set it to a file:// or s3:// weights URI") from None
     elif isinstance(pretrained, str):
-        state = _weights.load_state_dict(pretrained)
+        state = (weights or _weights.WeightsReader()).load_state_dict(pretrained)
     else:
         state = None
     if state is not None and state.get("fc.weight", torch.empty(0)).shape[:1] == (num_classes,):
@@ -129,8 +129,8 @@ def datasets(cfg, size: int):
 
 
 @register("resnet18-finetune")
-def build(cfg) -> TaskSpec:
-    model = build_model(cfg.num_classes, cfg.pretrained)
+def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
+    model = build_model(cfg.num_classes, cfg.pretrained, weights)
     prefixes = cfg.finetune.freeze
     if not prefixes:  # default: the whole backbone, i.e. every top-level module but the head
         prefixes = tuple(f"{name}." for name, _ in model.named_children() if name != "fc"

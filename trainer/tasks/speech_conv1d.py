@@ -180,7 +180,7 @@ class WavFolder(Dataset):
 
 
 @register("speech-conv1d")
-def build(cfg) -> TaskSpec:
+def build(cfg, weights=None) -> TaskSpec:  # no pretrained weights to read
     o, data = cfg.options, cfg.data
     sample_rate, seconds = int(o.get("sampleRate", 16000)), float(o.get("seconds", 1.0))
     n_mels = int(o.get("nMels", 40))

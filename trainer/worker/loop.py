@@ -18,7 +18,7 @@ from trainer.config import TrainerConfig, TrainingConfig
 from trainer.errors import UserError
 from trainer.tasks import get_task
 from trainer.tasks._finetune import freeze as freeze_parameters
-from trainer.tasks._weights import configure as configure_weights_storage
+from trainer.tasks._weights import WeightsReader
 from trainer.worker.data import build_loaders, move
 from trainer.worker.distributed import RankInfo
 from trainer.worker.parallel import (even_eval_batches, fsdp_mixed_precision, gradient_sync, parallelize,
@@ -86,8 +86,8 @@ class Trainer:
         self.watchdog = HangWatchdog(0)
         cfg = self.cfg = config.training
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        configure_weights_storage(config.s3)  # training.pretrained: s3:// reads like checkpoints
-        self.spec = get_task(cfg.task)(cfg)
+        # training.pretrained: s3:// reads with the checkpoints' S3 settings
+        self.spec = get_task(cfg.task)(cfg, weights=WeightsReader(config.s3))
         model = self.spec.model.to(device)
         freeze_parameters(model, cfg.finetune.freeze)
         if info.is_main:
