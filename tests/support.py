@@ -60,7 +60,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 # What the controller verbs must never load: the trainer's stack, which costs seconds of start-up.
 HEAVY_MODULES = frozenset({"torch", "numpy", "transformers", "datasets", "tokenizers", "safetensors",
-                           "boto3", "botocore", "prometheus_client", "pandas", "pyarrow"})
+                           "boto3", "botocore", "prometheus_client", "pandas", "pyarrow",
+                           "kubernetes", "urllib3", "requests"})
 
 
 def heavy_imports(*args: str, module: str = "trainer.controller.cli") -> tuple[Result, set[str]]:

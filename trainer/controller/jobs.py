@@ -19,7 +19,7 @@ import time
 from typing import Iterator, TextIO
 
 from trainer.controller.kinds import JOB_KINDS, JobKind, kind_of
-from trainer.controller.kube import EXPERIMENT_KINDS, Kube, experiment_selector
+from trainer.controller.kube import EXPERIMENT_KINDS, ApiError, Kube, experiment_selector
 from trainer.controller.render import render_manifests
 from trainer.errors import UserError
 
@@ -100,16 +100,25 @@ def _age(timestamp: str | None) -> str:
     return f"{max(seconds, 0)}s"
 
 
-def pending_reason(kube: Kube, pod) -> str:
+def _pod_status(pod: dict) -> dict:
+    return pod.get("status") or {}
+
+
+def _restarts(pod: dict) -> int:
+    return sum(s.get("restartCount") or 0 for s in _pod_status(pod).get("containerStatuses") or [])
+
+
+def pending_reason(kube: Kube, pod: dict) -> str:
     """Why a pod waits: its scheduling condition, else its newest warning event."""
-    for cond in pod.status.conditions or []:
-        if cond.type == "PodScheduled" and cond.status != "True":
-            return f"{cond.reason}: {cond.message}"
-    for status in pod.status.container_statuses or []:
-        if status.state and status.state.waiting:
-            return f"{status.state.waiting.reason}: {status.state.waiting.message or ''}".strip()
-    warnings = [e for e in kube.pod_events(pod.metadata.name) if e.type == "Warning"]
-    return f"{warnings[-1].reason}: {warnings[-1].message}" if warnings else ""
+    for cond in _pod_status(pod).get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") != "True":
+            return f"{cond.get('reason')}: {cond.get('message')}"
+    for status in _pod_status(pod).get("containerStatuses") or []:
+        waiting = (status.get("state") or {}).get("waiting")
+        if waiting:
+            return f"{waiting.get('reason')}: {waiting.get('message') or ''}".strip()
+    warnings = [e for e in kube.pod_events(pod["metadata"]["name"]) if e.get("type") == "Warning"]
+    return f"{warnings[-1].get('reason')}: {warnings[-1].get('message')}" if warnings else ""
 
 
 def describe(kube: Kube, job: dict, out: TextIO) -> None:
@@ -129,24 +138,26 @@ def describe(kube: Kube, job: dict, out: TextIO) -> None:
     pods = kube.pods(kind, meta["name"])
     out.write("Pods:\n" if pods else "Pods:       none yet\n")
     for pod in pods:
-        phase = pod.status.phase or "Unknown"
-        restarts = sum(s.restart_count for s in pod.status.container_statuses or [])
+        phase = _pod_status(pod).get("phase") or "Unknown"
         why = f"  ({pending_reason(kube, pod)})" if phase == "Pending" else ""
-        out.write(f"  [{kind.replica_prefix(pod)}] {pod.metadata.name:<40} {phase:<10} restarts {restarts}{why}"
+        out.write(f"  [{kind.replica_prefix(pod)}] {pod['metadata']['name']:<40} {phase:<10} "
+                  f"restarts {_restarts(pod)}{why}"
                   f"{termination(pod, kind.container)}\n")
     out.flush()
 
 
-def termination(pod, container: str) -> str:
+def termination(pod: dict, container: str) -> str:
     """How the trainer's container failed: now (a failed pod), or last time (before a restart)."""
-    for status in pod.status.container_statuses or []:
-        if status.name != container:
+    for status in _pod_status(pod).get("containerStatuses") or []:
+        if status.get("name") != container:
             continue
-        now, last = status.state and status.state.terminated, status.last_state and status.last_state.terminated
+        now = (status.get("state") or {}).get("terminated")
+        last = (status.get("lastState") or {}).get("terminated")
         for ended, label in ((now, ""), (last, "last ")):
-            if ended and ended.exit_code:
-                message = f": {ended.message.strip().splitlines()[-1]}" if (ended.message or "").strip() else ""
-                return f"  {label}exit code {ended.exit_code} ({ended.reason or 'Error'}){message}"
+            if ended and ended.get("exitCode"):
+                text = (ended.get("message") or "").strip()
+                message = f": {text.splitlines()[-1]}" if text else ""
+                return f"  {label}exit code {ended['exitCode']} ({ended.get('reason') or 'Error'}){message}"
     return ""
 
 
@@ -172,8 +183,6 @@ def watch(kube: Kube, name: str, out: TextIO = sys.stdout, resource_version: str
     Starts from `resource_version` (default: a fresh read); when the server has
     compacted that version away (410 Gone) it re-lists and carries on.
     """
-    from kubernetes.client.exceptions import ApiException
-
     job = _require_job(kube, name)
     kind = kind_of(job)
     state = job_state(job)
@@ -186,7 +195,7 @@ def watch(kube: Kube, name: str, out: TextIO = sys.stdout, resource_version: str
             return EXIT_NOT_FINISHED
         try:
             for event in kube.watch(*kind.api, name, rv, timeout=30):
-                obj = {**event["raw_object"], "kind": kind.kind}
+                obj = {**event["object"], "kind": kind.kind}
                 if event["type"] == "ERROR":
                     if obj.get("code") == 410:
                         raise _Gone()
@@ -201,8 +210,8 @@ def watch(kube: Kube, name: str, out: TextIO = sys.stdout, resource_version: str
                     out.flush()
                 if state in TERMINAL:
                     break
-        except (_Gone, ApiException) as e:
-            if isinstance(e, ApiException) and e.status != 410:
+        except (_Gone, ApiError) as e:
+            if isinstance(e, ApiError) and e.status != 410:
                 raise
             out.write(f"{_now()} watch expired (410 Gone), re-listing\n")
             job = _require_job(kube, name)
@@ -242,12 +251,13 @@ def logs(kube: Kube, name: str, follow: bool = False, rank: int | None = None,
         pods = list({kind.node_index(p): p for p in kube.pods(kind, name)}.values())
         if rank is not None:
             pods = [p for p in pods if kind.node_index(p) == rank // nproc]
-        ready = [p for p in pods if p.status.phase in ("Running", "Succeeded", "Failed")]
+        ready = [p for p in pods if _pod_status(p).get("phase") in ("Running", "Succeeded", "Failed")]
         wanted = 1 if rank is not None else expected
         if len(ready) >= wanted and ready:
             break
         if time.monotonic() > deadline:
-            waiting = ", ".join(f"{p.metadata.name} {p.status.phase} {pending_reason(kube, p)}".strip()
+            waiting = ", ".join(f"{p['metadata']['name']} {_pod_status(p).get('phase')} "
+                                f"{pending_reason(kube, p)}".strip()
                                 for p in pods) or f"no pods yet (is {kind.operator} running?)"
             raise UserError(f"no logs after {wait_seconds:.0f}s: {waiting}")
         time.sleep(2)
@@ -263,25 +273,23 @@ def logs(kube: Kube, name: str, follow: bool = False, rank: int | None = None,
     return 0
 
 
-def _stream_pod(kube: Kube, kind: JobKind, pod, follow: bool, out: TextIO, lock: threading.Lock) -> None:
+def _stream_pod(kube: Kube, kind: JobKind, pod: dict, follow: bool, out: TextIO, lock: threading.Lock) -> None:
     """Stream one pod's trainer container; when following, pick up restarted containers."""
-    prefix = f"[{kind.replica_prefix(pod)}] "
+    prefix, name = f"[{kind.replica_prefix(pod)}] ", pod["metadata"]["name"]
     seen_restarts = -1
     while True:
-        restarts = sum(s.restart_count for s in pod.status.container_statuses or [])
+        restarts = _restarts(pod)
         if restarts == seen_restarts:
             break
         seen_restarts = restarts
-        response = kube.core.read_namespaced_pod_log(pod.metadata.name, kube.namespace, container=kind.container,
-                                                     follow=follow, _preload_content=False)
-        for line in whole_lines(response.stream()):
+        for line in whole_lines(kube.pod_log(name, kind.container, follow=follow)):
             with lock:
                 out.write(prefix + line + "\n")
                 out.flush()
         if not follow:
             break
-        pod = kube.core.read_namespaced_pod(pod.metadata.name, kube.namespace)
-        if pod.status.phase in ("Succeeded", "Failed"):
+        pod = kube.pod(name)
+        if pod is None or _pod_status(pod).get("phase") in ("Succeeded", "Failed"):
             break
 
 
@@ -298,16 +306,15 @@ def whole_lines(chunks) -> Iterator[str]:
 
 
 def _previous_logs(kube: Kube, kind: JobKind, pods: list, out: TextIO) -> int:
-    restarted = [p for p in pods if any(s.name == kind.container and s.restart_count
-                                        for s in p.status.container_statuses or [])]
+    restarted = [p for p in pods if any(s.get("name") == kind.container and s.get("restartCount")
+                                        for s in _pod_status(p).get("containerStatuses") or [])]
     if not restarted:
         raise UserError("no replica has restarted: there is no previous container to show "
                         "(the operator replaces pods under restartPolicy ExitCode; `kubetrain status` lists them)")
     for pod in restarted:
         prefix = f"[{kind.replica_prefix(pod)}] "
-        response = kube.core.read_namespaced_pod_log(pod.metadata.name, kube.namespace, container=kind.container,
-                                                     previous=True, _preload_content=False)
-        for line in response.data.decode("utf-8", errors="replace").splitlines():
+        text = b"".join(kube.pod_log(pod["metadata"]["name"], kind.container, previous=True))
+        for line in text.decode("utf-8", errors="replace").splitlines():
             out.write(prefix + line + "\n")
     out.flush()
     return 0
@@ -333,13 +340,11 @@ def list_experiments(kube: Kube, all_namespaces: bool = False, out: TextIO = sys
 
 def delete(kube: Kube, name: str, out: TextIO = sys.stdout) -> int:
     """Delete what the experiment created (by its label), and nothing else."""
-    from kubernetes.client.exceptions import ApiException
-
     removed = 0
     for api_version, kind in EXPERIMENT_KINDS:
         try:
             items = kube.list(api_version, kind, selector=experiment_selector(name))["items"]
-        except (UserError, ApiException) as e:  # e.g. a Role without Secret access
+        except (UserError, ApiError) as e:  # e.g. a Role without Secret access
             out.write(f"skipped {kind}: {e}\n")
             continue
         for item in items:

@@ -83,15 +83,15 @@ class JobKind:
         return lines
 
     # ------------------------------------------------------------ its pods
-    def node_index(self, pod) -> int:
-        labels = pod.metadata.labels or {}
+    def node_index(self, pod: dict) -> int:
+        labels = pod["metadata"].get("labels") or {}
         if self is TRAINJOB:
             return int(labels.get(COMPLETION_INDEX, "0") or 0)
         index = int(labels.get("training.kubeflow.org/replica-index", "0") or 0)
         master = labels.get("training.kubeflow.org/replica-type", "").lower() == "master"
         return 0 if master else index + 1
 
-    def replica_prefix(self, pod) -> str:
+    def replica_prefix(self, pod: dict) -> str:
         """`master-0`, `worker-1`, ... — the same prefixes as `kubetrain run`."""
         return replica_name(self.node_index(pod))
 

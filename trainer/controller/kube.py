@@ -1,27 +1,33 @@
-"""A small layer over the Kubernetes API for the controller's cluster verbs.
+"""A small client for the Kubernetes API, for the controller's cluster verbs.
 
-Everything goes through the official `kubernetes` client: server-side apply
-through the dynamic client (field manager `kubetrain`), typed clients for
-pods, logs and events. API errors that a user can act on become UserError.
+JSON over HTTP/1.1 with the standard library (http.client, ssl), as kr8s and
+client-go's REST layer do: objects stay the API's JSON, and discovery reads
+only the group versions a verb touches. The official `kubernetes` package took
+0.4-0.5 s to import and 0.12 s to load a kubeconfig, over the verbs' 0.5 s
+start-up budget (benchmarks/cli_startup.py). Server-side apply uses field
+manager `kubetrain`. Refusals a user can act on (401/403, a rejected object, an
+unreachable server) become UserError; other API errors are ApiError.
 """
 
 from __future__ import annotations
 
-import functools
+import base64
+import http.client
 import json
-from dataclasses import dataclass
+import os
+import ssl
+import tempfile
+import threading
+from typing import Iterator
+from urllib.parse import quote, urlencode, urlsplit
 
+from trainer import __version__
 from trainer.controller.kinds import JOB_KINDS, JobKind
+from trainer.controller.kubeconfig import ClusterConfig, load_cluster_config
 from trainer.errors import UserError
 
-
-def plain_json(_client, data: dict) -> dict:
-    """The dynamic client's response as the parsed JSON it is: its default wrapper (ResourceInstance,
-    then .to_dict()) walks every field twice, ~1 s for 500 PyTorchJobs (benchmarks/control_plane.py)."""
-    return data
-
-
 FIELD_MANAGER = "kubetrain"
+REQUEST_TIMEOUT_S = 60  # one request; watches and log streams set their own
 # What `kubetrain delete` removes: every kind the chart renders, selected by the experiment label.
 EXPERIMENT_KINDS = [
     *(kind.api for kind in JOB_KINDS),
@@ -39,140 +45,242 @@ def experiment_selector(name: str) -> str:
     return f"kubetrain.io/experiment={name},app.kubernetes.io/part-of=kubetrain"
 
 
-def api_error_message(error) -> str:
-    """The API server's own message (e.g. a CRD validation failure), not a dump of the response."""
-    try:
-        body = json.loads(error.body)
-        return body.get("message") or str(error.reason)
-    except (TypeError, ValueError, AttributeError):
-        return str(getattr(error, "reason", error))
+class ApiError(Exception):
+    """An API response with an error status; `message` is the server's own (e.g. a CRD validation)."""
+
+    def __init__(self, status: int, message: str, reason: str = ""):
+        super().__init__(f"{status} {reason}: {message}".strip())
+        self.status, self.message, self.reason = status, message, reason
 
 
-@dataclass
+def _ssl_context(config: ClusterConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(cadata=config.ca_pem.decode() if config.ca_pem else None)
+    if config.insecure:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    credentials = config.credentials
+    if credentials.cert_pem and credentials.key_pem:
+        # ssl loads a client certificate from files only: a private folder, removed at once.
+        with tempfile.TemporaryDirectory(prefix="kubetrain-tls-") as folder:
+            cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+            for path, data in ((cert, credentials.cert_pem), (key, credentials.key_pem)):
+                with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+                    f.write(data)
+            try:
+                context.load_cert_chain(cert, key)
+            except ssl.SSLError as e:
+                raise UserError(f"kubeconfig client certificate or key is not usable: {e}") from None
+    return context
+
+
 class Kube:
-    """One connection: the API client, the namespace, and lazily built API groups."""
+    """One cluster and namespace: requests, discovery of the kinds used, and the verbs' operations."""
 
-    api_client: object
-    namespace: str
+    def __init__(self, config: ClusterConfig):
+        self.config, self.namespace = config, config.namespace
+        url = urlsplit(config.server)
+        self._https = url.scheme == "https"
+        self._host, self._port, self._prefix = url.hostname, url.port, url.path.rstrip("/")
+        self._context = _ssl_context(config) if self._https else None
+        self._local = threading.local()  # one kept-alive connection per thread
+        self._served: dict[str, dict[str, tuple[str, bool]] | None] = {}  # group version -> kind -> resource
 
     @classmethod
     def connect(cls, kubeconfig: str | None = None, context: str | None = None,
                 namespace: str | None = None) -> "Kube":
-        from kubernetes import config
-        from kubernetes.config.config_exception import ConfigException
+        return cls(load_cluster_config(kubeconfig, context, namespace))
 
-        try:
-            api_client = config.new_client_from_config(config_file=kubeconfig, context=context)
-            contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
-        except (ConfigException, FileNotFoundError, TypeError) as e:
-            where = kubeconfig or "KUBECONFIG / ~/.kube/config"
-            raise UserError(f"cannot load a kubeconfig from {where}: {e}") from None
-        if context:
-            active = next((c for c in contexts if c["name"] == context), active)
-        ns = namespace or (active or {}).get("context", {}).get("namespace") or "default"
-        return cls(api_client, ns)
+    # ------------------------------------------------------------ HTTP
+    def _new_connection(self, timeout: float | None) -> http.client.HTTPConnection:
+        if self._https:
+            return _TLSConnection(self._host, self._port, self.config.tls_server_name, timeout=timeout,
+                                  context=self._context)
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
-    @functools.cached_property
-    def dynamic(self):
-        from kubernetes.dynamic import DynamicClient
+    def _headers(self, content_type: str | None) -> dict:
+        headers = {"Accept": "application/json", "User-Agent": f"kubetrain/{__version__}"}
+        credentials = self.config.credentials
+        if credentials.token:
+            headers["Authorization"] = f"Bearer {credentials.token}"
+        elif credentials.basic:
+            pair = ":".join(credentials.basic).encode()
+            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
 
-        return self._call(DynamicClient, self.api_client)
+    def _send(self, method: str, path: str, query: dict | None, body: dict | None, content_type: str | None,
+              streaming: bool = False, timeout: float | None = REQUEST_TIMEOUT_S):
+        """(response, connection); a streaming request gets a connection of its own, others reuse the thread's."""
+        target = self._prefix + path + ("?" + urlencode(query) if query else "")
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = self._headers(content_type if payload is not None else None)
+        for attempt in (0, 1):
+            kept = None if streaming else getattr(self._local, "connection", None)
+            connection = kept or self._new_connection(timeout)
+            try:
+                connection.request(method, target, body=payload, headers=headers)
+                response = connection.getresponse()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                connection.close()
+                self._local.connection = None
+                if kept is not None and attempt == 0:
+                    continue  # the server closed a kept-alive connection: once more on a new one
+                raise UserError(f"cannot reach the Kubernetes API server at {self.config.server}: {e}") from None
+            except (OSError, http.client.HTTPException) as e:
+                connection.close()
+                self._local.connection = None
+                raise UserError(f"cannot reach the Kubernetes API server at {self.config.server}: {e}") from None
+            if not streaming:
+                self._local.connection = connection
+            return response, connection
+        raise AssertionError("unreachable")
 
-    @functools.cached_property
-    def core(self):
-        from kubernetes import client
+    def request(self, method: str, path: str, query: dict | None = None, body: dict | None = None,
+                content_type: str = "application/json") -> dict:
+        response, _ = self._send(method, path, query, body, content_type)
+        data = response.read()
+        _raise_for_status(response, data)
+        return json.loads(data) if data else {}
 
-        return client.CoreV1Api(self.api_client)
+    def stream(self, path: str, query: dict, timeout: float | None) -> http.client.HTTPResponse:
+        """A long GET (watch, log follow) on its own connection; the caller reads and closes it."""
+        response, connection = self._send("GET", path, query, None, None, streaming=True, timeout=timeout)
+        if response.status >= 400:
+            data = response.read()
+            connection.close()
+            _raise_for_status(response, data)
+        return response
 
-    def _call(self, fn, *args, **kwargs):
-        """Call the API; connection problems and refusals become one clear line."""
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
+    # ------------------------------------------------------------ discovery
+    def resource(self, api_version: str, kind: str) -> tuple[str, bool] | None:
+        """(plural, namespaced) for a kind, or None when the cluster does not serve it."""
+        if api_version not in self._served:
+            try:
+                doc = self.request("GET", "/api/v1" if api_version == "v1" else f"/apis/{api_version}")
+            except ApiError as e:
+                if e.status != 404:
+                    raise
+                doc = None
+            self._served[api_version] = None if doc is None else {
+                r["kind"]: (r["name"], bool(r.get("namespaced"))) for r in doc.get("resources", [])
+                if "/" not in r["name"]}
+        served = self._served[api_version]
+        return served.get(kind) if served else None
 
-        try:
-            return fn(*args, **kwargs)
-        except ApiException as e:
-            if e.status in (401, 403):
-                raise UserError(f"the API server refused: {api_error_message(e)}") from None
-            raise
-        except (HTTPError, OSError) as e:
-            raise UserError(f"cannot reach the Kubernetes API server: {e}") from None
-
-    def resource(self, api_version: str, kind: str):
-        """The API resource for a kind, or None when the cluster does not serve it."""
-        from kubernetes.dynamic.exceptions import ResourceNotFoundError
-
-        try:
-            return self._call(self.dynamic.resources.get, api_version=api_version, kind=kind)
-        except ResourceNotFoundError:
+    def _path(self, api_version: str, kind: str, name: str = "", namespace: str | None = "") -> str | None:
+        found = self.resource(api_version, kind)
+        if found is None:
             return None
+        plural, namespaced = found
+        path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        if namespaced and namespace is not None:
+            path += f"/namespaces/{quote(namespace or self.namespace, safe='')}"
+        return path + f"/{plural}" + (f"/{quote(name, safe='')}" if name else "")
 
     # ------------------------------------------------------------ objects
     def apply(self, obj: dict, dry_run: bool = False) -> dict:
         """Server-side apply one object into our namespace; returns the object as stored."""
-        from kubernetes.client.exceptions import ApiException
-
-        api_version, kind = obj["apiVersion"], obj["kind"]
-        resource = self.resource(api_version, kind)
-        if resource is None:
+        api_version, kind, name = obj["apiVersion"], obj["kind"], obj["metadata"]["name"]
+        path = self._path(api_version, kind, name)
+        if path is None:
             raise UserError(f"the cluster does not serve {kind} ({api_version}): install its CRD "
                             f"or disable it in the values")
-        kwargs = {"dry_run": "All"} if dry_run else {}
+        query = {"fieldManager": FIELD_MANAGER, "force": "true", **({"dryRun": "All"} if dry_run else {})}
         try:
-            stored = self._call(
-                self.dynamic.server_side_apply, resource, body=obj,
-                namespace=self.namespace if resource.namespaced else None,
-                field_manager=FIELD_MANAGER, force_conflicts=True, **kwargs,
-            )
-        except ApiException as e:
-            raise UserError(f"{kind}/{obj['metadata']['name']} rejected by the API server: "
-                            f"{api_error_message(e)}") from None
-        return stored.to_dict()
+            return self.request("PATCH", path, query, obj, content_type="application/apply-patch+yaml")
+        except ApiError as e:
+            raise UserError(f"{kind}/{name} rejected by the API server: {e.message}") from None
 
     def get(self, api_version: str, kind: str, name: str) -> dict | None:
-        from kubernetes.dynamic.exceptions import NotFoundError
-
-        resource = self.resource(api_version, kind)
-        if resource is None:
+        path = self._path(api_version, kind, name)
+        if path is None:
             return None
         try:
-            return self._call(resource.get, name=name, namespace=self.namespace, serializer=plain_json)
-        except NotFoundError:
-            return None
+            return self.request("GET", path)
+        except ApiError as e:
+            if e.status == 404:
+                return None
+            raise
 
-    def list(self, api_version: str, kind: str, selector: str = "", all_namespaces: bool = False) -> dict:
-        resource = self.resource(api_version, kind)
-        if resource is None:
+    def list(self, api_version: str, kind: str, selector: str = "", all_namespaces: bool = False,
+             field_selector: str = "") -> dict:
+        path = self._path(api_version, kind, namespace=None if all_namespaces else "")
+        if path is None:
             return {"items": [], "metadata": {}}
-        namespace = None if all_namespaces else self.namespace
-        return self._call(resource.get, namespace=namespace, label_selector=selector, serializer=plain_json)
+        query = {k: v for k, v in (("labelSelector", selector), ("fieldSelector", field_selector)) if v}
+        return self.request("GET", path, query)
 
     def delete(self, api_version: str, kind: str, name: str) -> bool:
-        from kubernetes.dynamic.exceptions import NotFoundError
-
-        resource = self.resource(api_version, kind)
-        if resource is None:
+        path = self._path(api_version, kind, name)
+        if path is None:
             return False
         try:
-            self._call(resource.delete, name=name, namespace=self.namespace,
-                       body={"propagationPolicy": "Background"})
+            self.request("DELETE", path, {"propagationPolicy": "Background"})
             return True
-        except NotFoundError:
-            return False
+        except ApiError as e:
+            if e.status == 404:
+                return False
+            raise
 
-    def watch(self, api_version: str, kind: str, name: str, resource_version: str, timeout: int):
-        resource = self.resource(api_version, kind)
-        return self.dynamic.watch(resource, namespace=self.namespace, field_selector=f"metadata.name={name}",
-                                  resource_version=resource_version, timeout=timeout)
+    def watch(self, api_version: str, kind: str, name: str, resource_version: str, timeout: int) -> Iterator[dict]:
+        """The watch events ({"type", "object"}) of one object from `resource_version`, for `timeout` s."""
+        path = self._path(api_version, kind)
+        query = {"watch": "true", "fieldSelector": f"metadata.name={name}", "resourceVersion": resource_version,
+                 "timeoutSeconds": str(timeout)}
+        response = self.stream(path, query, timeout=timeout + 30)
+        try:
+            for line in response:
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            response.close()
 
     # ------------------------------------------------------------ pods
-    def pods(self, kind: JobKind, job_name: str) -> list:
+    def pods(self, kind: JobKind, job_name: str) -> list[dict]:
         """The job's pods, master first, then by node index."""
-        pods = self._call(self.core.list_namespaced_pod, self.namespace,
-                          label_selector=kind.pod_selector(job_name)).items
-        return sorted(pods, key=lambda p: (kind.node_index(p), str(p.metadata.creation_timestamp or "")))
+        pods = self.list("v1", "Pod", selector=kind.pod_selector(job_name))["items"]
+        return sorted(pods, key=lambda p: (kind.node_index(p), str(p["metadata"].get("creationTimestamp") or "")))
 
-    def pod_events(self, pod_name: str) -> list:
-        events = self._call(self.core.list_namespaced_event, self.namespace,
-                            field_selector=f"involvedObject.name={pod_name}").items
-        return sorted(events, key=lambda e: str(e.last_timestamp or e.event_time or ""))
+    def pod(self, name: str) -> dict | None:
+        return self.get("v1", "Pod", name)
+
+    def pod_events(self, pod_name: str) -> list[dict]:
+        events = self.list("v1", "Event", field_selector=f"involvedObject.name={pod_name}")["items"]
+        return sorted(events, key=lambda e: str(e.get("lastTimestamp") or e.get("eventTime") or ""))
+
+    def pod_log(self, pod_name: str, container: str, follow: bool = False, previous: bool = False) -> Iterator[bytes]:
+        """A container's log as it arrives (chunks end anywhere); with `follow`, until the container ends."""
+        path = f"/api/v1/namespaces/{quote(self.namespace, safe='')}/pods/{quote(pod_name, safe='')}/log"
+        query = {"container": container, **({"follow": "true"} if follow else {}),
+                 **({"previous": "true"} if previous else {})}
+        response = self.stream(path, query, timeout=None if follow else REQUEST_TIMEOUT_S)
+        try:
+            while chunk := response.read1(65536):
+                yield chunk
+        finally:
+            response.close()
+
+
+class _TLSConnection(http.client.HTTPSConnection):
+    """HTTPS that checks the certificate against kubeconfig's tls-server-name when it has one."""
+
+    def __init__(self, host: str, port: int | None, server_name: str, **kwargs):
+        super().__init__(host, port, **kwargs)
+        self._server_name = server_name or host
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self._server_name)
+
+
+def _raise_for_status(response: http.client.HTTPResponse, data: bytes) -> None:
+    if response.status < 400:
+        return
+    try:
+        status = json.loads(data)
+        message, reason = status.get("message") or response.reason, status.get("reason") or ""
+    except (ValueError, AttributeError):
+        message, reason = data.decode("utf-8", errors="replace").strip() or response.reason, ""
+    if response.status in (401, 403):
+        raise UserError(f"the API server refused: {message}")
+    raise ApiError(response.status, message, reason)
