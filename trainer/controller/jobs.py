@@ -20,7 +20,6 @@ from typing import Iterator, TextIO
 
 from trainer.controller.kinds import JOB_KINDS, JobKind, kind_of
 from trainer.controller.kube import EXPERIMENT_KINDS, ApiError, Kube, experiment_selector
-from trainer.controller.render import render_manifests
 from trainer.errors import UserError
 
 SPEC_HASH = "kubetrain.io/spec-hash"
@@ -31,6 +30,8 @@ EXIT_NOT_FINISHED = 3  # `status` of a job that is still pending or running
 # ---------------------------------------------------------------- submit
 def rendered_objects(name: str, values: dict) -> list[dict]:
     """The release's objects (no helm test pod), each marked with the digest of them all."""
+    from trainer.controller.render import render_manifests  # only submit renders: the other verbs skip its imports
+
     objects = [obj for _, obj in render_manifests(name, values, include_tests=False)]
     digest = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16]
     for obj in objects:
