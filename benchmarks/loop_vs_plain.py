@@ -10,6 +10,12 @@ the medians and ours/plain, per thread count. Then one more run of ours with
 every per-step piece of the loop timed: where our overhead goes.
 
     python benchmarks/loop_vs_plain.py [--steps 150] [--repeats 5] [--threads 1,2]
+    python benchmarks/loop_vs_plain.py --device cuda --precision bf16 --on-device   # (benchmarks/gpu_suite.sh)
+
+On a GPU the plain loop is the tutorial's too: batches from the DataLoader,
+moved with `.to(device)`, under `torch.autocast` for bf16. Ours with
+`--on-device` keeps the dataset on the GPU (`training.data.onDevice`). The span
+is then timed with CUDA events recorded by the same hooks.
 
 Our loop is configured like the tutorial's (no clipping, constant LR, no
 warmup, metrics off: benchmarks/metrics_overhead.py measures those) so the
@@ -41,14 +47,15 @@ from trainer.worker.preemption import PreemptionWatch
 from trainer.worker.watchdog import HangWatchdog
 
 GOAL = 0.97
+CPU = torch.device("cpu")
 
 
-def config(steps: int, batch: int):
+def config(steps: int, batch: int, precision: str = "fp32", on_device: bool = False):
     values = resolve_values(set_values=[
         f"training.maxSteps={steps},training.batchSize={batch},training.epochs=1000",
         "training.gradClipNorm=0,training.lrSchedule.name=constant,training.lrSchedule.warmupSteps=0",
         "training.data.trainSamples=8192,training.data.evalSamples=1,training.logEverySteps=50",
-        "training.optimizer.weightDecay=0",
+        f"training.optimizer.weightDecay=0,training.precision={precision},training.data.onDevice={str(on_device).lower()}",
     ])
     return trainer_config_from_values("bench", values)
 
@@ -56,41 +63,55 @@ def config(steps: int, batch: int):
 class SpanClock:
     """First batch into the model to last optimizer step done, by hooks: the same clock for both loops."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device = CPU):
+        self.cuda = device.type == "cuda"
         self.first = self.last = None
         self.steps = 0
         self.hooks = [model.register_forward_pre_hook(self._forward), optimizer.register_step_post_hook(self._step)]
 
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)  # the GPU's timeline, not the launch
+        event.record()
+        return event
+
     def _forward(self, module, args) -> None:
         if self.first is None:
-            self.first = time.perf_counter()
+            self.first = self._now()
 
     def _step(self, optimizer, args, kwargs) -> None:
-        self.last = time.perf_counter()
+        self.last = self._now()
         self.steps += 1
 
     def samples_per_second(self, batch: int) -> float:
         for hook in self.hooks:
             hook.remove()
+        if self.cuda:
+            torch.cuda.synchronize()
+            return self.steps * batch / (self.first.elapsed_time(self.last) / 1000)
         return self.steps * batch / (self.last - self.first)
 
 
-def plain_loop(cfg, steps: int) -> float:
+def plain_loop(cfg, steps: int, device: torch.device = CPU) -> float:
     """The tutorial's loop, verbatim in spirit. Returns samples/s."""
     t = cfg.training
     torch.manual_seed(t.seed)
     spec = get_task(t.task)(t)
-    net, criterion = spec.model, nn.CrossEntropyLoss()
+    net, criterion = spec.model.to(device), nn.CrossEntropyLoss()
     optimizer = torch.optim.AdamW(net.parameters(), lr=t.optimizer.lr, weight_decay=0)
     loader = torch.utils.data.DataLoader(spec.train_dataset, batch_size=t.batch_size, shuffle=True,
                                          drop_last=True)
-    clock = SpanClock(net, optimizer)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    clock = SpanClock(net, optimizer, device)
     done, running_loss = 0, 0.0
     while done < steps:
         for inputs, labels in loader:
+            inputs, labels = inputs.to(device), labels.to(device)
             optimizer.zero_grad()
-            outputs = net(inputs)
-            loss = criterion(outputs, labels)
+            with autocast:
+                outputs = net(inputs)
+                loss = criterion(outputs, labels)
             loss.backward()
             optimizer.step()
             running_loss += loss.item()
@@ -100,10 +121,10 @@ def plain_loop(cfg, steps: int) -> float:
     return clock.samples_per_second(t.batch_size)
 
 
-def our_loop(cfg) -> tuple[float, dict]:
+def our_loop(cfg, device: torch.device = CPU) -> tuple[float, dict]:
     """Our Trainer's samples/s by the same clock, and its summary."""
-    trainer = Trainer(cfg, resolve_rank({}), torch.device("cpu"))
-    clock = SpanClock(trainer.raw_model, trainer.optimizer)
+    trainer = Trainer(cfg, resolve_rank({}), device)
+    clock = SpanClock(trainer.raw_model, trainer.optimizer, device)
     summary = trainer.fit()
     return clock.samples_per_second(cfg.training.batch_size), summary
 
@@ -163,25 +184,33 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--on-device", action="store_true", help="ours with training.data.onDevice (GPU)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    cfg = config(args.steps, args.batch)
+    device = torch.device(args.device)
+    cfg = config(args.steps, args.batch, args.precision, args.on_device)
+    print(f"device {device}, precision {args.precision}, ours with onDevice {args.on_device}")
     table = []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         plain, ours, reported = [], [], []
-        plain_loop(cfg, 10)  # warm up allocator and kernels once for both
+        plain_loop(cfg, 10, device)  # warm up allocator and kernels once for both
         print(f"\n{threads} thread(s):")
         for i in range(args.repeats):
-            plain.append(plain_loop(cfg, args.steps))
-            rate, summary = our_loop(cfg)
-            ours.append(rate)
-            reported.append(summary["samples_per_second"])
+            for side in (("plain", "ours") if i % 2 == 0 else ("ours", "plain")):  # alternate who goes first
+                if side == "plain":
+                    plain.append(plain_loop(cfg, args.steps, device))
+                else:
+                    rate, summary = our_loop(cfg, device)
+                    ours.append(rate)
+                    reported.append(summary["samples_per_second"])
             print(f"  repeat {i + 1}: plain {plain[-1]:8.1f} samples/s   ours {ours[-1]:8.1f} samples/s "
                   f"(ours self-reported {reported[-1]:.1f})", flush=True)
         p, o = statistics.median(plain), statistics.median(ours)
         table.append((threads, p, o))
-        if threads == 1:
+        if threads == 1 and device.type == "cpu":
             breakdown(cfg, p)
     print(f"\n{'threads':>7} {'plain samples/s':>16} {'ours samples/s':>15} {'ours/plain':>11} {'goal':>6}")
     for threads, p, o in table:

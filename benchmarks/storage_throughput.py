@@ -120,10 +120,10 @@ def throughput(server, sizes: list[int], repeats: int) -> list[tuple]:
 class ModelOnly:
     """The Trainer's checkpoint interface, with only a model of `size` bytes of fp32 weights to save."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, device: str = "cpu"):
         import torch
 
-        self.model = torch.nn.Linear(size // 4 // 1000, 1000, bias=False)
+        self.model = torch.nn.Linear(size // 4 // 1000, 1000, bias=False, device=device)
         self.state = SimpleNamespace(step=0)
 
     def state_dict(self):
@@ -137,7 +137,8 @@ class ModelOnly:
             self.model.weight.add_(1.0)  # training mutates the weights while an upload may still run
 
 
-def manager_for(server, prefix: str, async_save: bool = False):
+def manager_for(server, prefix: str, async_save: bool = False, uri: str = ""):
+    """A CheckpointManager for s3://bench/<prefix> on `server` (or for `uri`, e.g. file://, with no server)."""
     from trainer.chart import default_values
     from trainer.config import trainer_config_from_values
     from trainer.values import merge, validate
@@ -145,8 +146,9 @@ def manager_for(server, prefix: str, async_save: bool = False):
     from trainer.worker.distributed import RankInfo
 
     info = RankInfo("single", 0, 1, 0, 1, 0, 1, "127.0.0.1", 0)
-    values = merge(default_values(), {"checkpoint": {"uri": f"s3://bench/{prefix}", "asyncSave": async_save,
-                                                     "keepLast": 2}, "s3": {"endpoint": server.endpoint}})
+    values = merge(default_values(), {"checkpoint": {"uri": uri or f"s3://bench/{prefix}", "asyncSave": async_save,
+                                                     "keepLast": 2},
+                                      "s3": {"endpoint": server.endpoint if server else ""}})
     return CheckpointManager(trainer_config_from_values("bench", validate(values)), info)
 
 
