@@ -7,6 +7,7 @@ Kubernetes pod discovery with the selection the chart's PodMonitor makes.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import time
@@ -71,13 +72,13 @@ def quickstart(node, tmp_path_factory):
         node.assets.node / "prometheus", f"--config.file={work / 'prometheus.yml'}",
         f"--storage.tsdb.path={work / 'tsdb'}", f"--web.listen-address=0.0.0.0:{PROMETHEUS_PORT}"])
     try:
-        started = time.monotonic()
+        started, installed_at = time.monotonic(), time.time()
         installed = helm(node, "install", "quickstart", "helm/kubetrain", "-n", NAMESPACE, *values)
         assert installed.returncode == 0, installed.stderr
         job = wait_for_state(node, NAMESPACE, "quickstart", {"Succeeded", "Failed"})
         yield {"job": job, "pods": job_pods(node, NAMESPACE, "quickstart"), "podmonitor": podmonitor,
                "prometheus": f"http://{NODE_IP}:{PROMETHEUS_PORT}", "seconds": time.monotonic() - started,
-               "ended": time.time()}
+               "ended": time.time(), "installed_at": installed_at}
     finally:
         helm(node, "uninstall", "quickstart", "-n", NAMESPACE)
         prometheus.stop()
@@ -104,6 +105,52 @@ def test_helm_install_quickstart_trains_to_succeeded(node, quickstart):
     assert summary["eval_accuracy"] > 0.5, summary
     print(f"quickstart: Succeeded {quickstart['seconds']:.0f}s after helm install; loss "
           f"{summary['first_train_loss']:.3f} -> {summary['train_loss']:.3f}, eval accuracy {summary['eval_accuracy']}")
+
+
+def _k8s_time(stamp: str) -> float:
+    return datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def test_apply_to_first_step_breaks_down_into_its_phases(node, quickstart):
+    """From `helm install` to rank 0's first step: the API server and operator (pod created), the
+    scheduler, the init container, the container start, then the trainer's own start-up line. Kubernetes
+    timestamps have whole seconds, so each phase is good to about a second."""
+    master = next(p for p in quickstart["pods"] if p["metadata"]["name"].endswith("-master-0"))
+    status = master["status"]
+    scheduled = next(c for c in status["conditions"] if c["type"] == "PodScheduled")["lastTransitionTime"]
+    init = [s["state"]["terminated"] for s in status.get("initContainerStatuses") or []]
+    trainer = next(s for s in status["containerStatuses"] if s["name"] == "pytorch")
+    started = (trainer["state"].get("terminated") or trainer["state"].get("running"))["startedAt"]
+    points = [("helm install -> pod created (helm, API server, operator)", _k8s_time(master["metadata"]
+                                                                                        ["creationTimestamp"])),
+              ("pod created -> scheduled", _k8s_time(scheduled))]
+    if init:
+        points.append(("scheduled -> init container done", max(_k8s_time(t["finishedAt"]) for t in init)))
+    points.append(("-> trainer container started", _k8s_time(started)))
+    logs = kt(node, NAMESPACE, "logs", "quickstart", "--rank", "0").stdout
+    line = re.search(r"start-up: (.*); ([0-9.]+)s from process start", logs)
+    assert line, logs[-2000:]
+    phases = {name.strip(): float(v) for name, v in re.findall(r"([a-z ]+?) ([0-9.]+)s", line.group(1))}
+    total = points[-1][1] - quickstart["installed_at"] + float(line.group(2))
+    print(f"\nquickstart, helm install -> rank 0's first step: {total:.1f}s")
+    previous = quickstart["installed_at"]
+    for name, at in points:
+        print(f"  {name:<58} {at - previous:6.1f}s")
+        assert at - previous > -1.5, (name, at, previous)  # whole-second stamps: ordered to within a second
+        previous = at
+    for name, seconds in phases.items():
+        print(f"  container: {name:<47} {seconds:6.2f}s")
+    # Rank 0's rendezvous waits for rank 1: the Worker pod's own timeline, from helm install.
+    worker = next(p for p in quickstart["pods"] if "-worker-" in p["metadata"]["name"])
+    marks = [("created", worker["metadata"]["creationTimestamp"])]
+    marks += [(f"init container {s['name']} done", s["state"]["terminated"]["finishedAt"])
+              for s in worker["status"].get("initContainerStatuses") or []]
+    marks += [("trainer container started", (s["state"].get("terminated") or s["state"].get("running"))["startedAt"])
+              for s in worker["status"]["containerStatuses"] if s["name"] == "pytorch"]
+    print("  worker pod, from helm install: " + ", ".join(
+        f"{name} {_k8s_time(at) - quickstart['installed_at']:.1f}s" for name, at in marks))
+    assert abs(sum(phases.values()) - float(line.group(2))) < 0.1, line.group(0)
+    assert 0 < total < quickstart["seconds"]
 
 
 def test_operator_gives_the_pods_the_env_kubetrain_run_injects(node, quickstart):
