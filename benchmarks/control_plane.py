@@ -11,8 +11,8 @@ other experiments' pods.
 
     python benchmarks/control_plane.py [--sizes 50,500] [--repeats 5]
 
-`logs --follow` over 16 pods needs kubelets: the node tier (tests/node) runs
-them, and this script does not.
+`logs --follow` over 16 pods needs kubelets: benchmarks/logs_follow.py runs
+it on the node tier.
 """
 
 from __future__ import annotations
