@@ -130,7 +130,8 @@ def reading_with(reader: WeightsReader):
 
 
 def current_reader(reader: WeightsReader | None = None, s3_config=None) -> WeightsReader:
-    """The reader to use: the one given, one for `s3_config`, the calling run's, else boto3's defaults."""
+    """The reader to use: the one given, one for `s3_config`, the calling run's (inside a custom entry
+    point), else boto3's defaults (a builder called without the Trainer, as tests and scripts do)."""
     if reader is not None:
         return reader
     if s3_config is not None:

@@ -149,7 +149,7 @@ def load_model_and_tokenizer(cfg, weights: _weights.WeightsReader | None = None)
     if isinstance(cfg.pretrained, str):
         source, key = cfg.pretrained, "training.pretrained"
     if source.startswith(("file://", "s3://")):
-        source = str((weights or _weights.WeightsReader()).fetch_directory(source, key))
+        source = str(_weights.current_reader(weights).fetch_directory(source, key))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         if cfg.pretrained:

@@ -83,7 +83,7 @@ def as_spec(result, entrypoint: str) -> TaskSpec:
 def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
     function = resolve_entrypoint(cfg.entrypoint, cfg.python_path)
     takes_config = bool(inspect.signature(function).parameters)
-    reader = weights or _weights.WeightsReader()
+    reader = _weights.current_reader(weights)
     with _weights.reading_with(reader):  # load_pretrained() in the entry point reads with the run's S3 settings
         spec = as_spec(function(cfg) if takes_config else function(), cfg.entrypoint)
         if isinstance(cfg.pretrained, str) and cfg.pretrained not in reader.applied:

@@ -71,7 +71,7 @@ def build_model(num_classes: int, pretrained, weights: _weights.WeightsReader | 
             raise UserError(f"training.pretrained: cannot download torchvision's ResNet-18 weights ({e}); "
                             "on an offline cluster set it to a file:// or s3:// weights URI") from None
     elif isinstance(pretrained, str):
-        state = (weights or _weights.WeightsReader()).load_state_dict(pretrained)
+        state = _weights.current_reader(weights).load_state_dict(pretrained)
     else:
         state = None
     if state is not None and state.get("fc.weight", torch.empty(0)).shape[:1] == (num_classes,):
