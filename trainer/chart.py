@@ -37,8 +37,7 @@ def values_schema() -> dict:
 
 @functools.cache
 def _messages() -> dict:
-    with open(chart_dir() / "files" / "messages.yaml", encoding="utf-8") as f:
-        return yaml.load(f, Loader=SafeLoader)
+    return yaml.load(chart_text("files/messages.yaml"), Loader=SafeLoader)
 
 
 def chart_message(key: str, *args) -> str:

@@ -46,9 +46,7 @@ def default_of(field: dataclasses.Field) -> Any:
 
 
 def as_plain(value: Any) -> Any:
-    """A default as YAML/JSON holds it: dataclasses as camelCase mappings, tuples as lists."""
-    if dataclasses.is_dataclass(value):
-        return {key_name(f): as_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    """A setting's default as YAML/JSON holds it: tuples as lists (sections are walked, not converted)."""
     if isinstance(value, (tuple, list)):
         return [as_plain(v) for v in value]
     if isinstance(value, dict):

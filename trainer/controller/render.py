@@ -30,6 +30,8 @@ CONFIG_DIR = "/etc/kubetrain"
 CONFIG_PATH = f"{CONFIG_DIR}/config.json"
 MAX_NAME = 63  # DNS-1035 label: the operator names pods and Services `<job>-worker-<i>`
 MAX_RELEASE_NAME = 53  # Helm refuses longer release names
+
+
 @functools.cache
 def chart_metadata() -> dict:
     with open(chart_dir() / "Chart.yaml", encoding="utf-8") as f:
@@ -38,7 +40,8 @@ def chart_metadata() -> dict:
 
 def chart_file(relative: str, experiment: str) -> str:
     """A file shipped in the chart with __EXPERIMENT__ and __DASHBOARD_UID__ filled in (`.Files.Get | replace`)."""
-    return chart_text(relative).replace("__EXPERIMENT__", experiment).replace("__DASHBOARD_UID__", dashboard_uid(experiment))
+    text = chart_text(relative)
+    return text.replace("__EXPERIMENT__", experiment).replace("__DASHBOARD_UID__", dashboard_uid(experiment))
 
 
 def dashboard_uid(experiment: str) -> str:
