@@ -114,26 +114,23 @@ class Kube:
         target = self._prefix + path + ("?" + urlencode(query) if query else "")
         payload = json.dumps(body).encode() if body is not None else None
         headers = self._headers(content_type if payload is not None else None)
-        for attempt in (0, 1):
-            kept = None if streaming else getattr(self._local, "connection", None)
+        kept = None if streaming else getattr(self._local, "connection", None)
+        while True:
             connection = kept or self._new_connection(timeout)
             try:
                 connection.request(method, target, body=payload, headers=headers)
                 response = connection.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
-                connection.close()
-                self._local.connection = None
-                if kept is not None and attempt == 0:
-                    continue  # the server closed a kept-alive connection: once more on a new one
-                raise UserError(f"cannot reach the Kubernetes API server at {self.config.server}: {e}") from None
             except (OSError, http.client.HTTPException) as e:
                 connection.close()
                 self._local.connection = None
+                closed = isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError))
+                if kept is not None and closed:
+                    kept = None  # the server closed a kept-alive connection: once more on a new one
+                    continue
                 raise UserError(f"cannot reach the Kubernetes API server at {self.config.server}: {e}") from None
             if not streaming:
                 self._local.connection = connection
             return response, connection
-        raise AssertionError("unreachable")
 
     def request(self, method: str, path: str, query: dict | None = None, body: dict | None = None,
                 content_type: str = "application/json") -> dict:
@@ -156,7 +153,7 @@ class Kube:
         """(plural, namespaced) for a kind, or None when the cluster does not serve it."""
         if api_version not in self._served:
             try:
-                doc = self.request("GET", "/api/v1" if api_version == "v1" else f"/apis/{api_version}")
+                doc = self.request("GET", _group_path(api_version))
             except ApiError as e:
                 if e.status != 404:
                     raise
@@ -172,7 +169,7 @@ class Kube:
         if found is None:
             return None
         plural, namespaced = found
-        path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        path = _group_path(api_version)
         if namespaced and namespace is not None:
             path += f"/namespaces/{quote(namespace or self.namespace, safe='')}"
         return path + f"/{plural}" + (f"/{quote(name, safe='')}" if name else "")
@@ -259,6 +256,11 @@ class Kube:
                 yield chunk
         finally:
             response.close()
+
+
+def _group_path(api_version: str) -> str:
+    """Where a group version is served: the core group under /api, the others under /apis."""
+    return "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
 
 
 class _TLSConnection(http.client.HTTPSConnection):
