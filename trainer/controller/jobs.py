@@ -283,12 +283,16 @@ def _stream_pod(kube: Kube, kind: JobKind, pod: dict, follow: bool, out: TextIO,
         if restarts == seen_restarts:
             break
         seen_restarts = restarts
-        for line in whole_lines(kube.pod_log(name, kind.container, follow=follow)):
+        if not follow:  # a snapshot: this pod's lines kept together, as `kubectl logs -l --prefix` prints them
+            text = "".join(prefix + line + "\n" for line in whole_lines(kube.pod_log(name, kind.container)))
+            with lock:
+                out.write(text)
+                out.flush()
+            break
+        for line in whole_lines(kube.pod_log(name, kind.container, follow=True)):
             with lock:
                 out.write(prefix + line + "\n")
                 out.flush()
-        if not follow:
-            break
         pod = kube.pod(name)
         if pod is None or _pod_status(pod).get("phase") in ("Succeeded", "Failed"):
             break
