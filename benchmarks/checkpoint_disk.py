@@ -4,8 +4,10 @@ A model of `--mb` megabytes of fp32 weights on `--device` (cuda: the copy to
 host memory is part of the save, as in training). Alternating repeats, medians:
 
 1. Sync save: our CheckpointManager (files, SHA-256, commit marker, retention)
-   vs `torch.save(state_dict)` of the same tensors into one file followed by
-   `os.fsync` (durable, as ours is: a checkpoint must survive the node), in GB/s.
+   vs `torch.save(state_dict)` of the same tensors into a new file per step followed
+   by `os.fsync` (durable, as ours is: a checkpoint must survive the node), in GB/s.
+   The baseline deletes its previous file outside the timed span; ours deletes old
+   steps beside training, and the next save waits for that.
 2. Load: our `resume` (verification included) vs `torch.load(weights_only=True)`.
 3. Stall: how long the training thread is blocked per save, sync vs
    `checkpoint.asyncSave` (saves spaced 1.5x the sync save time apart).
@@ -54,7 +56,7 @@ def main() -> None:
     trainer = Reloadable(size, args.device)
     with tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-bench-") as tmp:
         ours = manager_for(None, "", uri=Path(tmp, "ours").as_uri())
-        raw_file = Path(tmp, "raw.pt")
+        raw_file = Path(tmp, "raw-0.pt")
         save = {"ours": [], "raw": []}
         load = {"ours": [], "raw": []}
         for i in range(args.repeats):
@@ -62,8 +64,10 @@ def main() -> None:
                 trainer.state.step += 1
                 if side == "ours":
                     save["ours"].append(timed(lambda: ours.save(trainer)))
-                else:
+                else:  # a new file per step, as a plain loop writes ckpt_<step>.pt
+                    previous, raw_file = raw_file, Path(tmp, f"raw-{trainer.state.step}.pt")
                     save["raw"].append(timed(lambda: durable_save(trainer.state_dict(), raw_file)))
+                    previous.unlink(missing_ok=True)
             for side in (("ours", "raw") if i % 2 == 0 else ("raw", "ours")):
                 if side == "ours":
                     fresh = manager_for(None, "", uri=Path(tmp, "ours").as_uri())

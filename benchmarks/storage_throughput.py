@@ -167,7 +167,7 @@ def checksums(enabled: bool):
     if enabled:
         yield
         return
-    with mock.patch("trainer.worker.checkpoint.hashlib", SimpleNamespace(sha256=NoDigest)):
+    with mock.patch("trainer.worker.storage.hashlib", SimpleNamespace(sha256=NoDigest)):
         yield
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 
 import torch
 
+from fixtures.tasks_helpers import SINGLE, in_process_trainer
 from support import run_cli
 from tests.s3server import CREDENTIALS, free_port
+from trainer.errors import RetryableError
+from trainer.worker.checkpoint import CheckpointManager
+from trainer.worker.storage import FileStore
 
 FAST = [
     "--set", "job.nodes=1,job.backoffLimit=0,metrics.enabled=false",
@@ -88,3 +93,33 @@ def test_missing_s3_credentials_is_a_clear_user_error(tmp_path):
                      "--set", "checkpoint.uri=s3://ckpt/runs,s3.endpoint=http://127.0.0.1:9", env={**ENV, **env})
     assert result.returncode == 2
     assert "AWS_ACCESS_KEY_ID" in result.summary["error"]
+
+
+class UndeletableStore(FileStore):
+    """A real local store that refuses to delete any file it holds, standing in for a bucket whose
+    policy denies DeleteObjects."""
+
+    def delete(self, keys: list[str]) -> None:
+        if any(self.local_path(key).exists() for key in keys):
+            raise RetryableError("DeleteObjects refused", 144)
+
+
+def test_a_failed_retention_warns_and_the_next_save_deletes_the_old_steps(tmp_path, caplog):
+    trainer = in_process_trainer(tmp_path, {"data": {"trainSamples": 64, "evalSamples": 32}})
+    uri = (tmp_path / "store").as_uri()
+    config = replace(trainer.config, checkpoint=replace(trainer.config.checkpoint, uri=uri, keep_last=1))
+    manager = CheckpointManager(config, SINGLE, store=UndeletableStore(uri))
+    for step in (1, 2):
+        trainer.state.step = step
+        manager.save(trainer)  # commits, although retention fails: the run goes on
+    manager.wait()
+    steps = tmp_path / "store" / "test"
+    assert sorted(p.parent.name for p in steps.glob("step-*/commit.json")) == ["step-00000001", "step-00000002"]
+    assert "retention (keepLast=1) could not delete old steps" in caplog.text
+    assert "DeleteObjects refused" in caplog.text and "Traceback" not in caplog.text
+
+    manager.store = FileStore(uri)  # the store accepts deletes again
+    trainer.state.step = 3
+    manager.save(trainer)
+    manager.close()
+    assert sorted(p.name for p in steps.iterdir()) == ["step-00000003"]

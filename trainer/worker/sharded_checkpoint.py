@@ -23,20 +23,18 @@ optimizer's hyper-parameters) with weights_only=True by `SafeLoadPlanner`
 
 from __future__ import annotations
 
-import hashlib
 import io
 import pickle
 import re
 import shutil
 import tempfile
-import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from trainer.errors import CorruptCheckpoint, RetryableError, UserError
-from trainer.worker.storage import FileStore, Store
+from trainer.worker.storage import Store, file_sha256, hash_while
 
 DCP_DIR = "dcp"
 METADATA = ".metadata"
@@ -121,10 +119,6 @@ def _safe_load_planner():
 
 
 # ------------------------------------------------------------------ readers and writers over a Store
-def _local_dir(store: Store, key: str) -> Path | None:
-    return store.root / key if isinstance(store, FileStore) else None
-
-
 def _reader(store: Store, key: str, scratch: Path | None, sums: dict[str, str]):
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -132,7 +126,7 @@ def _reader(store: Store, key: str, scratch: Path | None, sums: dict[str, str]):
         """FileSystemReader over the step's dcp/ directory; on S3, files come down as they are needed."""
 
         def __init__(self):
-            super().__init__(_local_dir(store, key) or scratch)
+            super().__init__(store.local_path(key) or scratch)
             self.fetched: set[str] = set()
             self.nbytes = 0
             self.metadata = None
@@ -186,7 +180,7 @@ def save_sharded(store: Store, key: str, state: dict, group, rank: int) -> tuple
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    local = _local_dir(store, key)
+    local = store.local_path(key)
     scratch = None if local is not None else Path(tempfile.mkdtemp(prefix="kubetrain-dcp-"))
     try:
         try:
@@ -202,7 +196,7 @@ def save_sharded(store: Store, key: str, state: dict, group, rank: int) -> tuple
             if scratch is None:  # DCP wrote into the store's own folder: nothing to upload
                 sums[name] = file_sha256(path)
             else:
-                sums[name] = hashed_upload(lambda: file_sha256(path),
+                sums[name], _ = hash_while(lambda: file_sha256(path),
                                            lambda: store.write_file(f"{key}/{name}", path))
             nbytes += path.stat().st_size
         return nbytes, names, sums
@@ -211,44 +205,13 @@ def save_sharded(store: Store, key: str, state: dict, group, rank: int) -> tuple
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def hashed_upload(digest: Callable[[], str], upload: Callable[[], object]) -> str:
-    """Run `upload()` while `digest()` hashes the same bytes in a second thread; returns the digest.
-    hashlib releases the GIL on large buffers, so the checksum overlaps the upload instead of adding
-    its time to the save's."""
-    outcome: dict[str, Any] = {}
-
-    def hash_them() -> None:
-        try:
-            outcome["digest"] = digest()
-        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
-            outcome["error"] = e
-
-    thread = threading.Thread(target=hash_them, name="kubetrain-sha256", daemon=True)
-    thread.start()
-    try:
-        upload()
-    finally:
-        thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["digest"]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_sharded(store: Store, key: str, state: dict, group, sums: dict[str, str] | None = None) -> int:
     """Every rank: fill `state` (a sharded state dict, in place) from the checkpoint below `key`,
     checking each file it reads against `sums` (name -> SHA-256) where the commit recorded them."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    scratch = None if _local_dir(store, key) is not None else Path(tempfile.mkdtemp(prefix="kubetrain-dcp-"))
+    scratch = None if store.local_path(key) is not None else Path(tempfile.mkdtemp(prefix="kubetrain-dcp-"))
     reader = _reader(store, key, scratch, sums or {})
     try:
         reader.checked_metadata()

@@ -15,12 +15,15 @@ A store that stays unreachable after the retries raises RetryableError (exit
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, BinaryIO, Callable, TypeVar
 from urllib.parse import unquote, urlparse
 
 from trainer.errors import EXIT_STORAGE_UNAVAILABLE, RetryableError, UserError
@@ -41,6 +44,37 @@ OUTER_ATTEMPTS = 3  # whole-operation retries on top, for outages longer than bo
 OUTER_BACKOFF_SECONDS = 1.0
 
 
+def hash_while(digest: Callable[[], str], work: Callable[[], T]) -> tuple[str, T]:
+    """(`digest()`, `work()`), with the digest computed in a second thread while the work runs.
+    hashlib releases the GIL on large buffers, so a checksum of the same bytes overlaps the upload,
+    fsync or load instead of adding its time."""
+    outcome: dict[str, Any] = {}
+
+    def hash_them() -> None:
+        try:
+            outcome["digest"] = digest()
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=hash_them, name="kubetrain-sha256", daemon=True)
+    thread.start()
+    try:
+        result = work()
+    finally:
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["digest"], result
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class Store:
     """A place for named blobs. Implementations: FileStore, S3Store."""
 
@@ -48,6 +82,19 @@ class Store:
 
     def write_bytes(self, key: str, data: bytes) -> None:
         raise NotImplementedError
+
+    def write_serialized(self, key: str, serialize: Callable[[BinaryIO], object]) -> tuple[int, str]:
+        """Store what `serialize(file)` writes under `key`; returns its size and SHA-256.
+        Here: serialized into memory, then uploaded while a second thread hashes the same bytes."""
+        buffer = io.BytesIO()
+        serialize(buffer)
+        data = buffer.getvalue()  # no copy: the buffer's own bytes
+        digest, _ = hash_while(lambda: hashlib.sha256(data).hexdigest(), lambda: self.write_bytes(key, data))
+        return len(data), digest
+
+    def local_path(self, key: str) -> Path | None:
+        """The file behind `key` when the store is a local directory (read it in place), else None."""
+        return None
 
     def write_file(self, key: str, path: Path) -> None:
         raise NotImplementedError
@@ -81,22 +128,44 @@ class FileStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / key
 
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
     def write_bytes(self, key: str, data: bytes) -> None:
-        self._atomic(key, lambda tmp: tmp.write_bytes(data))
+        self._atomic(key, lambda f: f.write(data))
 
     def write_file(self, key: str, path: Path) -> None:
-        self._atomic(key, lambda tmp: shutil.copyfile(path, tmp))
+        def copy(f: BinaryIO) -> None:
+            with open(path, "rb") as source:
+                shutil.copyfileobj(source, f, 1 << 22)
 
-    def _atomic(self, key: str, write: Callable[[Path], object]) -> None:
+        self._atomic(key, copy)
+
+    def write_serialized(self, key: str, serialize: Callable[[BinaryIO], object]) -> tuple[int, str]:
+        """Serialized straight into the temp file (no copy in memory); hashed from the page cache
+        while fsync waits for the disk."""
+        return self._atomic(key, serialize, hashed=True)
+
+    def _atomic(self, key: str, fill: Callable[[BinaryIO], object], hashed: bool = False) -> tuple[int, str]:
+        """Write `fill(file)` to a temp file, make it durable, then rename it into place: a reader sees
+        the whole file or none. Returns (size, SHA-256 or "" unless `hashed`)."""
         target = self._path(key)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())  # durable before it becomes visible
+            with open(tmp, "wb") as f:
+                fill(f)
+                f.flush()
+                digest = ""  # fsync: durable before it becomes visible
+                if hashed:
+                    digest, _ = hash_while(lambda: file_sha256(tmp), lambda: os.fsync(f.fileno()))
+                else:
+                    os.fsync(f.fileno())
+                size = f.tell()
             os.replace(tmp, target)
+            return size, digest
         except OSError as e:
+            tmp.unlink(missing_ok=True)
             raise RetryableError(f"cannot write {self.url(key)}: {e}", EXIT_STORAGE_UNAVAILABLE) from e
 
     def read_bytes(self, key: str) -> bytes:
@@ -214,8 +283,6 @@ class S3Store(Store):
             f"({type(error).__name__}: {error})", EXIT_STORAGE_UNAVAILABLE)
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        import io
-
         self._call("upload", key, lambda: self.client.upload_fileobj(
             io.BytesIO(data), self.bucket, self._key(key), Config=self.transfer))
 
@@ -224,8 +291,6 @@ class S3Store(Store):
             str(path), self.bucket, self._key(key), Config=self.transfer))
 
     def read_bytes(self, key: str) -> bytes:
-        import io
-
         def get() -> bytes:
             buf = io.BytesIO()
             self.client.download_fileobj(self.bucket, self._key(key), buf, Config=self.transfer)
