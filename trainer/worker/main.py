@@ -15,7 +15,7 @@ import time
 
 from trainer import __version__
 from trainer.errors import EXIT_FAILURE, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, RetryableError, UserError
-from trainer.worker.startup import STARTUP
+from trainer.worker.startup import STARTUP, import_in_background
 
 log = logging.getLogger("trainer")
 
@@ -73,11 +73,13 @@ def run(config_path: str) -> int:
         metrics.start()
         metrics.describe_run(config, info.world_size, backend, __version__)
         STARTUP.mark("config and metrics")
+        dynamo = import_in_background("torch._dynamo", device)  # the optimizer needs it; hide it behind the wait
         with ProcessGroup(info, backend, config.training.distributed.timeout_seconds):
             STARTUP.mark("rendezvous")
             log_rank_table(info, device, backend)
             if info.is_main:
                 log.info("kubetrain %s, resolved config:\n%s", __version__, dump_config(config))
+            dynamo.join()
             trainer = Trainer(config, info, device, metrics)
             STARTUP.mark("data and model")
             summary = trainer.fit()

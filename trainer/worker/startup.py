@@ -9,8 +9,10 @@ The clock starts when `trainer.worker.main` is imported; the time before that
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
 import time
 
 log = logging.getLogger("trainer.startup")
@@ -58,6 +60,28 @@ class StartupClock:
             phases = self.seconds()
             log.info("start-up: %s; %.2fs from process start",
                      ", ".join(f"{name} {s:.2f}s" for name, s in phases.items()), sum(phases.values()))
+
+
+def import_in_background(module: str, device=None) -> threading.Thread:
+    """Start importing `module` in a thread; join it before anything forks (DataLoader workers).
+
+    Used for torch._dynamo: torch's optimizers import it on first construction (PyTorch's
+    `_disable_dynamo` decorator), about 2 s of CPU that a plain loop pays too. Started before the
+    rendezvous, it runs while this rank waits for its peers. On CUDA the thread first selects this
+    rank's device, so nothing it touches lands on GPU 0. A failure is left to the real import."""
+    def load() -> None:
+        try:
+            if device is not None and device.type == "cuda":
+                import torch
+
+                torch.cuda.set_device(device)
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the optimizer's own import raises it where it matters
+            log.debug("background import of %s failed", module, exc_info=True)
+
+    thread = threading.Thread(target=load, name=f"import-{module}", daemon=True)
+    thread.start()
+    return thread
 
 
 STARTUP = StartupClock()  # one per process: the process's own start-up
