@@ -22,6 +22,12 @@ warmup, metrics off: benchmarks/metrics_overhead.py measures those) so the
 ratio measures the loop's own overhead: DistributedSampler, autocast/GradScaler
 plumbing, accumulation bookkeeping, the watchdog, preemption checks, progress
 logging. Goal: ours/plain >= 0.97 at 1 and 2 threads.
+
+Both loops run with glibc's malloc set as our worker sets it at start
+(trainer/worker/host_memory.py). With glibc's defaults, how many pages each step
+faults in again depends on the process's allocation history, and the same code
+measured 0.83 one run and 0.99 the next; `--glibc-defaults` shows that, and
+benchmarks/host_memory.py measures what the setting itself is worth.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ import argparse
 import collections
 import contextlib
 import logging
+import resource
 import statistics
 import time
+import typing
 from unittest import mock
 
 import torch
@@ -41,6 +49,7 @@ from trainer.config import trainer_config_from_values
 from trainer.tasks import get_task
 from trainer.values import resolve_values
 from trainer.worker.distributed import resolve_rank
+from trainer.worker.host_memory import keep_freed_memory
 from trainer.worker.loop import Trainer
 from trainer.worker.metrics import MetricsProcessor
 from trainer.worker.preemption import PreemptionWatch
@@ -60,12 +69,18 @@ def config(steps: int, batch: int, precision: str = "fp32", on_device: bool = Fa
     return trainer_config_from_values("bench", values)
 
 
+class Span(typing.NamedTuple):
+    samples_per_second: float
+    faults_per_step: float  # minor page faults: pages the kernel mapped in (zero-filled) inside the span
+
+
 class SpanClock:
     """First batch into the model to last optimizer step done, by hooks: the same clock for both loops."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device = CPU):
         self.cuda = device.type == "cuda"
         self.first = self.last = None
+        self.faults = [0, 0]  # minor page faults at the span's start and end
         self.steps = 0
         self.hooks = [model.register_forward_pre_hook(self._forward), optimizer.register_step_post_hook(self._step)]
 
@@ -78,11 +93,17 @@ class SpanClock:
 
     def _forward(self, module, args) -> None:
         if self.first is None:
+            self.faults[0] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             self.first = self._now()
 
     def _step(self, optimizer, args, kwargs) -> None:
         self.last = self._now()
+        self.faults[1] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         self.steps += 1
+
+    def span(self, batch: int) -> Span:
+        rate = self.samples_per_second(batch)
+        return Span(rate, (self.faults[1] - self.faults[0]) / max(self.steps, 1))
 
     def samples_per_second(self, batch: int) -> float:
         for hook in self.hooks:
@@ -93,8 +114,8 @@ class SpanClock:
         return self.steps * batch / (self.last - self.first)
 
 
-def plain_loop(cfg, steps: int, device: torch.device = CPU) -> float:
-    """The tutorial's loop, verbatim in spirit. Returns samples/s."""
+def plain_loop(cfg, steps: int, device: torch.device = CPU) -> Span:
+    """The tutorial's loop, verbatim in spirit."""
     t = cfg.training
     torch.manual_seed(t.seed)
     spec = get_task(t.task)(t)
@@ -118,15 +139,15 @@ def plain_loop(cfg, steps: int, device: torch.device = CPU) -> float:
             done += 1
             if done == steps:
                 break
-    return clock.samples_per_second(t.batch_size)
+    return clock.span(t.batch_size)
 
 
-def our_loop(cfg, device: torch.device = CPU) -> tuple[float, dict]:
+def our_loop(cfg, device: torch.device = CPU) -> tuple[Span, dict]:
     """Our Trainer's samples/s by the same clock, and its summary."""
     trainer = Trainer(cfg, resolve_rank({}), device)
     clock = SpanClock(trainer.raw_model, trainer.optimizer, device)
     summary = trainer.fit()
-    return clock.samples_per_second(cfg.training.batch_size), summary
+    return clock.span(cfg.training.batch_size), summary
 
 
 # Per-step pieces of our loop, timed by wrapping them (outside the measured repeats).
@@ -187,8 +208,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--on-device", action="store_true", help="ours with training.data.onDevice (GPU)")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="leave glibc's malloc as it starts, not as our worker sets it (for both loops)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    print("host memory: glibc defaults" if args.glibc_defaults else keep_freed_memory())
     device = torch.device(args.device)
     cfg = config(args.steps, args.batch, args.precision, args.on_device)
     print(f"device {device}, precision {args.precision}, ours with onDevice {args.on_device}")
@@ -203,12 +227,14 @@ def main() -> None:
                 if side == "plain":
                     plain.append(plain_loop(cfg, args.steps, device))
                 else:
-                    rate, summary = our_loop(cfg, device)
-                    ours.append(rate)
+                    span, summary = our_loop(cfg, device)
+                    ours.append(span)
                     reported.append(summary["samples_per_second"])
-            print(f"  repeat {i + 1}: plain {plain[-1]:8.1f} samples/s   ours {ours[-1]:8.1f} samples/s "
-                  f"(ours self-reported {reported[-1]:.1f})", flush=True)
-        p, o = statistics.median(plain), statistics.median(ours)
+            print(f"  repeat {i + 1}: plain {plain[-1].samples_per_second:8.1f} samples/s "
+                  f"({plain[-1].faults_per_step:.0f} page faults/step)   ours {ours[-1].samples_per_second:8.1f} "
+                  f"samples/s ({ours[-1].faults_per_step:.0f}; self-reported {reported[-1]:.1f})", flush=True)
+        p = statistics.median(span.samples_per_second for span in plain)
+        o = statistics.median(span.samples_per_second for span in ours)
         table.append((threads, p, o))
         if threads == 1 and device.type == "cpu":
             breakdown(cfg, p)

@@ -35,6 +35,9 @@ def test_quickstart_two_gloo_processes_learn(tmp_path):
     assert list(phases) == ["interpreter", "imports", "config and metrics", "rendezvous", "data and model",
                             "resume", "first step"], phases
     assert abs(sum(map(float, phases.values())) - float(startup[0][1])) < 0.05
+    # Rank 0 says how glibc's malloc was set for the loop (trainer/worker/host_memory.py).
+    assert re.findall(r"^\[(\S+)\] .* (host memory: .*)$", result.stdout, re.M) == [
+        ("master-0", "host memory: glibc malloc keeps freed blocks (mmap threshold 32 MiB, trim threshold 1 GiB)")]
     # Without checkpoint.uri nothing is kept, and the run says so before it starts.
     assert summary["checkpoint"] is None
     notice = f"[kubetrain] checkpoint.uri is not set: this run keeps no checkpoint and no trained model; " \

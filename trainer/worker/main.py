@@ -15,6 +15,7 @@ import time
 
 from trainer import __version__
 from trainer.errors import EXIT_FAILURE, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, RetryableError, UserError
+from trainer.worker.host_memory import keep_freed_memory
 from trainer.worker.startup import STARTUP, import_in_background
 
 log = logging.getLogger("trainer")
@@ -49,6 +50,7 @@ def failed_summary(experiment: str | None, status: str, error: str, started: flo
 
 
 def run(config_path: str) -> int:
+    host_memory = keep_freed_memory()  # before training allocates; DataLoader workers inherit it
     # Heavy imports happen here so `--help` and config errors answer fast.
     from trainer.config import dump_config, load_trainer_config
     from trainer.worker.distributed import (ProcessGroup, device_for, fit_threads_to_cpu_limit, log_rank_table,
@@ -61,6 +63,8 @@ def run(config_path: str) -> int:
     rank = int(os.environ.get("RANK", "0") or 0)
     whole_line_output()
     setup_logging(rank)
+    if rank == 0:
+        log.info("%s", host_memory)
     experiment, metrics = None, DISABLED
     try:
         config = load_trainer_config(config_path)
