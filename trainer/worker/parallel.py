@@ -79,9 +79,14 @@ def parallelize(model: nn.Module, spec, cfg, world_size: int, device: torch.devi
 
 
 def ddp(model: nn.Module, device: torch.device) -> DDP:
-    """DDP registers the parameters that require grad *now*: re-wrap after unfreezing."""
+    """DDP registers the parameters that require grad *now*: re-wrap after unfreezing.
+
+    gradient_as_bucket_view: once DDP has averaged a gradient into its all-reduce bucket, the
+    parameter's .grad *is* that slice of the bucket, so a step holds one gradient-sized buffer
+    instead of two. zero_grad(set_to_none=True) and clip_grad_norm_ work on the views as they are.
+    """
     ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
+    return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def run_epoch_start_hook(spec, model: nn.Module, raw_model: nn.Module, device: torch.device,
