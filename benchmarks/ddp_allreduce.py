@@ -153,7 +153,7 @@ def main() -> None:
         ms = {kind: 1000 * value for kind, value in t.items()}
         print(f"run {run}: {numel / 1e6:.1f}M parameters, {4 * numel / 1e6:.0f} MB fp32 gradients, "
               f"DDP buckets {', '.join(f'{4 * n / 1e6:.1f}' for n in buckets)} MB; 2 gloo processes, "
-              f"{args.threads} thread(s) each, medians of {args.iters} ms")
+              f"{args.threads} thread(s) each; ms, medians of {args.iters} iterations")
         print(f"  forward+backward, DDP sync               {ms['synced']:7.1f}")
         print(f"  forward+backward, no_sync()              {ms['no_sync']:7.1f}")
         print(f"  DDP's communication cost (difference)    {1000 * comm:7.1f}")
