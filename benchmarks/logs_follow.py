@@ -9,10 +9,17 @@ start time, then prints `--lines` lines 10 ms apart, each stamped with the
 wall clock. Both clients follow all 16 pods from before the start; the
 benchmark reads their output as it arrives and reports, per client: every line
 received (and prefixed), the latency from a line's stamp to its arrival
-(median, p99), and the client's CPU time. Repeats alternate the clients, with
-fresh pods each time.
+(median, p99), and the client's CPU time. Once the lines are out, it also
+times each client's snapshot (`kubetrain logs NAME`, `kubectl logs -l ...
+--prefix`) as a whole process. Repeats alternate the clients, with fresh pods
+each time.
 
-    python benchmarks/logs_follow.py [--pods 16] [--lines 500] [--repeats 3]
+To see whether a verb's cost grows with other experiments, the namespace is
+first filled with `--others` experiments (a suspended PyTorchJob and its two
+pods each, held unscheduled by a scheduling gate), growing from one size to the
+next: 50, then 500 by default.
+
+    python benchmarks/logs_follow.py [--pods 16] [--lines 500] [--repeats 5] [--others 50,500]
 """
 
 from __future__ import annotations
@@ -64,6 +71,24 @@ def job_and_pods(name: str, pods: int, lines: int, start_at: float, image: str) 
     return objects
 
 
+def other_experiment(name: str, image: str) -> list[dict]:
+    """Another experiment's suspended job and its Master and Worker pods, gated so they stay Pending."""
+    job, *pods = job_and_pods(name, 2, 0, 0.0, image)
+    for pod in pods:
+        pod["spec"]["schedulingGates"] = [{"name": "kubetrain.io/benchmark-never-schedule"}]
+    return [job, *pods]
+
+
+def snapshot(argv: list[str], env: dict) -> tuple[float, float, int]:
+    """(wall seconds, client CPU seconds, lines printed) of one whole `logs` process without --follow."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120).stdout
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), out.count(" at ")
+
+
 def follow(argv: list[str], env: dict, expected: int, timeout: float) -> dict:
     """Run a client, stamp each output line on arrival; returns latencies, lines per prefix and CPU."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -92,8 +117,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pods", type=int, default=16)
     parser.add_argument("--lines", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--others", default="50,500", help="other experiments in the namespace, one size per round")
     args = parser.parse_args()
+    sizes = [int(n) for n in args.others.split(",")]
     import importlib.util
 
     from kube_node import Node, node_lock
@@ -102,49 +129,90 @@ def main() -> None:
     node_conftest = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(node_conftest)  # the node tier's own asset checks (tests/node/conftest.py)
     assets = node_conftest._find_assets()
-    results: dict[str, list[dict]] = {"kubetrain": [], "kubectl": []}
+    clients = ("kubetrain", "kubectl")
+    results = {size: {c: [] for c in clients} for size in sizes}
     with node_lock(assets.cache), tempfile.TemporaryDirectory(prefix="kubetrain-logs-bench-") as tmp:
         node = Node(assets, Path(tmp)).start()
         try:
             kubectl = str(node.cluster.kubectl_path)
             node.cluster.kubectl("create", "namespace", NAMESPACE)
             env = {**os.environ, "KUBECONFIG": str(node.cluster.kubeconfig)}
-            for i in range(args.repeats):
-                for client in (("kubetrain", "kubectl") if i % 2 == 0 else ("kubectl", "kubetrain")):
-                    name = f"bench-{i}-{client}"
-                    start_at = time.time() + 30 + args.pods  # every pod running and followed by then
-                    node.cluster.apply(job_and_pods(name, args.pods, args.lines, start_at, assets.trainer_image))
-                    argv = ([sys.executable, "-m", "trainer.controller.cli", "logs", name, "--follow", "-n", NAMESPACE]
-                            if client == "kubetrain" else
-                            [kubectl, "logs", "-f", "-n", NAMESPACE, "-l", f"training.kubeflow.org/job-name={name}",
-                             "--prefix", "-c", "pytorch", f"--max-log-requests={args.pods}"])
-                    while time.time() < start_at - 10:  # kubectl -l only follows pods that exist and run
-                        running = json.loads(node.cluster.kubectl(
-                            "get", "pods", "-n", NAMESPACE, "-l", f"training.kubeflow.org/job-name={name}",
-                            "-o", "json").stdout)["items"]
-                        if sum(p["status"].get("phase") == "Running" for p in running) == args.pods:
-                            break
-                        time.sleep(1)
-                    outcome = follow(argv, env, args.pods * args.lines, timeout=start_at - time.time() + 120)
-                    results[client].append(outcome)
-                    got = len(outcome["latencies"])
-                    print(f"  repeat {i + 1} {client:>9}: {got}/{args.pods * args.lines} lines from "
-                          f"{len(outcome['per_pod'])} pods, median latency "
-                          f"{1000 * statistics.median(outcome['latencies'] or [0]):.0f} ms, CPU {outcome['cpu']:.2f} s"
-                          + (f" ({outcome['stderr'].strip()})" if got < args.pods * args.lines else ""), flush=True)
-                    node.cluster.kubectl("delete", "pytorchjob,pods", "--all", "-n", NAMESPACE, "--wait=false")
+            made = 0
+            for size in sizes:
+                while made < size:  # batches of 50 experiments
+                    batch = [o for i in range(made, min(size, made + 50))
+                             for o in other_experiment(f"other-{i}", assets.trainer_image)]
+                    node.cluster.kubectl("create", "-f", "-", input=json.dumps(
+                        {"apiVersion": "v1", "kind": "List", "items": batch}))
+                    made = min(size, made + 50)
+                print(f"{size} other experiments ({2 * size} gated pods) in the namespace", flush=True)
+                for i in range(args.repeats):
+                    for client in (clients if i % 2 == 0 else clients[::-1]):
+                        results[size][client].append(
+                            one_run(node, kubectl, env, args, f"bench-{size}-{i}-{client}", client, i))
         finally:
             node.stop()
+    report(args, results)
+
+
+def one_run(node, kubectl: str, env: dict, args, name: str, client: str, i: int) -> dict:
+    """Fresh pods for one client: follow them while they print, then time a snapshot."""
+    start_at = time.time() + 30 + args.pods  # every pod running and followed by then
+    node.cluster.apply(job_and_pods(name, args.pods, args.lines, start_at, node.assets.trainer_image))
+    selector = f"training.kubeflow.org/job-name={name}"
+    base = ([sys.executable, "-m", "trainer.controller.cli", "logs", name, "-n", NAMESPACE]
+            if client == "kubetrain" else
+            [kubectl, "logs", "-n", NAMESPACE, "-l", selector, "--prefix", "-c", "pytorch", "--tail=-1",
+             f"--max-log-requests={args.pods}"])
+    while time.time() < start_at - 10:  # kubectl -l only follows pods that exist and run
+        running = json.loads(node.cluster.kubectl("get", "pods", "-n", NAMESPACE, "-l", selector,
+                                                  "-o", "json").stdout)["items"]
+        if sum(p["status"].get("phase") == "Running" for p in running) == args.pods:
+            break
+        time.sleep(1)
+    outcome = follow([*base, "--follow" if client == "kubetrain" else "-f"], env, args.pods * args.lines,
+                     timeout=start_at - time.time() + 120)
+    got = len(outcome["latencies"])
+    time.sleep(1)  # the last lines flushed to the kubelet's log files
+    outcome["snapshot"] = snapshot(base, env)
+    print(f"  repeat {i + 1} {client:>9}: {got}/{args.pods * args.lines} lines from "
+          f"{len(outcome['per_pod'])} pods, median latency "
+          f"{1000 * statistics.median(outcome['latencies'] or [0]):.0f} ms, CPU {outcome['cpu']:.2f} s; "
+          f"snapshot {outcome['snapshot'][0]:.2f} s, {outcome['snapshot'][2]} lines"
+          + (f" ({outcome['stderr'].strip()})" if got < args.pods * args.lines else ""), flush=True)
+    node.cluster.kubectl("delete", "pytorchjob", name, "-n", NAMESPACE, "--wait=false")
+    node.cluster.kubectl("delete", "pods", "-l", selector, "-n", NAMESPACE, "--wait=false")
+    return outcome
+
+
+def report(args, results: dict) -> None:
     print(f"\n{args.pods} pods x {args.lines} lines (10 ms apart), medians of {args.repeats} runs each, alternating")
-    print(f"{'client':>10} {'lines':>7} {'median ms':>10} {'p99 ms':>8} {'CPU s':>7}")
-    for client, runs in results.items():
-        lat = sorted(x for r in runs for x in r["latencies"]) or [0.0]
-        p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-        print(f"{client:>10} {statistics.median(len(r['latencies']) for r in runs):>7.0f} "
-              f"{1000 * statistics.median(lat):>10.0f} {1000 * p99:>8.0f} "
-              f"{statistics.median(r['cpu'] for r in runs):>7.2f}")
-    ours, theirs = (statistics.median(r["cpu"] for r in results[c]) for c in ("kubetrain", "kubectl"))
-    print(f"client CPU kubetrain/kubectl: {ours / theirs:.2f}")
+    print(f"{'others':>7} {'client':>10} {'lines':>7} {'median ms':>10} {'p99 ms':>8} {'follow CPU s':>13} "
+          f"{'snapshot s':>11} {'snapshot CPU s':>15}")
+    summary = {}
+    for size, by_client in results.items():
+        for client, runs in by_client.items():
+            lat = sorted(x for r in runs for x in r["latencies"]) or [0.0]
+            p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+            row = summary[size, client] = {
+                "cpu": statistics.median(r["cpu"] for r in runs),
+                "snap": statistics.median(r["snapshot"][0] for r in runs),
+                "snap_cpu": statistics.median(r["snapshot"][1] for r in runs)}
+            print(f"{size:>7} {client:>10} {statistics.median(len(r['latencies']) for r in runs):>7.0f} "
+                  f"{1000 * statistics.median(lat):>10.0f} {1000 * p99:>8.0f} {row['cpu']:>13.2f} "
+                  f"{row['snap']:>11.3f} {row['snap_cpu']:>15.3f}")
+    sizes = list(results)
+    for size in sizes:
+        ours, theirs = summary[size, "kubetrain"], summary[size, "kubectl"]
+        print(f"with {size} others, kubetrain/kubectl: follow CPU {ours['cpu'] / theirs['cpu']:.2f}, "
+              f"snapshot wall {ours['snap'] / theirs['snap']:.2f}")
+    if len(sizes) > 1:
+        first, last = sizes[0], sizes[-1]
+        print(f"growth {first} -> {last} other experiments:")
+        for client in results[first]:
+            a, b = summary[first, client], summary[last, client]
+            print(f"  {client:>9}: follow CPU {b['cpu'] / a['cpu']:.2f}x, snapshot wall {b['snap'] / a['snap']:.2f}x, "
+                  f"snapshot CPU {b['snap_cpu'] / a['snap_cpu']:.2f}x")
 
 
 if __name__ == "__main__":
