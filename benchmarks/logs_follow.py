@@ -71,6 +71,17 @@ def job_and_pods(name: str, pods: int, lines: int, start_at: float, image: str) 
     return objects
 
 
+def sizes_list(text: str) -> list[int]:
+    """`50,500` -> [50, 500]: ascending counts >= 0 (the namespace only grows between rounds)."""
+    try:
+        sizes = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated integers, got {text!r}") from None
+    if any(n < 0 for n in sizes) or sizes != sorted(sizes):
+        raise argparse.ArgumentTypeError(f"want ascending counts >= 0, got {text!r}")
+    return sizes
+
+
 def other_experiment(name: str, image: str) -> list[dict]:
     """Another experiment's suspended job and its Master and Worker pods, gated so they stay Pending."""
     job, *pods = job_and_pods(name, 2, 0, 0.0, image)
@@ -118,9 +129,10 @@ def main() -> None:
     parser.add_argument("--pods", type=int, default=16)
     parser.add_argument("--lines", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--others", default="50,500", help="other experiments in the namespace, one size per round")
+    parser.add_argument("--others", default="50,500", type=sizes_list,
+                        help="other experiments in the namespace, one size per round, ascending")
     args = parser.parse_args()
-    sizes = [int(n) for n in args.others.split(",")]
+    sizes = args.others
     import importlib.util
 
     from kube_node import Node, node_lock
