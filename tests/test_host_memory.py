@@ -11,8 +11,8 @@ from trainer.worker.host_memory import keep_freed_memory
 
 # A step's worth of large blocks, written, freed and allocated again: the page faults each round costs.
 # glibc's own malloc and free, so that no other allocation lands between them: with torch tensors the
-# defaults' faults depend on what else the heap holds (round 4 onwards faulted on one machine, not on
-# another), which is the nondeterminism keep_freed_memory removes, but no test of it. With the defaults
+# defaults' faults depend on what else the heap holds (from round 5 on, they kept faulting on one machine
+# and stopped on another), which is the nondeterminism keep_freed_memory removes, but no test of it. With the defaults
 # the first round's blocks are mmapped, then the heap's free top (100 MiB) stays above the dynamic trim
 # threshold (2 x 20 MiB), so every round gives the pages back and faults them in again.
 PROBE = """
