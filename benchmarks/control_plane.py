@@ -60,14 +60,22 @@ def experiment(job: dict, name: str) -> list[dict]:
     return [job, *pods]
 
 
-def timed(argv: list[str]) -> tuple[float, float]:
-    """(wall seconds, client CPU seconds) of one whole process."""
+def timed(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """(wall seconds, client CPU seconds, stdout) of one whole process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = subprocess.run(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         timeout=300).stdout
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), out
+
+
+def create_experiments(cluster, objects_of, first: int, last: int, batch: int = 50) -> None:
+    """`kubectl create` experiments first..last-1 (`objects_of(i)` gives each one's objects), `batch` at a time."""
+    for start in range(first, last, batch):
+        items = [o for i in range(start, min(last, start + batch)) for o in objects_of(i)]
+        cluster.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
 
 
 def main() -> None:
@@ -86,19 +94,16 @@ def main() -> None:
         target = ["--kubeconfig", str(cluster.kubeconfig), "-n", NAMESPACE]
         made = 0
         for size in sizes:
-            while made < size:  # create in batches of 50 objects' experiments
-                batch = [obj for i in range(made, min(size, made + 50)) for obj in experiment(job, f"exp-{i}")]
-                cluster.kubectl("create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
-                                                                     "items": batch}))
-                made = min(size, made + 50)
+            create_experiments(cluster, lambda i: experiment(job, f"exp-{i}"), made, size)
+            made = max(made, size)
             verbs = {"list": ["list", *target], "status exp-0": ["status", "exp-0", *target]}
             samples = {name: [] for name in verbs}
             for _ in range(args.repeats):
                 for name, argv in verbs.items():
                     samples[name].append(timed([*CLI, *argv]))
-            results[size] = {name: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s))
+            results[size] = {name: (statistics.median(w for w, _, _ in s), statistics.median(c for _, c, _ in s))
                              for name, s in samples.items()}
-            listed = subprocess.run([*CLI, *verbs["list"]], cwd=REPO, capture_output=True, text=True).stdout
+            listed = samples["list"][-1][2]
             print(f"{size} experiments ({2 * size} pods): list printed {len(listed.splitlines()) - 1} rows",
                   flush=True)
     print(f"\n{'verb':>14} {'experiments':>12} {'wall s':>7} {'client CPU s':>13}")

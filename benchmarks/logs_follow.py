@@ -39,6 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "node")]
 
+from control_plane import create_experiments, timed  # noqa: E402 - the same helpers, one owner
+
 NAMESPACE = "logs-bench"
 PRINTER = ("import os, sys, time\n"
            "start = float(os.environ['START_AT'])\n"
@@ -90,16 +92,6 @@ def other_experiment(name: str, image: str) -> list[dict]:
     return [job, *pods]
 
 
-def snapshot(argv: list[str], env: dict) -> tuple[float, float, int]:
-    """(wall seconds, client CPU seconds, lines printed) of one whole `logs` process without --follow."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120).stdout
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), out.count(" at ")
-
-
 def follow(argv: list[str], env: dict, expected: int, timeout: float) -> dict:
     """Run a client, stamp each output line on arrival; returns latencies, lines per prefix and CPU."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -132,7 +124,6 @@ def main() -> None:
     parser.add_argument("--others", default="50,500", type=sizes_list,
                         help="other experiments in the namespace, one size per round, ascending")
     args = parser.parse_args()
-    sizes = args.others
     import importlib.util
 
     from kube_node import Node, node_lock
@@ -142,7 +133,7 @@ def main() -> None:
     spec.loader.exec_module(node_conftest)  # the node tier's own asset checks (tests/node/conftest.py)
     assets = node_conftest._find_assets()
     clients = ("kubetrain", "kubectl")
-    results = {size: {c: [] for c in clients} for size in sizes}
+    results = {size: {c: [] for c in clients} for size in args.others}
     with node_lock(assets.cache), tempfile.TemporaryDirectory(prefix="kubetrain-logs-bench-") as tmp:
         node = Node(assets, Path(tmp)).start()
         try:
@@ -150,13 +141,10 @@ def main() -> None:
             node.cluster.kubectl("create", "namespace", NAMESPACE)
             env = {**os.environ, "KUBECONFIG": str(node.cluster.kubeconfig)}
             made = 0
-            for size in sizes:
-                while made < size:  # batches of 50 experiments
-                    batch = [o for i in range(made, min(size, made + 50))
-                             for o in other_experiment(f"other-{i}", assets.trainer_image)]
-                    node.cluster.kubectl("create", "-f", "-", input=json.dumps(
-                        {"apiVersion": "v1", "kind": "List", "items": batch}))
-                    made = min(size, made + 50)
+            for size in args.others:
+                create_experiments(node.cluster, lambda i: other_experiment(f"other-{i}", assets.trainer_image),
+                                   made, size)
+                made = size
                 print(f"{size} other experiments ({2 * size} gated pods) in the namespace", flush=True)
                 for i in range(args.repeats):
                     for client in (clients if i % 2 == 0 else clients[::-1]):
@@ -186,7 +174,8 @@ def one_run(node, kubectl: str, env: dict, args, name: str, client: str, i: int)
                      timeout=start_at - time.time() + 120)
     got = len(outcome["latencies"])
     time.sleep(1)  # the last lines flushed to the kubelet's log files
-    outcome["snapshot"] = snapshot(base, env)
+    wall, cpu, printed = timed(base, env)
+    outcome["snapshot"] = (wall, cpu, printed.count(" at "))
     print(f"  repeat {i + 1} {client:>9}: {got}/{args.pods * args.lines} lines from "
           f"{len(outcome['per_pod'])} pods, median latency "
           f"{1000 * statistics.median(outcome['latencies'] or [0]):.0f} ms, CPU {outcome['cpu']:.2f} s; "
