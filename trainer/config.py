@@ -53,6 +53,8 @@ class TrainerConfig:
         shaping = {k: t[k] for k in ("task", "entrypoint", "num_classes", "parallelism", "seed")}
         shaping["data"] = {k: t["data"][k] for k in ("source", "train_samples")}
         shaping["options"] = t["options"]
+        if t["task"] == "causal-lm":  # the base weights and the adapters' shape decide what a step holds
+            shaping.update(pretrained=t["pretrained"], finetune={k: t["finetune"][k] for k in ("method", "lora")})
         return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -81,6 +81,8 @@ def export_model(trainer) -> str | None:
     if not trainer.info.is_main:
         return None
     place = run_outputs(trainer.config)  # rank 0 alone opens the store
+    if trainer.spec.export is not None:
+        return _export_folders(trainer, state, place)
     training = dataclasses.asdict(trainer.cfg)
     metadata = {
         "format": FORMAT, "kubetrain_version": __version__, "experiment": trainer.config.experiment,
@@ -97,6 +99,26 @@ def export_model(trainer) -> str | None:
     url = place.url(MODEL_DIR)
     log.info("exported the model (%d parameters) to %s", metadata["parameters"], url)
     return url
+
+
+def _export_folders(trainer, state: dict, place) -> dict[str, str]:
+    """The task's own export (a Hugging Face folder, a LoRA adapter beside it), written locally and
+    copied to the outputs' place; {name: URL}. Each folder's files are uploaded in name order with
+    the index and config last, so a reader that sees config.json sees whole weights."""
+    with tempfile.TemporaryDirectory(prefix="kubetrain-export-") as tmp:
+        folders = trainer.spec.export(state, Path(tmp))
+        del state
+        urls = {}
+        for name, folder in folders.items():
+            files = sorted((p for p in folder.rglob("*") if p.is_file()),
+                           key=lambda p: (p.name.endswith((".json", ".jinja", ".txt", ".model")), str(p)))
+            files.sort(key=lambda p: p.name == "config.json")
+            for path in files:
+                place.store.write_file(place.key(name, str(path.relative_to(folder))), path)
+            urls[name] = place.url(name)
+            log.info("exported the %s to %s (%d files, %.1f MB)", name, urls[name], len(files),
+                     sum(p.stat().st_size for p in files) / 1e6)
+    return urls
 
 
 # ------------------------------------------------------------------ reading (anywhere)

@@ -110,7 +110,19 @@ def task_rules() -> list[dict]:
                 "pretrained": {"not": {"const": True}, "description": "training.task custom takes "
                                "training.pretrained as a weights URI (file:// or s3://) or false"},
             }
-        then["properties"]["numClasses"] = {"default": rule.num_classes}
+        if rule.num_classes is not None:
+            then["properties"]["numClasses"] = {"default": rule.num_classes}
+        else:  # no classifier head: a folder of weights names everything
+            then["properties"]["pretrained"] = {"type": "string", "description": (
+                f"training.task {task} needs training.pretrained: a save_pretrained folder (file://, s3:// or "
+                "hf://org/name)")}
+        if rule.options is not None:
+            then["properties"]["options"] = rule.options
+        if not rule.language_model:
+            then["properties"]["finetune"] = {"properties": {"method": {"const": "full", "description": (
+                f"training.finetune.method lora and qlora are for training.task causal-lm; {task} trains full")}}}
+            then["properties"]["activationCheckpointing"] = {"const": False, "description": (
+                "training.activationCheckpointing is for training.task causal-lm")}
         if rule.sources:
             then["properties"]["data"] = {"properties": {"source": {
                 "enum": list(rule.sources), "description": f"{task} reads {_words(rule.sources)} data"}}}

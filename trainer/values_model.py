@@ -126,15 +126,44 @@ class JobValues:
 @dataclass(frozen=True)
 class TaskRule:
     """What one registered task can run: its data sources and its classifier head's default size."""
-    num_classes: int
+    num_classes: Optional[int]  # None: the task has no classifier head (causal-lm)
     sources: tuple[str, ...] = ()  # empty: any (custom)
     needs_path: tuple[str, ...] = ()  # sources read from training.data.path
     fixed_classes: tuple[tuple[str, int], ...] = ()  # (source, its number of classes)
+    options: Optional[dict] = None  # JSON Schema of training.options, where the task types them
+    language_model: bool = False  # takes finetune.method lora/qlora and activationCheckpointing
+
+
+# causal-lm's training.options: typed here so that a mistake is refused before any replica starts.
+CAUSAL_LM_OPTIONS = {
+    "type": "object",
+    "properties": {
+        "maxSeqLength": {"type": ["integer", "null"], "minimum": 8, "description": "training.options.maxSeqLength "
+                         "is the longest sequence in tokens (longer rows are truncated and counted in the log); "
+                         "null = the model's max_position_embeddings"},
+        "packing": {"type": "boolean", "description": "training.options.packing packs examples into full "
+                    "maxSeqLength sequences, without attention or positions crossing example boundaries"},
+        "trainOnPrompt": {"type": "boolean", "description": "training.options.trainOnPrompt also trains on "
+                          "prompt/user tokens (default: loss on completion/assistant tokens only)"},
+        "evalPrompts": {"type": "integer", "minimum": 0, "description": "training.options.evalPrompts is how many "
+                        "held-out prompts rank 0 answers greedily at each evaluation (log and TensorBoard)"},
+        "maxNewTokens": {"type": "integer", "minimum": 1, "description": "training.options.maxNewTokens bounds "
+                         "those generations"},
+    },
+    "additionalProperties": {"not": {}, "description": "causal-lm takes the options maxSeqLength, packing, "
+                             "trainOnPrompt, evalPrompts and maxNewTokens"},
+    "if": {"required": ["packing"], "properties": {"packing": {"const": True}}},
+    "then": {"required": ["maxSeqLength"], "properties": {"maxSeqLength": {"type": "integer", "description": (
+        "training.options.packing needs training.options.maxSeqLength: the length of a packed sequence")}},
+        "description": "training.options.packing needs training.options.maxSeqLength: the length of a packed "
+                       "sequence"},
+}
 
 
 # The registered tasks (a test ties them to trainer.tasks' registry); the schema's per-task rules come from here.
 TASK_RULES = {
     "bert-sentiment": TaskRule(2, ("synthetic", "file", "huggingface"), ("file", "huggingface"), (("synthetic", 2),)),
+    "causal-lm": TaskRule(None, ("synthetic", "file"), ("file",), options=CAUSAL_LM_OPTIONS, language_model=True),
     "cifar10-convnet": TaskRule(10, ("synthetic", "cifar10"), (), (("cifar10", 10),)),
     "resnet18-finetune": TaskRule(10, ("synthetic", "cifar10", "imagefolder"), ("imagefolder",), (("cifar10", 10),)),
     "speech-conv1d": TaskRule(10, ("synthetic", "folder"), ("folder",)),
@@ -158,7 +187,20 @@ class LrScheduleConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    rank: int = setting(16, "is the rank r of the low-rank update.", minimum=1, maximum=4096)
+    alpha: float = setting(32, "scales the update by alpha/rank.", exclusiveMinimum=0)
+    dropout: float = setting(0.05, "is the dropout on the adapter's input.", minimum=0, maximum=1)
+    target_modules: tuple[str, ...] = setting((), "names the layers that get adapters (module names or name suffixes, "
+                                                  "e.g. q_proj); empty = every linear layer of attention and MLP.",
+                                              items={"type": "string", "minLength": 1})
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
+    method: str = setting("full", "is full (every parameter trains) or lora (adapters through peft, causal-lm); qlora "
+                                  "(a 4-bit base, CUDA only) is refused on CPU.", enum=["full", "lora", "qlora"])
+    lora: LoraConfig = section(LoraConfig, "shapes the LoRA adapters (training.finetune.method lora).")
     freeze: tuple[str, ...] = setting((), "lists parameter-name prefixes that stay frozen (resnet18-finetune: empty "
                                           "means everything but `fc`).", items={"type": "string", "minLength": 1})
     unfreeze_after_epochs: Optional[int] = setting(None, "unfreezes the frozen parameters from this epoch on (null = "
@@ -221,15 +263,19 @@ class TrainingConfig:
     precision: str = setting("fp32", "is the autocast precision: fp32, bf16 or fp16 (fp16 uses a GradScaler).",
                              enum=["fp32", "bf16", "fp16"])
     parallelism: str = setting("ddp", "is ddp (replicated model) or fsdp (sharded model).", enum=["ddp", "fsdp"])
+    activation_checkpointing: bool = setting(False, "recomputes each decoder layer's activations in the backward pass "
+                                                    "(less memory, about a third more compute; causal-lm).")
     seed: int = setting(1234, "seeds model init (same on every rank) and data order; each rank adds its rank for its "
                               "own randomness.", minimum=0)
     # None after loading only for a custom task that leaves it unset
     num_classes: Optional[int] = setting(None, "is the size of the classifier head (null = the task's own: 2 for "
                                                "bert-sentiment, 10 for the others).", minimum=2)
     pretrained: Union[bool, str] = setting(False, "is true/false, or a weights URI (file://, s3://) for offline "
-                                                  "clusters.",
-                                           oneOf=[{"type": "boolean"}, {"type": "string", "pattern": "^(file|s3)://.+"}],
-                                           invalid="true/false or a weights URI (file://, s3://).")
+                                                  "clusters; causal-lm: a save_pretrained folder (file://, s3://, or "
+                                                  "hf://org/name[@revision]).",
+                                           oneOf=[{"type": "boolean"},
+                                                  {"type": "string", "pattern": "^((file|s3)://.+|hf://[^/@]+/[^/@]+(@.+)?)$"}],
+                                           invalid="true/false, a weights URI (file://, s3://), or hf://org/name.")
     log_every_steps: int = setting(20, "prints a progress line every N optimizer steps.", minimum=1)
     eval_every_epochs: int = setting(1, "runs evaluation every N epochs (and always at the end).", minimum=1)
     optimizer: OptimizerConfig = section(OptimizerConfig, "chooses the optimizer and its hyper-parameters.")
@@ -238,7 +284,8 @@ class TrainingConfig:
     finetune: FinetuneConfig = section(FinetuneConfig, "controls which parameters train.")
     data: DataConfig = section(DataConfig, "selects and shapes the dataset.")
     distributed: DistributedConfig = section(DistributedConfig, "configures the process group.")
-    options: dict = setting({}, "holds task-specific settings (see each task's docs).")
+    options: dict = setting({}, "holds task-specific settings (see each task's docs; causal-lm: maxSeqLength, packing, "
+                                "trainOnPrompt, evalPrompts, maxNewTokens).")
     python_path: tuple[str, ...] = setting((), "lists directories prepended to the import path, e.g. a mounted volume "
                                                "holding the package of training.entrypoint.",
                                            items={"type": "string", "minLength": 1})

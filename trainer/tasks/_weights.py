@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import fcntl
+import hashlib
+import json
 import logging
+import os
+import shutil
 import tempfile
+import time
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
@@ -22,6 +28,24 @@ import torch
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
+
+CACHE_ENV = "KUBETRAIN_WEIGHTS_CACHE"
+CACHE_MARKER = ".kubetrain-fetched.json"  # {file: size}, written last: a folder without it is partial
+
+
+def _fetch_hub(uri: str, key: str, folder: Path) -> Path:
+    """hf://org/name[@revision] through huggingface_hub (its own cache and checks), into `folder`."""
+    repo, _, revision = uri[len("hf://"):].partition("@")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, revision=revision or None, cache_dir=str(folder)))
+    except ImportError:
+        raise UserError(f"{key}: hf:// needs the huggingface_hub package (pip install 'kubetrain[nlp]')") from None
+    except Exception as e:  # no network, unknown repo, gated model without HF_TOKEN
+        raise UserError(f"{key}: cannot download {uri!r} from the Hugging Face hub ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300]}); offline, upload the folder to S3 and use s3://") from None
+
 
 def _split(uri: str, key: str) -> tuple[str, str]:
     """('scheme://bucket-or-dir', 'name') for a file URI."""
@@ -65,31 +89,72 @@ class WeightsReader:
         return target
 
     def fetch_directory(self, uri: str, key: str) -> Path:
-        """A local directory with the files below `uri` (a Hugging Face model folder)."""
+        """A local directory with the files below `uri` (a Hugging Face model folder).
+
+        file:// is used in place. s3:// and hf:// are fetched once per node-local cache folder
+        (`$KUBETRAIN_WEIGHTS_CACHE`, else kubetrain-weights/ in the temp dir: the pod's /tmp, shared
+        by its processes): the first process to take the folder's lock downloads, the others wait
+        on the lock and then read the same files. A cached copy is reused while every file has
+        the size the source lists; otherwise it is fetched again."""
         parsed = urlparse(uri)
         if parsed.scheme == "file":
             path = Path(unquote(parsed.path))
             if not path.is_dir():
                 raise UserError(f"{key}: {uri!r}: no such directory")
             return path
-        if parsed.scheme != "s3":
-            raise UserError(f"{key}: {uri!r} must be a file:// or s3:// URI, or a model name")
+        if parsed.scheme not in ("s3", "hf"):
+            raise UserError(f"{key}: {uri!r} must be a file://, s3:// or hf:// URI, or a model name")
+        root = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "kubetrain-weights")
+        folder = root / hashlib.sha256(uri.encode()).hexdigest()[:20]
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with open(root / f"{folder.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                if parsed.scheme == "hf":
+                    return _fetch_hub(uri, key, folder)
+                return self._fetch_s3_folder(uri, key, folder)
+        except OSError as e:
+            raise UserError(f"{key}: cannot cache {uri!r} in {root} ({e}); set {CACHE_ENV} to a writable "
+                            "folder") from None
+
+    def _fetch_s3_folder(self, uri: str, key: str, folder: Path) -> Path:
+        parsed = urlparse(uri)
         store = self._store(f"s3://{parsed.netloc}")
         prefix = unquote(parsed.path).strip("/")
-        target = Path(tempfile.mkdtemp(prefix="kubetrain-weights-"))
         try:
-            keys = store.sizes(prefix)
-            for k in keys:
-                local = target / PurePosixPath(k).relative_to(prefix)
+            sizes = {str(PurePosixPath(k).relative_to(prefix)): n for k, n in store.sizes(prefix).items()}
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{key}: cannot list {uri!r}: {e}") from None
+        if not sizes:
+            raise UserError(f"{key}: {uri!r} holds no files")
+        marker = folder / CACHE_MARKER
+        if marker.is_file() and json.loads(marker.read_text()) == sizes and all(
+                (folder / name).is_file() and (folder / name).stat().st_size == n for name, n in sizes.items()):
+            log.info("%s: %s already in the node's cache %s", key, uri, folder)
+            return folder
+        started = time.perf_counter()
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            for name, size in sizes.items():
+                local = partial / name
                 local.parent.mkdir(parents=True, exist_ok=True)
-                store.read_file(k, local)
+                store.read_file(f"{prefix}/{name}", local)
+                if local.stat().st_size != size:
+                    raise UserError(f"{key}: {uri}/{name}: {local.stat().st_size} bytes arrived, the listing "
+                                    f"says {size}")
         except UserError:
             raise
         except Exception as e:
             raise UserError(f"{key}: cannot read {uri!r}: {e}") from None
-        if not keys:
-            raise UserError(f"{key}: {uri!r} holds no files")
-        return target
+        (partial / CACHE_MARKER).write_text(json.dumps(sizes))
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+        log.info("%s: fetched %s (%d files, %.1f MB) into %s in %.1fs", key, uri, len(sizes),
+                 sum(sizes.values()) / 1e6, folder, time.perf_counter() - started)
+        return folder
 
     def load_state_dict(self, uri: str, key: str = "training.pretrained") -> dict[str, torch.Tensor]:
         """A state dict from a weights file; a checkpoint-style {"model": {...}} is unwrapped."""

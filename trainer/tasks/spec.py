@@ -30,6 +30,17 @@ class TaskSpec:
         loop re-wraps DDP.
     shard_units: model -> the blocks FSDP shards one by one (default: the elements of
         the model's nn.ModuleLists).
+    eval_counts: (outputs, targets) -> (n, correct) tensors: how much an eval batch weighs
+        in the mean loss and how many of it were right (default: examples, argmax == target).
+    materialize: (model, device) -> None, for a model built with its parameters on the meta
+        device: give them storage on the device and load them. The loop calls it after FSDP
+        sharded the model (each rank loads its shards) or before DDP wraps it.
+    generate: (model, device, synced) -> [{"prompt", "answer", "expected"}], run after each
+        evaluation and logged; under FSDP every rank calls it (synced=True), else rank 0.
+    checkpoint_keys: model state name -> bool: what checkpoints hold of the model (LoRA:
+        the adapters; the frozen rest is the pretrained weights, loaded at every start).
+    export: (full CPU state dict, folder) -> {name: subfolder}: write the exported model
+        (rank 0, at the end) instead of kubetrain's model.safetensors + model.json.
     """
 
     model: nn.Module
@@ -43,3 +54,8 @@ class TaskSpec:
     param_groups: Optional[Callable[[nn.Module], list[dict]]] = None
     on_epoch_start: Optional[Callable[[nn.Module, int], bool]] = None
     shard_units: Optional[Callable[[nn.Module], Iterable[nn.Module]]] = None
+    eval_counts: Optional[Callable] = None
+    materialize: Optional[Callable[[nn.Module, torch.device], None]] = None
+    generate: Optional[Callable] = None
+    checkpoint_keys: Optional[Callable[[str], bool]] = None
+    export: Optional[Callable] = None

@@ -115,16 +115,21 @@ def model_optimizer_state(model, raw_model, optimizer) -> tuple[dict, dict]:
     return get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
 
 
-def load_model_optimizer_state(model, raw_model, optimizer, model_state: dict, optimizer_state: dict) -> None:
+def load_model_optimizer_state(model, raw_model, optimizer, model_state: dict, optimizer_state: dict,
+                               partial: bool = False) -> None:
+    """`partial`: the checkpoint holds part of the model (LoRA adapters); the rest stays as loaded at
+    start, but every saved tensor must find its parameter."""
     if not _is_fsdp(model):
-        raw_model.load_state_dict(model_state)
+        result = raw_model.load_state_dict(model_state, strict=not partial)
+        if partial and result.unexpected_keys:
+            raise UserError(f"the checkpoint holds tensors this model lacks: {result.unexpected_keys[:5]}")
         optimizer.load_state_dict(optimizer_state)
         return
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
     # Sharded state from DCP, or full plain tensors (a model.pt written by DDP or before sharded saves).
-    options = StateDictOptions(full_state_dict=not is_sharded(model_state))
+    options = StateDictOptions(full_state_dict=not is_sharded(model_state), strict=not partial)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, _keyed_by_name(raw_model, optimizer, optimizer_state),
                              options=options)

@@ -132,6 +132,13 @@ def device_for(info: RankInfo, backend: str) -> torch.device:
     return torch.device("cpu")
 
 
+def group_backends(backend: str) -> str:
+    """The default group's backend per device type. NCCL only takes CUDA tensors, and the loop's
+    control collectives (eval batch counts, checkpoint flags, generation sync) use small CPU
+    tensors: an NCCL run gets gloo beside it for those, as torchtitan does."""
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
+
 class ProcessGroup:
     """Owns the default process group for the lifetime of a `with` block."""
 
@@ -143,7 +150,7 @@ class ProcessGroup:
             os.environ.setdefault("MASTER_ADDR", self.info.master_addr)
             os.environ.setdefault("MASTER_PORT", str(self.info.master_port))
             dist.init_process_group(
-                backend=self.backend,
+                backend=group_backends(self.backend),
                 rank=self.info.rank,
                 world_size=self.info.world_size,
                 timeout=datetime.timedelta(seconds=self.timeout),

@@ -21,8 +21,8 @@ from trainer.tasks._finetune import freeze as freeze_parameters
 from trainer.tasks._weights import WeightsReader
 from trainer.worker.data import build_loaders, move
 from trainer.worker.distributed import RankInfo
-from trainer.worker.parallel import (even_eval_batches, fsdp_mixed_precision, gradient_sync, parallelize,
-                                     run_epoch_start_hook)
+from trainer.worker.parallel import (even_eval_batches, fsdp_mixed_precision, gradient_sync, is_fsdp,
+                                     parallelize, run_epoch_start_hook)
 from trainer.worker.metrics import DISABLED, MetricsProcessor
 from trainer.worker.progress import LogWindow, StepTimer, mean_across_ranks
 from trainer.worker.startup import STARTUP
@@ -87,14 +87,23 @@ class Trainer:
         cfg = self.cfg = config.training
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         # training.pretrained: s3:// reads with the checkpoints' S3 settings
-        self.spec = get_task(cfg.task)(cfg, weights=WeightsReader(config.s3))
-        model = self.spec.model.to(device)
+        self.spec = spec = get_task(cfg.task)(cfg, weights=WeightsReader(config.s3))
+        model = spec.model
+        if spec.materialize is None:
+            model = model.to(device)
         freeze_parameters(model, cfg.finetune.freeze)
         if info.is_main:
             log_parameter_counts(model, cfg.finetune.freeze)
+        # A model built on the meta device loads its weights where they will live: after FSDP
+        # sharded it (each rank reads its shards), before DDP broadcasts rank 0's replica.
+        sharded = cfg.parallelism == "fsdp" and info.world_size > 1
+        if spec.materialize is not None and not sharded:
+            spec.materialize(model, device)
         # FSDP shards in place, so raw_model is the sharded module then (eval must use it).
         self.raw_model = model
-        self.model = model = parallelize(model, self.spec, cfg, info.world_size, device)
+        self.model = model = parallelize(model, spec, cfg, info.world_size, device)
+        if spec.materialize is not None and sharded:
+            spec.materialize(model, device)
         torch.manual_seed(cfg.seed + info.rank)  # per-rank randomness (dropout, augmentation)
 
         self.train_loader, self.sampler, self.eval_loader = build_loaders(self.spec, cfg, info, device)
@@ -175,11 +184,14 @@ class Trainer:
                 loss = self.spec.loss_fn(outputs, targets)
             if not counts:
                 continue  # an FSDP filler forward that keeps ranks in step
-            n = targets.shape[0]
+            if self.spec.eval_counts is not None:  # e.g. tokens with a label, not examples
+                n, correct = self.spec.eval_counts(outputs, targets)
+            else:
+                n = targets.shape[0]
+                correct = (getattr(outputs, "logits", outputs).argmax(dim=-1) == targets).sum()
             sums[0] += loss.double() * n
             if self.spec.accuracy:
-                logits = getattr(outputs, "logits", outputs)
-                sums[1] += (logits.argmax(dim=-1) == targets).sum()
+                sums[1] += correct
             sums[2] += n
         self.model.train()
         if dist.is_initialized():
@@ -225,6 +237,8 @@ class Trainer:
         from trainer.worker.checkpoint import capture_rng, model_optimizer_state
 
         model, optimizer = model_optimizer_state(self.model, self.raw_model, self.optimizer)
+        if self.spec.checkpoint_keys is not None:  # e.g. LoRA: the adapters, not the frozen base
+            model = {k: v for k, v in model.items() if self.spec.checkpoint_keys(k)}
         return {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": dataclasses.asdict(self.state),
                 "rng": capture_rng()}
@@ -232,7 +246,8 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         from trainer.worker.checkpoint import load_model_optimizer_state, restore_rng
 
-        load_model_optimizer_state(self.model, self.raw_model, self.optimizer, state["model"], state["optimizer"])
+        load_model_optimizer_state(self.model, self.raw_model, self.optimizer, state["model"], state["optimizer"],
+                                   partial=self.spec.checkpoint_keys is not None)
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.state = TrainState(**state["train_state"])
@@ -316,6 +331,7 @@ class Trainer:
 
             exported = export_model(self)
         steps_run = self.state.step - window.first_step
+        folders = exported if isinstance(exported, dict) else {"model": exported}  # a model and its adapter
         return {
             "event": "summary",
             "status": "preempted" if preempted else "succeeded",
@@ -331,7 +347,8 @@ class Trainer:
             "wall_seconds": round(wall, 3),
             "checkpoint": checkpoints.url(checkpoints.last_committed) if checkpoints.last_committed is not None
             else None,
-            "model": exported,
+            "model": folders.get("model"),
+            **({"adapter": folders["adapter"]} if "adapter" in folders else {}),
             "tensorboard": self.tensorboard.location or None,
         }
 
@@ -364,8 +381,27 @@ class Trainer:
         self.metrics.observe_eval(self.eval_loss, self.eval_accuracy)
         self.tensorboard.log_eval(self.state.step, self.eval_loss, self.eval_accuracy)
         if announce and self.info.is_main:
-            log.info("epoch %d eval: loss=%s accuracy=%s", self.state.epoch + 1, _fmt(self.eval_loss),
-                     _fmt(self.eval_accuracy))
+            log.info("epoch %d eval: loss=%s accuracy=%s%s", self.state.epoch + 1, _fmt(self.eval_loss),
+                     _fmt(self.eval_accuracy), f" perplexity={math.exp(min(self.eval_loss, 700)):.3f}"
+                     if self.spec.generate is not None and self.eval_loss is not None else "")
+        self._log_generations()
+
+    def _log_generations(self) -> None:
+        """The task's greedy answers to fixed eval prompts (language models), to the log and TensorBoard."""
+        if self.spec.generate is None:
+            return
+        synced = is_fsdp(self.model) and dist.is_initialized()  # every rank joins the sharded forwards
+        if not (synced or self.info.is_main):
+            return
+        self.raw_model.eval()
+        with self._autocast():
+            samples = self.spec.generate(self.raw_model, self.device, synced)
+        self.model.train()
+        if self.info.is_main and samples:
+            for sample in samples:
+                log.info("generation at step %d: %r -> %r (expected %r)", self.state.step, sample["prompt"],
+                         sample["answer"], sample["expected"])
+            self.tensorboard.log_generations(self.state.step, samples)
 
 
 def log_parameter_counts(model: nn.Module, freeze: tuple[str, ...]) -> None:

@@ -99,9 +99,9 @@ def run_epoch_start_hook(spec, model: nn.Module, raw_model: nn.Module, device: t
     instead, so reshard first. DDP only reduces the parameters that required grad
     when it was built: re-wrap it. FSDP2 and a plain module notice on the next backward.
     """
-    if _is_fsdp(model):
+    if is_fsdp(model):
         for module in model.modules():
-            if _is_fsdp(module):
+            if is_fsdp(module):
                 module.reshard()
     if not spec.on_epoch_start(raw_model, epoch):
         return model
@@ -113,17 +113,17 @@ def run_epoch_start_hook(spec, model: nn.Module, raw_model: nn.Module, device: t
 def gradient_sync(model: nn.Module, enabled: bool):
     """A context in which backward does (or skips) the gradient collective, for accumulation."""
     if enabled:
-        if _is_fsdp(model):
+        if is_fsdp(model):
             model.set_requires_gradient_sync(True)
         return contextlib.nullcontext()
     if isinstance(model, DDP):
         return model.no_sync()
-    if _is_fsdp(model):
+    if is_fsdp(model):
         model.set_requires_gradient_sync(False)  # reduce-scatter only on the last micro-batch
     return contextlib.nullcontext()
 
 
-def _is_fsdp(model: nn.Module) -> bool:
+def is_fsdp(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -133,7 +133,7 @@ def even_eval_batches(loader, model: nn.Module) -> Iterator[tuple[object, bool]]
     """(batch, counts) pairs. Under FSDP every forward is a collective, so a rank whose
     eval shard has fewer batches repeats a batch (counts=False, to be discarded)
     until all ranks have run the same number of forwards."""
-    if not _is_fsdp(model) or not dist.is_initialized():
+    if not is_fsdp(model) or not dist.is_initialized():
         for batch in loader:
             yield batch, True
         return

@@ -17,6 +17,7 @@ TensorBoard drops the points a preempted attempt logged after that checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import threading
 from pathlib import Path
@@ -136,8 +137,19 @@ class TensorBoardLogger:
             return
         if loss is not None:
             self.writer.add_scalar("eval/loss", loss, step)
+            if self.config.training.task == "causal-lm":
+                self.writer.add_scalar("eval/perplexity", math.exp(min(loss, 700.0)), step)
         if accuracy is not None:
             self.writer.add_scalar("eval/accuracy", accuracy, step)
+
+    def log_generations(self, step: int, samples: list[dict]) -> None:
+        """A language model's greedy answers to fixed eval prompts, as one Markdown table."""
+        if self.writer is None:
+            return
+        cell = lambda text: str(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        rows = [f"| {cell(s['prompt'])} | {cell(s['answer'])} | {cell(s['expected'])} |" for s in samples]
+        self.writer.add_text("eval/generations", "| prompt | answer | expected |\n|---|---|---|\n" + "\n".join(rows),
+                             step)
 
     def close(self) -> None:
         if self.writer is not None:
