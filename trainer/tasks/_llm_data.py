@@ -235,15 +235,14 @@ ASKS = ("what comes after {n} ?", "say the number after {n} .", "{p} wants the n
 SYNTHETIC_WORDS = sorted(set(NUMBERS) | set(PEOPLE) | {w for a in ASKS for w in a.split() if "{" not in w})
 
 
-def synthetic_rows(count: int, seed: int, chat: bool, held_out: bool = False) -> list[dict]:
-    """An instruction task a tiny model learns in minutes and can be checked by exact match: answer
-    the number word after the one asked for. Held-out rows use the last phrasing, never trained on."""
+def synthetic_rows(count: int, seed: int, chat: bool) -> list[dict]:
+    """An instruction task a tiny model learns in minutes and that exact match can grade: answer with
+    the number word after the one asked for, in one of several phrasings."""
     g = random.Random(seed)
-    asks = ASKS[-1:] if held_out else ASKS[:-1]
     rows = []
     for _ in range(count):
         n = g.randrange(len(NUMBERS) - 1)
-        prompt = g.choice(asks).format(n=NUMBERS[n], p=g.choice(PEOPLE))
+        prompt = g.choice(ASKS).format(n=NUMBERS[n], p=g.choice(PEOPLE))
         answer = NUMBERS[n + 1]
         rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
                     if chat else {"prompt": prompt + " answer :", "completion": " " + answer})

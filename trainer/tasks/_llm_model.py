@@ -112,6 +112,7 @@ def build_skeleton(folder: Path, uri: str):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         except ValueError as e:  # an architecture AutoModelForCausalLM does not know
             raise UserError(f"training.pretrained: {uri}: {str(e).splitlines()[0][:300]}") from None
+    model.tie_weights()  # as from_pretrained does (e.g. Qwen2's lm_head is its embedding): one parameter
     if (folder / "generation_config.json").is_file():
         model.generation_config = transformers.GenerationConfig.from_pretrained(str(folder))
     return model

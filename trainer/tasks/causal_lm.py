@@ -9,7 +9,7 @@ holds (trainer/tasks/_llm_model.py); `training.finetune.method: lora` adds peft 
 Data (`training.data.source`): `file` reads `training.data.path` (and `evalPath`, else a
 seeded 10% hold-out) as JSONL or Parquet, local or s3://, in the chat, prompt/completion or
 text format (trainer/tasks/_llm_data.py); `synthetic` is an offline instruction task (name
-the number after a given one) whose eval rows use a phrasing never trained on.
+the number after a given one), its eval rows drawn with another seed.
 Options (`training.options`): maxSeqLength, packing, trainOnPrompt, evalPrompts (4) and
 maxNewTokens (16), for the greedy answers logged at each evaluation.
 
@@ -58,7 +58,7 @@ def _datasets(cfg, tokenizer, fetch):
     if source == "synthetic":
         chat = bool(getattr(tokenizer, "chat_template", None))
         train_rows = data.synthetic_rows(cfg.data.train_samples, cfg.seed, chat)
-        eval_rows = data.synthetic_rows(cfg.data.eval_samples, cfg.seed + 1, chat, held_out=True)
+        eval_rows = data.synthetic_rows(cfg.data.eval_samples, cfg.seed + 1, chat)  # other draws
         fmt = "chat" if chat else "prompt-completion"
     elif source == "file":
         train_rows = data.read_rows(cfg.data.path, "training.data.path", fetch)
@@ -135,6 +135,7 @@ class HuggingFaceExport:
         if self.lora is not None:
             model = llm.add_lora(model, self.lora)
         model.load_state_dict(state, strict=False, assign=True)
+        (model.get_base_model() if self.lora is not None else model).tie_weights()  # assign untied them
         folders = {}
         if self.lora is not None:
             folders["adapter"] = out / "adapter"

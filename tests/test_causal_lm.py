@@ -1,0 +1,159 @@
+"""causal-lm: tiny Llama- and Qwen2-shaped models (random weights, a tokenizer trained here) fine-tuned
+with LoRA and in full, under DDP and FSDP2 at 2 gloo ranks, from model folders on a real S3 server
+(SeaweedFS and moto) or on disk. The exported folders load with transformers and peft and reproduce
+the run's eval loss; held-out prompts are answered far more often than before training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft", reason="causal-lm needs the nlp extra: pip install 'kubetrain[nlp]'")
+
+import torch  # noqa: E402
+
+from fixtures.llm import save_tiny_model, upload_folder  # noqa: E402
+from support import run_cli  # noqa: E402
+
+BUCKET = "llm-weights"
+ENV = {"OMP_NUM_THREADS": "1"}
+EVAL_SAMPLES, SEED = 64, 1234
+# Per method: what learns the synthetic task in a few dozen steps on 2 CPU ranks.
+METHODS = {
+    "lora": {"finetune": {"method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}},
+             "optimizer": {"lr": 0.01}},
+    "full": {"finetune": {"method": "full"}, "optimizer": {"lr": 0.004}},
+}
+
+
+def values(pretrained: str, method: str, parallelism: str, **training) -> dict:
+    return {
+        "job": {"nodes": 2, "nprocPerNode": 1}, "metrics": {"enabled": False},
+        "training": {
+            "task": "causal-lm", "pretrained": pretrained, "parallelism": parallelism, "seed": SEED,
+            "batchSize": 16, "epochs": 3, "maxSteps": 90, "logEverySteps": 10, "lrSchedule": {"warmupSteps": 4},
+            "data": {"trainSamples": 960, "evalSamples": EVAL_SAMPLES},
+            "options": {"evalPrompts": 2, "maxNewTokens": 3}, **METHODS[method], **training,
+        },
+    }
+
+
+def train(tmp_path: Path, values_file, name: str, vals: dict, env: dict | None = None, *extra: str):
+    result = run_cli("run", name, "-f", str(values_file(vals)), "--workdir", str(tmp_path / name), *extra,
+                     env={**ENV, **(env or {})}, timeout=600)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+    return result
+
+
+# ------------------------------------------------------------------ what a user checks on the export
+def held_out_rows(tokenizer):
+    from trainer.tasks._llm_data import synthetic_rows
+
+    return synthetic_rows(EVAL_SAMPLES, SEED + 1, chat=bool(tokenizer.chat_template))
+
+
+@torch.no_grad()
+def judge(model, tokenizer) -> tuple[float, float]:
+    """(token-weighted eval loss on the run's held-out set, share of held-out prompts whose greedy
+    answer starts with the right word)."""
+    from trainer.tasks._llm_data import (CausalCollate, TokenDataset, Tokenize, WithLengths, prompt_of,
+                                         tokenize_rows)
+    from trainer.tasks.causal_lm import causal_lm_loss, label_counts
+
+    model.eval()
+    rows = held_out_rows(tokenizer)
+    fmt = "chat" if tokenizer.chat_template else "prompt-completion"
+    examples = WithLengths(TokenDataset(tokenize_rows(rows, Tokenize(tokenizer, fmt, 2048, False, "test"))))
+    collate = CausalCollate(tokenizer.pad_token_id)
+    total = count = 0.0
+    for start in range(0, len(examples), 16):
+        inputs, labels = collate([examples[i] for i in range(start, min(start + 16, len(examples)))])
+        outputs = model(**inputs)
+        n, _ = label_counts(outputs, labels)
+        total += causal_lm_loss(outputs, labels).double().item() * n.item()
+        count += n.item()
+    right = 0
+    for row in rows[:24]:
+        prompt, expected = prompt_of(row, fmt)
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        answer = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split()
+        right += answer[:1] == expected.split()
+    return total / count, right / 24
+
+
+def load(folder: Path, adapter: Path | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return model, AutoTokenizer.from_pretrained(str(folder))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm-models")
+    folders = {arch: save_tiny_model(root / arch, arch=arch) for arch in ("llama", "qwen2")}
+    before = {arch: judge(*load(folder)) for arch, folder in folders.items()}
+    return folders, before
+
+
+@pytest.fixture(scope="module")
+def weights_bucket(s3_server, models):
+    s3_server.create_bucket(BUCKET)
+    folders, _ = models
+    return {arch: upload_folder(s3_server, BUCKET, folder, f"models/{arch}") for arch, folder in folders.items()}
+
+
+def check_learned_and_export(tmp_path: Path, name: str, result, arch: str, models, lora: bool) -> None:
+    folders, before = models
+    summary = result.summary
+    assert summary["status"] == "succeeded" and summary["world_size"] == 2, summary
+    export = tmp_path / name / "model"
+    assert summary["model"] == export.as_uri(), summary
+    assert (export / "config.json").is_file() and (export / "generation_config.json").is_file()
+    assert list(export.glob("*.safetensors")) and (export / "tokenizer.json").is_file()
+    assert not (export / "adapter_config.json").exists()  # the adapter is a sibling, not inside
+    loss, answered = judge(*load(export))
+    untrained_loss, untrained_answered = before[arch]
+    assert loss < 0.5 * untrained_loss, (loss, untrained_loss)
+    assert answered >= 0.5 and untrained_answered <= 0.15, (answered, untrained_answered)
+    assert loss == pytest.approx(summary["eval_loss"], rel=1e-4), (loss, summary["eval_loss"])
+    print(f"{name}: eval loss {untrained_loss:.3f} -> {loss:.3f}, held-out answers "
+          f"{untrained_answered:.2f} -> {answered:.2f}")
+    if lora:
+        adapter = tmp_path / name / "adapter"
+        assert summary["adapter"] == adapter.as_uri(), summary
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+        adapted, _ = judge(*load(folders[arch], adapter))
+        assert adapted == pytest.approx(summary["eval_loss"], rel=1e-4)
+    else:
+        assert "adapter" not in summary
+
+
+@pytest.mark.parametrize("method,parallelism,arch", [("lora", "ddp", "llama"), ("full", "fsdp", "qwen2")])
+def test_fine_tunes_from_a_model_folder_on_s3(tmp_path, values_file, models, weights_bucket, s3_server,
+                                              method, parallelism, arch):
+    vals = values(f"{weights_bucket[arch]}/", method, parallelism)
+    vals["s3"] = {"endpoint": s3_server.endpoint}
+    cache = {"KUBETRAIN_WEIGHTS_CACHE": str(tmp_path / "node-cache")}
+    result = train(tmp_path, values_file, f"{method}-{parallelism}", vals, {**s3_server.env, **cache})
+    # Both replicas run on this machine, one node-local cache: one of them downloads, the other reuses.
+    assert result.stdout.count("fetched s3://") == 1, result.stdout
+    assert result.stdout.count("already in the node's cache") == 1, result.stdout
+    check_learned_and_export(tmp_path, f"{method}-{parallelism}", result, arch, models, method == "lora")
+
+
+@pytest.mark.parametrize("method,parallelism,arch", [("lora", "fsdp", "qwen2"), ("full", "ddp", "llama")])
+def test_fine_tunes_from_a_local_model_folder(tmp_path, values_file, models, method, parallelism, arch):
+    folders, _ = models
+    result = train(tmp_path, values_file, f"{method}-{parallelism}",
+                   values(folders[arch].as_uri(), method, parallelism))
+    check_learned_and_export(tmp_path, f"{method}-{parallelism}", result, arch, models, method == "lora")
