@@ -6,6 +6,7 @@ the run's eval loss; held-out prompts are answered far more often than before tr
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,132 @@ def test_fine_tunes_from_a_local_model_folder(tmp_path, values_file, models, met
     result = train(tmp_path, values_file, f"{method}-{parallelism}",
                    values(folders[arch].as_uri(), method, parallelism))
     check_learned_and_export(tmp_path, f"{method}-{parallelism}", result, arch, models, method == "lora")
+
+
+# ------------------------------------------------------------------ resume
+def step_losses(workdir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (workdir / "steps.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.parametrize("method,parallelism,arch,options", [
+    ("lora", "ddp", "llama", {"packing": True, "maxSeqLength": 48}),
+    ("full", "fsdp", "qwen2", {}),
+])
+def test_resuming_mid_epoch_repeats_the_uninterrupted_steps_bit_for_bit(tmp_path, values_file, models, method,
+                                                                        parallelism, arch, options):
+    folders, _ = models
+    store = (tmp_path / "store").as_uri()
+    vals = values(folders[arch].as_uri(), method, parallelism, maxSteps=12, batchSize=8, stepLogFile="steps.jsonl",
+                  options={"evalPrompts": 1, "maxNewTokens": 2, **options})
+    vals["checkpoint"] = {"uri": store, "everySteps": 5, "keepLast": 3}
+    vals["training"]["tensorboard"] = {"enabled": False}
+    first = train(tmp_path, values_file, "first", vals)
+    if options.get("packing"):
+        assert "packing:" in first.stdout and "sequences of 48 tokens" in first.stdout
+    step = tmp_path / "store" / "first" / "step-00000005"
+    if method == "lora":  # the adapters and their optimizer state only, not the frozen base
+        import torch as t
+
+        saved = t.load(step / "model.pt", weights_only=True)
+        assert saved and all(".lora_" in k for k in saved), list(saved)[:5]
+        base = sum(p.stat().st_size for p in folders[arch].glob("*.safetensors"))
+        print(f"LoRA step model.pt: {(step / 'model.pt').stat().st_size} bytes, base model {base} bytes")
+    else:
+        assert (step / "dcp" / ".metadata").is_file() and not (step / "model.pt").exists()
+    # The same run resumed from step 5 in a fresh workdir: steps 6..12 repeat exactly.
+    vals["checkpoint"]["resume"] = 5
+    again = run_cli("run", "first", "-f", str(values_file(vals)), "--workdir", str(tmp_path / "again"), env=ENV,
+                    timeout=600)
+    assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-2000:]
+    assert "resumed from" in again.stdout
+    reference, resumed = step_losses(tmp_path / "first"), step_losses(tmp_path / "again")
+    assert sorted(resumed) == list(range(6, 13))
+    assert resumed == {s: reference[s] for s in resumed}
+    assert again.summary["train_loss"] == first.summary["train_loss"]
+
+
+# ------------------------------------------------------------------ bad input: one clear line, exit 2
+def fail(tmp_path, *sets: str) -> str:
+    args = ["--set", "job.nodes=1,metrics.enabled=false,training.task=causal-lm,training.maxSteps=2"]
+    for s in sets:
+        args += ["--set", s]
+    result = run_cli("run", "bad", "--workdir", str(tmp_path / "bad"), *args, env=ENV)
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def copy_without(folder: Path, tmp_path: Path, *names: str) -> Path:
+    import shutil
+
+    target = tmp_path / "model"
+    shutil.copytree(folder, target)
+    for name in names:
+        for path in target.glob(name):
+            path.unlink()
+    return target
+
+
+def test_a_folder_without_config_or_tokenizer_is_refused_by_name(tmp_path, models):
+    folders, _ = models
+    no_config = copy_without(folders["llama"], tmp_path / "a", "config.json")
+    assert "has no config.json: not a save_pretrained model folder" in fail(
+        tmp_path, f"training.pretrained={no_config.as_uri()}")
+    no_tokenizer = copy_without(folders["llama"], tmp_path / "b", "tokenizer*")
+    assert "has no tokenizer" in fail(tmp_path, f"training.pretrained={no_tokenizer.as_uri()}")
+
+
+def test_chat_rows_need_a_chat_template(tmp_path, models):
+    from fixtures.llm import write_jsonl
+
+    folders, _ = models
+    plain = copy_without(folders["llama"], tmp_path, "chat_template.jinja")
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    rows = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "one"}]}] * 20)
+    out = fail(tmp_path, f"training.pretrained={plain.as_uri()}", "training.data.source=file",
+               f"training.data.path={rows}")
+    assert "chat data (`messages`) needs a tokenizer with a chat template" in out
+
+
+def test_target_modules_the_model_lacks_are_named_with_the_ones_it_has(tmp_path, models):
+    folders, _ = models
+    out = fail(tmp_path, f"training.pretrained={folders['llama'].as_uri()}", "training.finetune.method=lora",
+               "training.finetune.lora.targetModules={q_proj,qkv}")
+    assert "no linear layer named qkv; its linear layers are " in out and "gate_proj" in out
+
+
+def test_values_mistakes_are_refused_before_any_replica_starts(tmp_path, models):
+    folders, _ = models
+    uri = f"training.pretrained={folders['llama'].as_uri()}"
+    for sets, message in [
+        (["training.finetune.method=adapter"], "training.finetune.method: 'adapter' is not one of"),
+        (["training.options.packing=true"], "training.options.packing needs training.options.maxSeqLength"),
+        (["training.task=cifar10-convnet,training.finetune.method=lora"], "lora and qlora are for training.task"),
+    ]:
+        out = fail(tmp_path, uri, *sets)
+        assert message in out and "[master-0]" not in out, out[-2000:]
+
+
+def test_qlora_on_cpu_says_it_needs_a_gpu(tmp_path, models):
+    folders, _ = models
+    out = fail(tmp_path, f"training.pretrained={folders['llama'].as_uri()}", "training.finetune.method=qlora")
+    assert "qlora needs a CUDA GPU" in out
+
+
+def test_prompt_completion_file_with_long_rows_truncates_and_counts_them(tmp_path, values_file, models):
+    from fixtures.llm import write_jsonl
+
+    folders, _ = models
+    rows = [{"prompt": "say the number after three .", "completion": " four"}] * 40
+    rows += [{"prompt": "count : " + " ".join(["one two three"] * 20), "completion": " four"}] * 5
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    vals = values(folders["llama"].as_uri(), "full", "ddp", maxSteps=2, batchSize=4,
+                  options={"maxSeqLength": 24, "evalPrompts": 1, "maxNewTokens": 2},
+                  data={"source": "file", "path": str(path)})
+    vals["job"]["nodes"] = 1
+    result = train(tmp_path, values_file, "trunc", vals)
+    assert "prompt-completion format (file)" in result.stdout
+    assert re.search(r"\b[45] rows truncated to maxSeqLength", result.stdout), result.stdout[-3000:]
