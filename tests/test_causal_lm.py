@@ -287,3 +287,24 @@ def test_prompt_completion_file_with_long_rows_truncates_and_counts_them(tmp_pat
     result = train(tmp_path, values_file, "trunc", vals)
     assert "prompt-completion format (file)" in result.stdout
     assert re.search(r"\b[45] rows truncated to maxSeqLength", result.stdout), result.stdout[-3000:]
+
+
+# ------------------------------------------------------------------ memory
+def test_fsdp_ranks_read_only_their_shards_and_never_hold_the_whole_model(tmp_path, values_file):
+    """A 52M-parameter (208 MB in fp32) model at 2 ranks: each rank reads half of the weights, and its
+    peak memory grows by far less than one whole copy while loading."""
+    folder = save_tiny_model(tmp_path / "big", arch="llama", hidden=768, layers=8, intermediate=2048,
+                             shard_size="50MB")
+    model_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    vals = values(folder.as_uri(), "full", "fsdp", maxSteps=1, batchSize=2, exportModel=False,
+                  data={"trainSamples": 64, "evalSamples": 4}, options={"evalPrompts": 0})
+    vals["training"]["tensorboard"] = {"enabled": False}
+    result = train(tmp_path, values_file, "memory", vals)
+    loads = re.findall(r"rank=(\d) .*weights: read ([\d.]+) MB .*peak RSS (\d+) MB, \+(-?\d+) MB while loading",
+                       result.stdout)
+    assert sorted(rank for rank, *_ in loads) == ["0", "1"], result.stdout[-3000:]
+    for rank, read_mb, peak_mb, grew_mb in loads:
+        print(f"rank {rank}: read {read_mb} MB of {model_bytes / 1e6:.0f} MB, peak RSS {peak_mb} MB, "
+              f"+{grew_mb} MB while loading")
+        assert float(read_mb) * 1e6 < 0.55 * model_bytes
+        assert int(grew_mb) * 1e6 < 0.75 * model_bytes

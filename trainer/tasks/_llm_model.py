@@ -186,28 +186,29 @@ def materialize(model: nn.Module, files: dict[str, Path], device: torch.device, 
     aliases: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(param), []).append(name)
-    handles: dict[Path, object] = {}
+    by_file: dict[Path, list[tuple[str, str, nn.Parameter]]] = {}
     missing, nbytes = [], 0
-    with contextlib.ExitStack() as stack:
-        for name, param in model.named_parameters():
+    for name, param in model.named_parameters():
+        source = next((base_name(n) for n in aliases[id(param)] if base_name(n) in files), None)
+        if source is not None:
+            by_file.setdefault(files[source], []).append((name, source, param))
+        elif is_adapter(name):
             local, start = _local_rows(param)
-            source = next((base_name(n) for n in aliases[id(param)] if base_name(n) in files), None)
-            if source is not None:
-                path = files[source]
-                if path not in handles:
-                    handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-                rows = handles[path].get_slice(source)
+            local.copy_(_adapter_init(name, param.shape, seed)[start:start + local.shape[0]])
+        else:
+            missing.append(base_name(name))
+    # One file open at a time: its mapped pages count as this process's memory while it is read.
+    for path, params in by_file.items():
+        with safe_open(str(path), framework="pt") as handle:
+            for name, source, param in params:
+                local, start = _local_rows(param)
+                rows = handle.get_slice(source)
                 if list(rows.get_shape()) != list(param.shape):
                     raise UserError(f"training.pretrained: {uri}: {source} has shape {rows.get_shape()}, the "
                                     f"model's config makes it {list(param.shape)}")
                 data = rows[start:start + local.shape[0]] if local.dim() else rows[...]
                 nbytes += data.numel() * data.element_size()
-            elif is_adapter(name):
-                data = _adapter_init(name, param.shape, seed)[start:start + local.shape[0]]
-            else:
-                missing.append(source or base_name(name))
-                continue
-            local.copy_(data)
+                local.copy_(data)
     if missing:
         raise UserError(f"training.pretrained: {uri} lacks {len(missing)} of the model's tensors: "
                         f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
