@@ -1,4 +1,5 @@
-"""docs/tasks.md's fine-tuning walk-through, run block by block as a user would paste it.
+"""The walk-throughs of docs/tasks.md (fine-tuning your own model) and docs/llm.md (a language model from
+a folder and a JSONL file to its export), run block by block as a user would paste them.
 
 The blocks between `<!-- walkthrough` and `<!-- /walkthrough -->` run in order
 in a scratch copy of the repository's examples: `bash` blocks with bash,
@@ -24,8 +25,8 @@ DOC = REPO / "docs" / "tasks.md"
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.S | re.M)
 
 
-def walkthrough_blocks() -> list[tuple[str, str]]:
-    text = DOC.read_text()
+def walkthrough_blocks(doc: Path = DOC) -> list[tuple[str, str]]:
+    text = doc.read_text()
     start, end = text.index("<!-- walkthrough"), text.index("<!-- /walkthrough -->")
     return BLOCK.findall(text[start:end])
 
@@ -69,3 +70,31 @@ def test_the_fine_tuning_walkthrough_runs_as_written(tmp_path):
     assert after["blocks.0.0.weight"].equal(before["blocks.0.0.weight"])
     assert not after["blocks.1.0.weight"].equal(before["blocks.1.0.weight"])
     assert after["head.weight"].shape[0] == 4 and before["head.weight"].shape[0] == 3
+
+
+@pytest.mark.slow
+def test_the_language_model_walkthrough_runs_as_written(tmp_path):
+    pytest.importorskip("peft", reason="causal-lm needs the nlp extra: pip install 'kubetrain[nlp]'")
+    shutil.copytree(REPO / "examples", tmp_path / "examples")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    blocks = walkthrough_blocks(REPO / "docs" / "llm.md")
+    assert [kind for kind, _ in blocks] == ["bash", "python", "bash", "text", "python"], blocks
+    expected, output = [], ""
+    for kind, body in blocks:
+        if kind == "text":
+            expected = body.strip().splitlines()
+            continue
+        argv = ["bash", "-euo", "pipefail", "-c", body] if kind == "bash" else [sys.executable, "-c", body]
+        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{kind} block failed:\n{body}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        output = proc.stdout
+        if "kubetrain run my-lora" in body:
+            run_log = proc.stdout
+    for line in expected:  # the log lines the doc promises, with the path it elides
+        pattern = re.escape(line).replace(re.escape("file://..."), "file://.*")
+        assert re.search(pattern, run_log), f"no line like {line!r} in:\n{run_log[-4000:]}"
+    match = re.search(r"answered (\d+) of (\d+)", output)
+    assert match, output
+    print(f"llm walk-through: the export answered {match.group(1)} of {match.group(2)}")
+    assert int(match.group(1)) >= 0.75 * int(match.group(2))

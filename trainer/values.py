@@ -338,10 +338,23 @@ def resolve_values(
     return validate(merge(default_values(), user))
 
 
+def _absolute_data_paths(values: dict) -> dict:
+    """A local run's replicas start in its workdir: a relative training.data.path or evalPath (a file,
+    not a URI or dataset name) means the directory the user ran kubetrain in."""
+    data = values["training"]["data"]
+    resolved = {key: str(Path(data[key]).resolve()) for key in ("path", "evalPath")
+                if data.get(key) and "://" not in data[key] and not Path(data[key]).is_absolute()
+                and Path(data[key]).exists()}
+    if not resolved:
+        return values
+    return {**values, "training": {**values["training"], "data": {**data, **resolved}}}
+
+
 def resolve_python_path(values: dict, files: Iterable[str | Path] = (), set_exprs: Iterable[str] = ()) -> dict:
     """For a local run: relative `training.pythonPath` entries resolved against the directory of the
     values file that set them (the current directory when --set did), as a user writing `["."]` next
     to their code means. A pod resolves them against the container's working directory instead."""
+    values = _absolute_data_paths(values)
     entries = values["training"]["pythonPath"]
     if all(Path(e).is_absolute() for e in entries):
         return values

@@ -173,6 +173,14 @@ def _local_rows(param) -> tuple[torch.Tensor, int]:
     return local, min(mesh.get_local_rank() * chunk, param.shape[0])
 
 
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter (tied ones have several)."""
+    aliases: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(param), []).append(name)
+    return aliases
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, files: dict[str, Path], device: torch.device, seed: int, uri: str) -> int:
     """Give the meta parameters storage on `device` and fill what this process holds; returns the
@@ -180,12 +188,17 @@ def materialize(model: nn.Module, files: dict[str, Path], device: torch.device, 
     from safetensors import safe_open
 
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    tied = [names for names in _aliases(model).values() if len(names) > 1]
     model.to_empty(device=device)
+    for names in tied:  # to_empty gives each module a parameter of its own: tie them again
+        keep = model.get_parameter(names[0])
+        for other in names[1:]:
+            if model.get_parameter(other) is not keep:  # FSDP keeps one shared parameter itself
+                owner, _, attr = other.rpartition(".")
+                setattr(model.get_submodule(owner), attr, keep)
     for name, b in model.named_buffers():
         b.copy_(buffers[name])
-    aliases: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(param), []).append(name)
+    aliases = _aliases(model)
     by_file: dict[Path, list[tuple[str, str, nn.Parameter]]] = {}
     missing, nbytes = [], 0
     for name, param in model.named_parameters():

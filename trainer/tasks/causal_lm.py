@@ -152,6 +152,58 @@ class HuggingFaceExport:
         return folders
 
 
+# ------------------------------------------------------------------ an offline stand-in model
+SPECIALS = ["<pad>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+# As real templates do, the generation prompt ends on a special token: a trailing space would be a token
+# of its own there, while training text glues it to the reply's first word.
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def train_tiny_tokenizer(folder: Path, chat_template: bool = True):
+    """A byte-level BPE tokenizer (as Llama 3 and Qwen2 use) trained on the synthetic task's text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [" ".join(data.SYNTHETIC_WORDS), "answer : the a of to is in that it was for on are with as"]
+    corpus += [r["prompt"] + r["completion"] for r in data.synthetic_rows(300, 0, chat=False)]
+    corpus += list(data.SYNTHETIC_WORDS) * 3  # words without a space before them, as a chat turn starts
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|end|>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    folder.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def save_tiny_model(folder: Path, arch: str = "llama", hidden: int = 64, layers: int = 2,
+                    chat_template: bool = True, shard_size: str = "60KB", seed: int = 0,
+                    intermediate: int | None = None, init_range: float = 0.3) -> Path:
+    """A tiny random Llama- or Qwen2-shaped model saved as the hub ships one (config, safetensors shards
+    and their index, a tokenizer with a chat template): an offline stand-in for smoke tests, docs and
+    benchmarks. Weights are drawn at `init_range` rather than transformers' 0.02, so that a frozen random
+    base still leaves LoRA adapters a head strong enough to learn the synthetic task."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = train_tiny_tokenizer(folder, chat_template)
+    common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
+                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, bos_token_id=None, initializer_range=init_range)
+    if arch == "llama":
+        config, cls = LlamaConfig(**common, tie_word_embeddings=False), LlamaForCausalLM
+    else:
+        config, cls = Qwen2Config(**common, tie_word_embeddings=True), Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    cls(config).save_pretrained(str(folder), max_shard_size=shard_size)
+    return folder
+
+
 @register("causal-lm")
 def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
     method = cfg.finetune.method
@@ -195,3 +247,19 @@ def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
     )
 
 
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m trainer.tasks.causal_lm FOLDER [--arch qwen2]`: write a tiny random model folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.tasks.causal_lm",
+                                     description="write a tiny random causal LM folder (an offline stand-in)")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--arch", choices=["llama", "qwen2"], default="llama")
+    args = parser.parse_args(argv)
+    print(save_tiny_model(args.folder, arch=args.arch))
+
+
+if __name__ == "__main__":
+    main()
