@@ -146,7 +146,7 @@ def test_bad_experiment_name_is_refused(tmp_path):
 
 @pytest.mark.parametrize("verb", ["run", "render", "submit"])
 @pytest.mark.parametrize("sets, needle", [
-    ("training.task=nope", "training.task: 'nope' is not one of ['bert-sentiment', 'cifar10-convnet', 'custom'"),
+    ("training.task=nope", "training.task: 'nope' is not one of ['bert-sentiment', 'causal-lm', 'cifar10-convnet', 'custom'"),
     ("training.task=cifar10-convnet,training.data.source=imagenet", "cifar10-convnet reads synthetic or cifar10"),
     ("training.task=bert-sentiment,training.numClasses=3", "bert-sentiment on synthetic data has 2 classes"),
     ("training.task=custom", "training.task custom needs training.entrypoint"),
