@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one prepared run (about 8 minutes on one H100/H200), each printing ratios:
+# The GPU benchmarks in one prepared run (about 12 minutes on one H100/H200), each printing ratios:
 #   1. CIFAR ConvNet samples/s, ours (training.data.onDevice) vs the PyTorch tutorial's loop, fp32 and bf16
 #   2. BERT-base fine-tuning tokens/s and MFU in bf16, ours vs a plain Hugging Face loop (goal MFU >= 40%)
 #   3. DDP over NCCL and FSDP2 with world size 1 vs the plain model
 #   4. checkpoint save/load GB/s to local disk vs torch.save/load, and the sync vs async stall
+#   5. causal-lm on a ~1B Llama-shaped model (random weights, no download), bf16: LoRA and full
+#      fine-tuning tokens/s, MFU (goal >= 40% for full) and peak GPU memory, ours vs a plain
+#      transformers + peft loop; then vLLM loads our export and generates (where vllm is installed)
 #
 #   bash benchmarks/gpu_suite.sh            # PYTHON=... to pick the interpreter (default .venv/bin/python)
 #
@@ -53,5 +56,12 @@ if [ "$GPU" = 1 ]; then
   "$PY" benchmarks/checkpoint_disk.py --device cuda --mb 2000 --repeats 3
 else
   "$PY" benchmarks/checkpoint_disk.py --device cpu --mb 100 --repeats 3
+fi
+section "5. causal-lm ~1B: LoRA and full, tokens/s, MFU, peak memory; vLLM serves the export"
+if [ "$GPU" = 1 ]; then
+  "$PY" benchmarks/llm_throughput.py --size 1b --method lora --steps 30 --repeats 3 --batch 8 --seq 1024
+  "$PY" benchmarks/llm_throughput.py --size 1b --method full --steps 30 --repeats 3 --batch 8 --seq 1024 --vllm
+else
+  "$PY" benchmarks/llm_throughput.py --size tiny --method lora --steps 10 --repeats 2 --batch 4 --seq 64
 fi
 section "done"
