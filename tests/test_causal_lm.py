@@ -107,10 +107,26 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def weights_bucket(s3_server, models):
+def weights_bucket(s3_server, models, tmp_path_factory):
+    """The model folders, and the synthetic task's rows as files: training rows as Parquet, eval rows as
+    JSONL (the rows `training.data.source: synthetic` makes, so the judge's held-out set is the run's)."""
+    import datasets
+
+    from fixtures.llm import write_jsonl
+    from trainer.tasks._llm_data import synthetic_rows
+
     s3_server.create_bucket(BUCKET)
     folders, _ = models
-    return {arch: upload_folder(s3_server, BUCKET, folder, f"models/{arch}") for arch, folder in folders.items()}
+    uris = {arch: upload_folder(s3_server, BUCKET, folder, f"models/{arch}") for arch, folder in folders.items()}
+    root = tmp_path_factory.mktemp("llm-data")
+    datasets.Dataset.from_list(synthetic_rows(960, SEED, chat=True)).to_parquet(str(root / "train.parquet"))
+    write_jsonl(root / "eval.jsonl", synthetic_rows(EVAL_SAMPLES, SEED + 1, chat=True))
+    client = s3_server.client()
+    for name in ("train.parquet", "eval.jsonl"):
+        client.upload_file(str(root / name), BUCKET, f"data/{name}")
+    uris["data"] = {"source": "file", "path": f"s3://{BUCKET}/data/train.parquet",
+                    "evalPath": f"s3://{BUCKET}/data/eval.jsonl"}
+    return uris
 
 
 def check_learned_and_export(tmp_path: Path, name: str, result, arch: str, models, lora: bool) -> None:
@@ -140,15 +156,16 @@ def check_learned_and_export(tmp_path: Path, name: str, result, arch: str, model
 
 
 @pytest.mark.parametrize("method,parallelism,arch", [("lora", "ddp", "llama"), ("full", "fsdp", "qwen2")])
-def test_fine_tunes_from_a_model_folder_on_s3(tmp_path, values_file, models, weights_bucket, s3_server,
+def test_fine_tunes_from_a_model_folder_and_data_files_on_s3(tmp_path, values_file, models, weights_bucket, s3_server,
                                               method, parallelism, arch):
-    vals = values(f"{weights_bucket[arch]}/", method, parallelism)
+    vals = values(f"{weights_bucket[arch]}/", method, parallelism, data=weights_bucket["data"])
     vals["s3"] = {"endpoint": s3_server.endpoint}
     cache = {"KUBETRAIN_WEIGHTS_CACHE": str(tmp_path / "node-cache")}
     result = train(tmp_path, values_file, f"{method}-{parallelism}", vals, {**s3_server.env, **cache})
     # Both replicas run on this machine, one node-local cache: one of them downloads, the other reuses.
     assert result.stdout.count("fetched s3://") == 1, result.stdout
     assert result.stdout.count("already in the node's cache") == 1, result.stdout
+    assert "causal-lm data: chat format (file), 960 training and 64 eval examples" in result.stdout
     check_learned_and_export(tmp_path, f"{method}-{parallelism}", result, arch, models, method == "lora")
 
 

@@ -195,7 +195,8 @@ def pack(examples: list[Example], length: int, pad_id: int, seed: int) -> TokenD
 class CausalCollate:
     """Pads a batch to its longest item (right). Inputs are input_ids and position_ids, no attention
     mask: padding and packed examples each get positions from 0, which transformers reads as
-    separate sequences (a block-diagonal causal mask); the target is the labels."""
+    separate sequences (a block-diagonal causal mask) when no KV cache is kept; the target is the
+    labels."""
 
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
@@ -209,7 +210,8 @@ class CausalCollate:
             labels.append(e.labels + [IGNORE] * pad)
             lengths = (lengths or [len(e.input_ids)]) + ([pad] if pad else [])
             positions.append([p for n in lengths for p in range(n)])
-        inputs = {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(positions)}
+        # transformers reads packing from position ids only without a KV cache: say so, whatever the config
+        inputs = {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(positions), "use_cache": False}
         return inputs, torch.tensor(labels)
 
 
