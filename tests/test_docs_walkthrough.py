@@ -31,14 +31,16 @@ def walkthrough_blocks(doc: Path = DOC) -> list[tuple[str, str]]:
     return BLOCK.findall(text[start:end])
 
 
-@pytest.mark.slow
-def test_the_fine_tuning_walkthrough_runs_as_written(tmp_path):
+def run_walkthrough(tmp_path: Path, doc: Path, kinds: list[str], run_command: str) -> tuple[str, str]:
+    """Run the doc's blocks in order in a scratch folder with the examples; check that the block running
+    `run_command` logged every line of the `text` block before it. Returns (that block's output, the
+    last block's output)."""
     shutil.copytree(REPO / "examples", tmp_path / "examples")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "OMP_NUM_THREADS": "1"}
-    output, expected = "", []
-    blocks = walkthrough_blocks()
-    assert [kind for kind, _ in blocks] == ["bash", "yaml", "bash", "text", "python"], blocks
+    blocks = walkthrough_blocks(doc)
+    assert [kind for kind, _ in blocks] == kinds, blocks
+    output, expected, run_log = "", [], ""
     for kind, body in blocks:
         if kind == "yaml":
             name = body.splitlines()[0].removeprefix("# ").strip()
@@ -51,11 +53,18 @@ def test_the_fine_tuning_walkthrough_runs_as_written(tmp_path):
         proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"{kind} block failed:\n{body}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         output = proc.stdout
-
-        if "kubetrain run rings4" in body:
+        if run_command in body:
+            run_log = proc.stdout
             for line in expected:  # the log lines the doc promises, with the path it elides
                 pattern = re.escape(line).replace(re.escape("file://..."), "file://.*")
-                assert re.search(pattern, proc.stdout), f"no line like {line!r} in:\n{proc.stdout[-4000:]}"
+                assert re.search(pattern, run_log), f"no line like {line!r} in:\n{run_log[-4000:]}"
+    assert run_log, f"no block runs {run_command!r}"
+    return run_log, output
+
+
+@pytest.mark.slow
+def test_the_fine_tuning_walkthrough_runs_as_written(tmp_path):
+    _, output = run_walkthrough(tmp_path, DOC, ["bash", "yaml", "bash", "text", "python"], "kubetrain run rings4")
 
     # The inference block printed the reloaded model's accuracy next to the run's own.
     match = re.search(r"accuracy ([\d.]+), the run said ([\d.]+)", output)
@@ -75,25 +84,8 @@ def test_the_fine_tuning_walkthrough_runs_as_written(tmp_path):
 @pytest.mark.slow
 def test_the_language_model_walkthrough_runs_as_written(tmp_path):
     pytest.importorskip("peft", reason="causal-lm needs the nlp extra: pip install 'kubetrain[nlp]'")
-    shutil.copytree(REPO / "examples", tmp_path / "examples")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
-    blocks = walkthrough_blocks(REPO / "docs" / "llm.md")
-    assert [kind for kind, _ in blocks] == ["bash", "python", "bash", "text", "python"], blocks
-    expected, output = [], ""
-    for kind, body in blocks:
-        if kind == "text":
-            expected = body.strip().splitlines()
-            continue
-        argv = ["bash", "-euo", "pipefail", "-c", body] if kind == "bash" else [sys.executable, "-c", body]
-        proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, f"{kind} block failed:\n{body}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        output = proc.stdout
-        if "kubetrain run my-lora" in body:
-            run_log = proc.stdout
-    for line in expected:  # the log lines the doc promises, with the path it elides
-        pattern = re.escape(line).replace(re.escape("file://..."), "file://.*")
-        assert re.search(pattern, run_log), f"no line like {line!r} in:\n{run_log[-4000:]}"
+    _, output = run_walkthrough(tmp_path, REPO / "docs" / "llm.md", ["bash", "python", "bash", "text", "python"],
+                                "kubetrain run my-lora")
     match = re.search(r"answered (\d+) of (\d+)", output)
     assert match, output
     print(f"llm walk-through: the export answered {match.group(1)} of {match.group(2)}")

@@ -39,16 +39,17 @@ def test_a_lora_fine_tune_from_s3_succeeds_and_its_export_on_s3_reloads(node, no
     submitted = kt(node, node_ns, "submit", name, "-f", str(EXAMPLES / "llm-lora.yaml"), *tier_values(),
                    "--set", f"job.kind={kind},resources.gpu=0,shm.sizeLimit=256Mi,training.precision=fp32",
                    "--set", f"training.pretrained={model_uri},training.data.path={data_uri}",
-                   "--set", "training.gradAccumSteps=1,training.batchSize=16,training.epochs=3,training.maxSteps=60",
+                   "--set", "training.gradAccumSteps=1,training.batchSize=16,training.epochs=4,training.maxSteps=80",
                    "--set", "training.options.packing=false,training.options.maxSeqLength=64",
                    "--set", "training.lrSchedule.warmupSteps=4,training.finetune.lora.rank=8",
                    "--set-json", "training.optimizer.lr=0.01", "--set-json", "training.finetune.lora.alpha=16",
                    "--set-json", "training.finetune.lora.dropout=0", "--set", "checkpoint.everySteps=0",
                    *s3_values(node_s3.endpoint, "s3://ckpt/runs"))
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-    job = wait_for_state(node, node_ns, name, {"Succeeded", "Failed"}, timeout=1200)
+    wait_for_state(node, node_ns, name, {"Succeeded", "Failed"}, timeout=1200, kind=kind)
     logs = kt(node, node_ns, "logs", name).stdout
-    assert job["status"]["conditions"][-1]["type"] in ("Succeeded", "Complete"), logs[-4000:]
+    status = kt(node, node_ns, "status", name)
+    assert status.returncode == 0 and "Succeeded" in status.stdout, status.stdout[-2000:] + logs[-4000:]
     assert "causal-lm data: chat format (file)" in logs and f"fetched {model_uri}" in logs, logs[-4000:]
     summary = summary_line(logs)
     assert summary["model"] == f"s3://ckpt/runs/{name}/model", summary
@@ -63,10 +64,10 @@ def test_a_lora_fine_tune_from_s3_succeeds_and_its_export_on_s3_reloads(node, no
             target = tmp_path / part / key.rsplit("/", 1)[1]
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file("ckpt", key, str(target))
-    untrained, _ = judge(*load(folder))
+    untrained, untrained_answered = judge(*load(folder))
     loss, answered = judge(*load(tmp_path / "model"))
     print(f"node {kind}: eval loss {untrained:.3f} -> {loss:.3f} (run said {summary['eval_loss']:.3f}), "
-          f"held-out answers {answered:.2f}")
-    assert loss < 0.5 * untrained and answered >= 0.5
+          f"held-out answers {untrained_answered:.2f} -> {answered:.2f}")
+    assert loss < 0.5 * untrained and answered >= 0.4 and untrained_answered <= 0.1
     adapted, _ = judge(*load(folder, tmp_path / "adapter"))
     assert adapted == pytest.approx(loss, rel=1e-4)
