@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -41,10 +42,17 @@ def _messages() -> dict:
 
 
 def chart_message(key: str, *args) -> str:
-    """One of the chart's refusals (files/messages.yaml), formatted as the template's printf formats it."""
-    from trainer.controller.helm_functions import printf
+    """One of the chart's refusals (files/messages.yaml), with the verbs it uses filled in: %q a quoted
+    name (they are plain text by then: DNS labels, keys), %d an integer, %s text."""
+    values = iter(args)
 
-    return printf(_messages()[key], *args)
+    def verb(match: re.Match) -> str:
+        value, kind = next(values), match.group(1)
+        if kind == "q":
+            return json.dumps(str(value), ensure_ascii=False)
+        return str(int(value)) if kind == "d" else str(value)
+
+    return re.sub(r"%([qds])", verb, _messages()[key])
 
 
 def chart_text(relative: str) -> str:
