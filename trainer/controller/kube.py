@@ -38,6 +38,9 @@ EXPERIMENT_KINDS = [
     ("v1", "Pod"),  # the helm test pod; operator pods go with their PyTorchJob
     ("monitoring.coreos.com/v1", "PodMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
+    # Last: the Role (rbac.create) may be what lets the user delete the rest.
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
 ]
 
 
