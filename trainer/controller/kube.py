@@ -4,8 +4,8 @@ JSON over HTTP/1.1 with the standard library (http.client, ssl), as kr8s and
 client-go's REST layer do: objects stay the API's JSON, and discovery reads
 only the group versions a verb touches. The official `kubernetes` package took
 0.4-0.5 s to import and 0.12 s to load a kubeconfig, over the verbs' 0.5 s
-start-up budget (benchmarks/cli_startup.py). Server-side apply uses field
-manager `kubetrain`. Refusals a user can act on (401/403, a rejected object, an
+start-up budget (benchmarks/cli_startup.py). Server-side apply (`submit
+--dry-run`) uses field manager `kubetrain`; helm installs releases. Refusals a user can act on (401/403, a rejected object, an
 unreachable server) become UserError; other API errors are ApiError.
 """
 
