@@ -49,12 +49,10 @@ def tool(env_var: str, name: str) -> str:
 
 def helm_objects(name: str, files=(), sets=(), include_tests: bool = True) -> list[dict]:
     """What `kubetrain render` renders, as objects: the chart run by the real helm (skips without it)."""
-    from trainer.controller.helm import ValueFlags
-    from trainer.controller.render import manifests, render
+    from trainer.controller.helm import ValueFlags, manifests, template
 
     tool("KUBETRAIN_HELM", "helm")
-    flags = ValueFlags(files=tuple(str(f) for f in files), sets=tuple(sets))
-    return manifests(render(name, flags, include_tests=include_tests))
+    return manifests(template(name, ValueFlags(files=tuple(str(f) for f in files), sets=tuple(sets)), include_tests))
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300,

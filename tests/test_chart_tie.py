@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from support import EXAMPLES, REPO, run_cli
 from trainer.config import trainer_config_document
 from trainer.controller.checks import CONFIG_PATH, check_values, container_env, trainer_command
-from trainer.controller.render import manifests
+from trainer.controller.helm import manifests
 from trainer.errors import UserError
 from trainer.values import resolve_values
 

@@ -42,17 +42,11 @@ def _messages() -> dict:
 
 
 def chart_message(key: str, *args) -> str:
-    """One of the chart's refusals (files/messages.yaml), with the verbs it uses filled in: %q a quoted
-    name (they are plain text by then: DNS labels, keys), %d an integer, %s text."""
+    """One of the chart's refusals (files/messages.yaml), its printf verbs filled in: %q a quoted
+    name (plain text: DNS labels, keys), %d an integer, %s text."""
     values = iter(args)
-
-    def verb(match: re.Match) -> str:
-        value, kind = next(values), match.group(1)
-        if kind == "q":
-            return json.dumps(str(value), ensure_ascii=False)
-        return str(int(value)) if kind == "d" else str(value)
-
-    return re.sub(r"%([qds])", verb, _messages()[key])
+    fill = {"q": lambda v: json.dumps(str(v), ensure_ascii=False), "d": lambda v: str(int(v)), "s": str}
+    return re.sub(r"%([qds])", lambda match: fill[match.group(1)](next(values)), _messages()[key])
 
 
 def chart_text(relative: str) -> str:

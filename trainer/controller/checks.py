@@ -1,12 +1,7 @@
-"""What every verb that takes values checks before anything starts, and the replica's command.
-
-The chart renders every manifest (`helm template`, trainer/controller/helm.py);
-`kubetrain run` needs no helm, so it keeps what it shares with the pods: the
-chart's refusals (files/messages.yaml, which `kubetrain.validate` in
-templates/_helpers.tpl also reads), the trainer config (trainer/config.py) and
-the container's command. render and submit check the same here first, so a bad
-value is one message naming its key before helm runs. tests/test_chart_tie.py
-holds these to what helm renders.
+"""What `kubetrain run` (no helm) shares with the pods the chart renders: the chart's refusals
+(files/messages.yaml, as `kubetrain.validate` reads it), the container's command and plain env.
+render and submit check here too, so a bad value is one message naming its key before helm runs.
+tests/test_chart_tie.py holds all of it to what helm renders.
 """
 
 from __future__ import annotations
@@ -97,9 +92,8 @@ def trainer_command(values: dict, config_path: str = CONFIG_PATH, python: str = 
 
 
 def container_env(values: dict) -> dict[str, str]:
-    """The plain `value:` settings the chart gives the trainer container (`kubetrain.env`) that a local
-    replica gets too: ncclEnv, then the user's env. HOME=/tmp (the pods' read-only root) and the
-    secretKeyRef credentials stay the pod's: a local run uses the user's own home and AWS_* variables."""
+    """The plain `value:` entries of the container's env (`kubetrain.env`): ncclEnv, then the user's env.
+    HOME=/tmp (a pod's read-only root) and secretKeyRef credentials stay the pod's."""
     env = {key: value if isinstance(value, str) else json.dumps(value)
            for key, value in sorted((values.get("ncclEnv") or {}).items())}
     for entry in values.get("env") or []:

@@ -29,6 +29,15 @@ def resolved_values(args: argparse.Namespace) -> dict:
     return resolve_values(args.values, args.set_values, args.set_string, args.set_json)
 
 
+def checked_values(args: argparse.Namespace) -> dict:
+    """The values, merged and validated, then the chart's own checks: what run, render and submit refuse."""
+    from trainer.controller.checks import check_values
+
+    values = resolved_values(args)
+    check_values(args.name, values)
+    return values
+
+
 def value_flags(args: argparse.Namespace):
     """The value flags as given, for helm: it merges them as trainer/values.py does."""
     from trainer.controller.helm import ValueFlags
@@ -39,11 +48,9 @@ def value_flags(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from trainer.config import trainer_config_from_values
     from trainer.controller.local import LocalRunner
-    from trainer.controller.checks import check_values
     from trainer.values import resolve_python_path
 
-    values = resolved_values(args)
-    check_values(args.name, values)  # the chart's checks: what render and submit refuse, run refuses
+    values = checked_values(args)  # what render and submit refuse, run refuses
     values = resolve_python_path(values, args.values, args.set_values + args.set_string + args.set_json)
     trainer_config_from_values(args.name, values)  # the sections check before any process starts
     return LocalRunner(args.name, values, run_workdir(args)).run()
@@ -63,10 +70,10 @@ def run_workdir(args: argparse.Namespace) -> Path:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from trainer.controller.render import render
+    from trainer.controller import helm
 
-    manifests = render(args.name, value_flags(args), include_tests=not args.skip_tests)  # checks, then helm
-    sys.stdout.write(manifests)
+    checked_values(args)  # a bad value is one message naming its key, before helm runs
+    sys.stdout.write(helm.template(args.name, value_flags(args), include_tests=not args.skip_tests))
     return 0
 
 
@@ -85,13 +92,10 @@ def connect(args: argparse.Namespace):
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from trainer.controller import helm, jobs
-    from trainer.controller.render import checked_values
 
-    flags = value_flags(args)
-    checked_values(args.name, flags)  # every values/name check before helm or the cluster
+    checked_values(args)  # every values/name check before helm or the cluster
     helm.binary("submit")
-    kube = connect(args)
-    return jobs.submit(kube, args.name, flags, helm.cluster_args(kube.namespace, args.kubeconfig, args.context),
+    return jobs.submit(connect(args), args.name, value_flags(args), (args.kubeconfig, args.context),
                        dry_run=args.dry_run, force=args.force, wait=args.wait)
 
 
@@ -151,8 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_values_arguments(submit)
     add_cluster_arguments(submit)
     submit.add_argument("--dry-run", action="store_true",
-                        help="server-side dry run of `helm template`'s objects: the API server validates "
-                             "everything, nothing is stored")
+                        help="server-side dry run of helm template's objects: validated, nothing stored")
     submit.add_argument("--wait", action="store_true", help="follow the job until it succeeds or fails")
     submit.add_argument("--force", action="store_true",
                         help="replace an existing experiment of the same name that has different values")
@@ -181,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("-A", "--all-namespaces", action="store_true")
     listing.set_defaults(handler=cmd_list)
 
-    delete = sub.add_parser("delete", help="remove everything the experiment created and its Helm release "
-                                           "(as `helm uninstall`), and nothing else")
+    delete = sub.add_parser("delete", help="remove the experiment's objects and Helm release, nothing else")
     delete.add_argument("name", metavar="NAME")
     add_cluster_arguments(delete)
     delete.set_defaults(handler=cmd_delete)

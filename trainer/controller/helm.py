@@ -1,9 +1,6 @@
-"""The helm binary: the one renderer of the chart (`helm template`) and the keeper of releases.
-
-render and submit run it as Argo CD and Flux do, with the user's own `-f`/`--set`
-flags, so what they print and apply is what `helm template`/`helm install` gives
-for the same command line. `KUBETRAIN_HELM` names the binary, else `helm` on PATH;
-`kubetrain run` never needs it.
+"""helm, the one renderer of the chart and the keeper of releases: `kubetrain render` and `submit`
+run it as Argo CD and Flux do, with the user's own -f/--set flags once values.py and checks.py have
+accepted them. `KUBETRAIN_HELM` names the binary, else `helm` on PATH; `kubetrain run` never needs it.
 """
 
 from __future__ import annotations
@@ -14,17 +11,23 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+import yaml
+
 from trainer.chart import chart_dir
 from trainer.errors import UserError
+from trainer.values import HelmValuesLoader
 
 MINIMUM = (3, 17)
 NEEDED = f"helm {MINIMUM[0]}.{MINIMUM[1]} or newer"
+# Where HELM_DRIVER (read as helm reads it) keeps release records; sql and memory are out of reach.
+RELEASE_STORES = {"": ("v1", "Secret"), "secret": ("v1", "Secret"), "secrets": ("v1", "Secret"),
+                  "configmap": ("v1", "ConfigMap"), "configmaps": ("v1", "ConfigMap")}
 
 
 @dataclass(frozen=True)
 class ValueFlags:
-    """The value sources of one command line, as helm takes them (it applies --set-json, --set and
-    --set-string in that order whatever the command line's, which trainer/values.py follows)."""
+    """One command line's value flags. helm applies --set-json, --set and --set-string in that order
+    whatever the command line's, and trainer/values.py merges them as it does."""
 
     files: tuple[str, ...] = ()
     sets: tuple[str, ...] = ()
@@ -32,12 +35,8 @@ class ValueFlags:
     jsons: tuple[str, ...] = ()
 
     def args(self) -> list[str]:
-        out: list[str] = []
-        for flag, items in (("-f", self.files), ("--set-json", self.jsons), ("--set", self.sets),
-                            ("--set-string", self.strings)):
-            for item in items:
-                out += [flag, item]
-        return out
+        return [arg for flag, items in (("-f", self.files), ("--set-json", self.jsons), ("--set", self.sets),
+                                        ("--set-string", self.strings)) for item in items for arg in (flag, item)]
 
 
 def binary(verb: str) -> str:
@@ -51,72 +50,48 @@ def binary(verb: str) -> str:
     return found
 
 
-def _check_version(helm: str, text: str, verb: str) -> None:
-    match = re.match(r"v?(\d+)\.(\d+)", text.strip())
-    if not match or (int(match.group(1)), int(match.group(2))) < MINIMUM:
-        raise UserError(f"kubetrain {verb} needs {NEEDED}; {helm} is {text.strip() or 'of unknown version'}")
-
-
-def run(verb: str, args: list[str], stdin: str | None = None, env: dict | None = None) -> str:
-    """Run `helm ARGS` (its version checked alongside); its stdout, or its error as one line."""
+def run(verb: str, args: list[str]) -> str:
+    """`helm ARGS`, its version checked alongside (both start at once): its stdout, or its error in one line."""
     helm = binary(verb)
     version = subprocess.Popen([helm, "version", "--template", "{{.Version}}"], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
-    try:
-        proc = subprocess.Popen([helm, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env)
-    except OSError as e:
-        version.kill()
-        raise UserError(f"kubetrain {verb}: cannot run {helm}: {e.strerror}") from None
-    _check_version(helm, version.communicate()[0], verb)
-    out, err = proc.communicate(stdin)
+    proc = subprocess.Popen([helm, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    text = version.communicate()[0].strip()
+    found = re.match(r"v?(\d+)\.(\d+)", text)
+    if not found or (int(found.group(1)), int(found.group(2))) < MINIMUM:
+        proc.kill()
+        raise UserError(f"kubetrain {verb} needs {NEEDED}; {helm} is {text or 'of unknown version'}")
+    out, err = proc.communicate()
     if proc.returncode != 0:
-        raise UserError(f"helm {args[0]} failed: {_one_line(err)}")
+        lines = [line for line in err.splitlines() if line.strip()] or ["no message"]
+        message = re.sub(r"^Error: (?:INSTALLATION FAILED: |UPGRADE FAILED: )?", "", lines[-1])
+        raise UserError(f"helm {args[0]} failed: {message}")
     return out
 
 
-def _one_line(stderr: str) -> str:
-    """helm's error, without its `Error: ` prefix and the chart's template location."""
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    text = lines[-1] if lines else "no message"
-    text = text.removeprefix("Error: ")
-    return re.sub(r"^(?:INSTALLATION FAILED|UPGRADE FAILED): ", "", text)
-
-
-def template(name: str, flags: ValueFlags, include_tests: bool = True, namespace: str | None = None) -> str:
+def template(name: str, flags: ValueFlags, include_tests: bool = True, namespace: str | None = None,
+             verb: str = "render") -> str:
     """What `helm template NAME CHART FLAGS` prints."""
-    args = ["template", name, str(chart_dir()), *flags.args()]
-    if namespace:
-        args += ["--namespace", namespace]
-    if not include_tests:
-        args.append("--skip-tests")
-    return run("render", args)
+    namespaced = ["--namespace", namespace] if namespace else []
+    return run(verb, ["template", name, str(chart_dir()), *flags.args(), *namespaced,
+                      *([] if include_tests else ["--skip-tests"])])
 
 
-def cluster_args(namespace: str, kubeconfig: str | None, context: str | None) -> list[str]:
-    args = ["--namespace", namespace]
-    if kubeconfig:
-        args += ["--kubeconfig", kubeconfig]
-    if context:
-        args += ["--kube-context", context]
-    return args
+def manifests(stream: str) -> list[dict]:
+    """The objects of a `helm template` stream, typed as helm's own YAML reader types them."""
+    return [doc for doc in yaml.load_all(stream, Loader=HelmValuesLoader) if doc]
 
 
-def upgrade_install(name: str, flags: ValueFlags, cluster: list[str]) -> str:
-    """`helm upgrade --install`: one release per experiment, its objects owned by the release (taking
-    over those an older kubetrain applied without one)."""
-    return run("submit", ["upgrade", "--install", name, str(chart_dir()), *flags.args(), *cluster,
+def upgrade_install(name: str, flags: ValueFlags, namespace: str, kubeconfig: str | None,
+                    context: str | None) -> str:
+    """`helm upgrade --install`: one release per experiment, owning its objects (and taking over
+    those an older kubetrain applied without a release)."""
+    target = ["--namespace", namespace, *(["--kubeconfig", kubeconfig] if kubeconfig else []),
+              *(["--kube-context", context] if context else [])]
+    return run("submit", ["upgrade", "--install", name, str(chart_dir()), *flags.args(), *target,
                           "--take-ownership"])
 
 
-def release_driver() -> tuple[str, str] | None:
-    """Where helm keeps release records (HELM_DRIVER, as helm reads it): (apiVersion, kind), or None
-    for a store kubetrain cannot reach (sql, memory)."""
-    driver = os.environ.get("HELM_DRIVER", "secret").lower()
-    return {"secret": ("v1", "Secret"), "secrets": ("v1", "Secret"), "": ("v1", "Secret"),
-            "configmap": ("v1", "ConfigMap"), "configmaps": ("v1", "ConfigMap")}.get(driver)
-
-
-def release_selector(name: str) -> str:
-    """The labels helm puts on every record of one release."""
-    return f"owner=helm,name={name}"
+def release_store() -> tuple[str, str] | None:
+    """(apiVersion, kind) of helm's release records, as HELM_DRIVER says; None where kubetrain cannot reach."""
+    return RELEASE_STORES.get(os.environ.get("HELM_DRIVER", "secret").lower())

@@ -27,14 +27,13 @@ EXIT_NOT_FINISHED = 3  # `status` of a job that is still pending or running
 
 
 # ---------------------------------------------------------------- submit
-def submit(kube: Kube, name: str, flags, cluster: list[str], dry_run: bool = False, force: bool = False,
-           wait: bool = False, out: TextIO = sys.stdout) -> int:
-    """Install or upgrade the experiment's Helm release: `flags` are the user's value flags, `cluster`
-    helm's namespace/kubeconfig/context flags (the values are already checked)."""
+def submit(kube: Kube, name: str, flags, target: tuple[str | None, str | None], dry_run: bool = False,
+           force: bool = False, wait: bool = False, out: TextIO = sys.stdout) -> int:
+    """Install or upgrade the experiment's Helm release: `flags` are the user's value flags (already
+    checked), `target` the --kubeconfig and --context given, which helm gets too."""
     from trainer.controller import helm  # only submit runs helm: the other verbs skip its imports
-    from trainer.controller.render import manifests
 
-    objects = manifests(helm.template(name, flags, include_tests=False, namespace=kube.namespace))
+    objects = helm.manifests(helm.template(name, flags, False, kube.namespace, verb="submit"))
     digest = next(spec_hash(obj) for obj in objects if obj["kind"] in {kind.kind for kind in JOB_KINDS})
     existing = find_job(kube, name)
     if existing is not None:
@@ -59,7 +58,7 @@ def submit(kube: Kube, name: str, flags, cluster: list[str], dry_run: bool = Fal
             out.write(f"{obj['kind'].lower()}/{obj['metadata']['name']} applied (server dry run)\n")
         out.flush()
         return 0
-    report = helm.upgrade_install(name, flags, cluster)
+    report = helm.upgrade_install(name, flags, kube.namespace, *target)
     revision = next((line.split(":", 1)[1].strip() for line in report.splitlines() if line.startswith("REVISION:")),
                     "?")
     for obj in objects:
@@ -374,19 +373,17 @@ def delete(kube: Kube, name: str, out: TextIO = sys.stdout) -> int:
 
 
 def _delete_release_records(kube: Kube, name: str, out: TextIO) -> int:
-    """Helm's records of the release (where HELM_DRIVER keeps them), so `helm list` agrees."""
-    from trainer.controller.helm import release_driver, release_selector
+    """Helm's records of the release (labelled so by helm, where HELM_DRIVER keeps them): `helm list` agrees."""
+    from trainer.controller.helm import release_store
 
-    store = release_driver()
-    if store is None:
-        return 0
+    store, records = release_store(), []
     try:
-        records = kube.list(*store, selector=release_selector(name))["items"]
+        records = kube.list(*store, selector=f"owner=helm,name={name}")["items"] if store else []
         for record in records:
             kube.delete(*store, record["metadata"]["name"])
     except (UserError, ApiError) as e:
         out.write(f"skipped the release records ({store[1]}): {e}\n")
         return 0
     if records:
-        out.write(f"release {name} removed ({len(records)} revision{'s' if len(records) != 1 else ''})\n")
+        out.write(f"release {name} removed ({len(records)} revisions kept by helm)\n")
     return len(records)
