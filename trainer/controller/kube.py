@@ -18,6 +18,7 @@ import os
 import ssl
 import tempfile
 import threading
+import time
 from typing import Iterator
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -28,6 +29,7 @@ from trainer.errors import UserError
 
 FIELD_MANAGER = "kubetrain"
 REQUEST_TIMEOUT_S = 60  # one request; watches and log streams set their own
+THROTTLED_RETRIES = 10  # client-go's: 429 (and a 5xx with Retry-After) is retried after the delay asked
 # What `kubetrain delete` removes: every kind the chart renders, selected by the experiment label.
 EXPERIMENT_KINDS = [
     *(kind.api for kind in JOB_KINDS),
@@ -137,8 +139,12 @@ class Kube:
 
     def request(self, method: str, path: str, query: dict | None = None, body: dict | None = None,
                 content_type: str = "application/json") -> dict:
-        response, _ = self._send(method, path, query, body, content_type)
-        data = response.read()
+        for attempt in range(THROTTLED_RETRIES + 1):
+            response, _ = self._send(method, path, query, body, content_type)
+            data, retry_after = response.read(), response.getheader("Retry-After")
+            if attempt == THROTTLED_RETRIES or not (response.status == 429 or response.status >= 500 and retry_after):
+                break
+            time.sleep(min(float(retry_after) if (retry_after or "").isdigit() else 1.0, 10.0))
         _raise_for_status(response, data)
         return json.loads(data) if data else {}
 
