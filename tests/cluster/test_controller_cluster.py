@@ -174,19 +174,22 @@ def test_cluster_verbs_import_nothing_heavy(apiserver, namespace):
 def test_helm_and_kubetrain_are_interchangeable(apiserver, namespace):
     """One experiment is one release: helm install, then kubetrain submit of the same values changes
     nothing and kubetrain delete removes every object of it; kubetrain submit, then helm uninstall."""
+    apiserver.require_monitoring_crds()
     chart = str(REPO / "helm" / "kubetrain")
-    monitoring = ["--set", "rbac.create=true,s3.devSecret.enabled=true,s3.devSecret.accessKeyId=a",
-                  "--set", "s3.devSecret.secretAccessKey=b"]
-    install = helm(apiserver, "install", "exp-helm", chart, "-n", namespace, *QUICK, *monitoring)
+    every_kind = ["--set", "rbac.create=true,s3.devSecret.enabled=true,s3.devSecret.accessKeyId=a",
+                  "--set", "s3.devSecret.secretAccessKey=b,metrics.podMonitor.enabled=true",
+                  "--set", "metrics.prometheusRule.enabled=true"]
+    install = helm(apiserver, "install", "exp-helm", chart, "-n", namespace, *QUICK, *every_kind)
     assert install.returncode == 0, install.stderr
     assert get(apiserver, namespace, "pytorchjob", "exp-helm")["metadata"]["name"] == "exp-helm"
     listing = kt(apiserver, namespace, "list")
     assert "exp-helm" in listing.stdout  # helm-installed experiments are kubetrain experiments too
-    same = kt(apiserver, namespace, "submit", "exp-helm", *QUICK, *monitoring)
+    same = kt(apiserver, namespace, "submit", "exp-helm", *QUICK, *every_kind)
     assert same.returncode == 0 and "unchanged" in same.stdout, same.stdout + same.stderr
     manifest = helm(apiserver, "get", "manifest", "exp-helm", "-n", namespace).stdout
     objects = [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(manifest) if d]
-    assert len(objects) >= 6, objects
+    assert {kind for kind, _ in objects} >= {"PyTorchJob", "ConfigMap", "Secret", "Service", "ServiceAccount",
+                                             "Role", "PodMonitor", "PrometheusRule"}, objects
     deleted = kt(apiserver, namespace, "delete", "exp-helm")
     assert deleted.returncode == 0, deleted.stderr
     for kind, name in objects:
