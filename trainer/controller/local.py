@@ -3,7 +3,7 @@
 Each replica gets exactly the environment the Kubeflow training operator
 injects (DESIGN §3.3), or for `job.kind: TrainJob` what Kubeflow Trainer v2's
 torch plugin injects (PET_* only, always under torchrun), with the master at
-127.0.0.1 and a free port; torchrun
+127.0.0.1 and a free port, plus the container's plain env (ncclEnv, env); torchrun
 runs inside a replica when nprocPerNode > 1, as in the pod. Output is streamed
 with a `[master-0]` / `[worker-1]` prefix. One failing replica stops the rest;
 retryable exits (>= 128) relaunch every replica under `job.restartPolicy`
