@@ -47,6 +47,14 @@ def tool(env_var: str, name: str) -> str:
                 '(run: eval "$(bash scripts/install-test-tools.sh)")')
 
 
+def helm_objects(name: str, files=(), sets=(), include_tests: bool = True) -> list[dict]:
+    """What `kubetrain render` renders, as objects: the chart run by the real helm (skips without it)."""
+    from trainer.controller.helm import ValueFlags, manifests, template
+
+    tool("KUBETRAIN_HELM", "helm")
+    return manifests(template(name, ValueFlags(files=tuple(str(f) for f in files), sets=tuple(sets)), include_tests))
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300,
             python: tuple[str, ...] = (), module: str = "trainer.controller.cli") -> Result:
     """Run `kubetrain ARGS` in a fresh interpreter, as a user would (`python PYTHON -m MODULE ARGS`)."""

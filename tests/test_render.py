@@ -1,4 +1,4 @@
-"""`kubetrain render`: what users see on stdout and stderr, without helm.
+"""`kubetrain render`: what users see on stdout and stderr; the manifests are the chart's, rendered by helm.
 
 The quickstart rendering is kept as a golden file so that a template change
 shows up as a reviewable diff. Regenerate it after an intended change with:
@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from support import EXAMPLES, run_cli
+
+pytestmark = pytest.mark.skipif(
+    not (os.environ.get("KUBETRAIN_HELM") or shutil.which("helm")),
+    reason="helm not found: set KUBETRAIN_HELM or run `eval \"$(scripts/install-test-tools.sh)\"`")
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "quickstart.yaml"
 

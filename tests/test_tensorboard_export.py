@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from support import FAST_TRAINING, REPO, read_until, run_cli
 from trainer.config import S3Config, trainer_config_document
 from trainer.controller.local import free_port, operator_env
-from trainer.controller.render import trainer_command
+from trainer.controller.checks import trainer_command
 from trainer.export import load_exported
 from trainer.values import resolve_values
 

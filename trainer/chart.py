@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -41,10 +42,11 @@ def _messages() -> dict:
 
 
 def chart_message(key: str, *args) -> str:
-    """One of the chart's refusals (files/messages.yaml), formatted as the template's printf formats it."""
-    from trainer.controller.helm_functions import printf
-
-    return printf(_messages()[key], *args)
+    """One of the chart's refusals (files/messages.yaml), its printf verbs filled in: %q a quoted
+    name (plain text: DNS labels, keys), %d an integer, %s text."""
+    values = iter(args)
+    fill = {"q": lambda v: json.dumps(str(v), ensure_ascii=False), "d": lambda v: str(int(v)), "s": str}
+    return re.sub(r"%([qds])", lambda match: fill[match.group(1)](next(values)), _messages()[key])
 
 
 def chart_text(relative: str) -> str:

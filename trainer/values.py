@@ -57,7 +57,7 @@ def _coalesce(dst: dict, src: dict) -> None:
 
 class HelmValuesLoader(SafeLoader):
     """YAML scalars typed as Helm types them (go-yaml v2): `y`/`n` are booleans and `1e3`
-    a float; dates, `1:30` and `=` stay strings. Keeps render and helm template in step."""
+    a float; dates, `1:30` and `=` stay strings: `kubetrain run` reads values as helm does."""
 
 
 _BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"

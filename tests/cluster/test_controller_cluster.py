@@ -26,8 +26,20 @@ pytestmark = pytest.mark.cluster
 QUICK = ["-f", str(EXAMPLES / "quickstart.yaml")]
 
 
-def kt(apiserver, namespace, *args, kubeconfig=None):
-    return run_cli(*args, "--kubeconfig", str(kubeconfig or apiserver.kubeconfig), "-n", namespace)
+def kt(apiserver, namespace, *args, kubeconfig=None, env=None):
+    return run_cli(*args, "--kubeconfig", str(kubeconfig or apiserver.kubeconfig), "-n", namespace, env=env)
+
+
+def helm(apiserver, *args, env=None):
+    return subprocess.run([tool("KUBETRAIN_HELM", "helm"), *args], env={**apiserver.env(), **(env or {})},
+                          capture_output=True, text=True, timeout=120)
+
+
+def releases(apiserver, namespace, env=None) -> dict[str, dict]:
+    """`helm list`'s releases in the namespace, by name."""
+    listing = helm(apiserver, "list", "-n", namespace, "-o", "json", env=env)
+    assert listing.returncode == 0, listing.stderr
+    return {r["name"]: r for r in json.loads(listing.stdout)}
 
 
 def get(apiserver, namespace, kind, name, check=True):
@@ -48,22 +60,24 @@ def operator_writes_status(apiserver, namespace, name, *conditions, replicas=Non
                       "--type=merge", "-p", json.dumps({"status": status}))
 
 
-def test_submit_applies_every_object_and_resubmit_is_a_no_op(apiserver, namespace):
+def test_submit_installs_a_helm_release_and_resubmit_is_a_no_op(apiserver, namespace):
     first = kt(apiserver, namespace, "submit", "exp-a", *QUICK)
     assert first.returncode == 0, first.stderr
-    assert "pytorchjob/exp-a applied" in first.stdout
+    assert "pytorchjob/exp-a applied" in first.stdout and "release exp-a revision 1" in first.stdout
     job = get(apiserver, namespace, "pytorchjob", "exp-a")
-    managers = {m["manager"] for m in job["metadata"]["managedFields"]}
-    assert "kubetrain" in managers  # server-side apply with our field manager
+    assert job["metadata"]["annotations"]["meta.helm.sh/release-name"] == "exp-a"  # the release owns it
     assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    assert releases(apiserver, namespace)["exp-a"]["status"] == "deployed"
     assert get(apiserver, namespace, "configmap", "exp-a-config", check=False) or \
         apiserver.kubectl("get", "configmap", "-n", namespace, "-l", "kubetrain.io/experiment=exp-a").stdout
 
     again = kt(apiserver, namespace, "submit", "exp-a", *QUICK)
     assert again.returncode == 0, again.stderr
+    assert "experiment exp-a unchanged" in again.stdout, again.stdout
     job2 = get(apiserver, namespace, "pytorchjob", "exp-a")
     assert job2["metadata"]["resourceVersion"] == job["metadata"]["resourceVersion"]
     assert job2["metadata"]["generation"] == job["metadata"]["generation"]
+    assert releases(apiserver, namespace)["exp-a"]["revision"] == "1"  # not even a new revision
 
 
 def test_different_values_under_a_taken_name_need_force(apiserver, namespace):
@@ -77,6 +91,7 @@ def test_different_values_under_a_taken_name_need_force(apiserver, namespace):
     forced = kt(apiserver, namespace, "submit", "exp-b", *QUICK, "--set", "job.nodes=3", "--force")
     assert forced.returncode == 0, forced.stderr
     assert get(apiserver, namespace, "pytorchjob", "exp-b")["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 2
+    assert list(releases(apiserver, namespace)) == ["exp-b"]
 
 
 def test_dry_run_is_validated_by_the_server_and_stores_nothing(apiserver, namespace):
@@ -84,6 +99,7 @@ def test_dry_run_is_validated_by_the_server_and_stores_nothing(apiserver, namesp
     assert result.returncode == 0, result.stderr
     assert "(server dry run)" in result.stdout
     assert get(apiserver, namespace, "pytorchjob", "exp-dry", check=False) is None
+    assert releases(apiserver, namespace) == {}
 
 
 @pytest.mark.parametrize("sets", [
@@ -130,9 +146,11 @@ def test_list_and_delete_touch_only_the_named_experiment(apiserver, namespace):
     rows = {line.split()[0]: line.split() for line in listing.stdout.splitlines()[1:]}
     assert rows["exp-one"][1:3] == ["Submitted", "2"] and rows["exp-two"][1:3] == ["Submitted", "3"]
 
+    assert set(releases(apiserver, namespace)) == {"exp-one", "exp-two"}  # helm list agrees
     deleted = kt(apiserver, namespace, "delete", "exp-one")
     assert deleted.returncode == 0, deleted.stderr
-    assert "pytorchjob/exp-one deleted" in deleted.stdout
+    assert "pytorchjob/exp-one deleted" in deleted.stdout and "release exp-one removed" in deleted.stdout
+    assert set(releases(apiserver, namespace)) == {"exp-two"}
     left = apiserver.kubectl("get", "pytorchjob,configmap,service,serviceaccount", "-n", namespace,
                              "-o", "name").stdout.split()
     assert not [n for n in left if "exp-one" in n], left
@@ -153,23 +171,41 @@ def test_cluster_verbs_import_nothing_heavy(apiserver, namespace):
         assert not heavy, f"kubetrain {verb[0]} imported {sorted(heavy)}"
 
 
-def test_helm_install_and_uninstall_against_the_api_server(apiserver, namespace):
-    helm = tool("KUBETRAIN_HELM", "helm")
-    env = apiserver.env()
+def test_helm_and_kubetrain_are_interchangeable(apiserver, namespace):
+    """One experiment is one release: helm install, then kubetrain submit of the same values changes
+    nothing and kubetrain delete removes every object of it; kubetrain submit, then helm uninstall."""
+    apiserver.require_monitoring_crds()
     chart = str(REPO / "helm" / "kubetrain")
-    install = subprocess.run([helm, "install", "exp-helm", chart, "-n", namespace, *QUICK],
-                             env=env, capture_output=True, text=True, timeout=120)
+    every_kind = ["--set", "rbac.create=true,s3.devSecret.enabled=true,s3.devSecret.accessKeyId=a",
+                  "--set", "s3.devSecret.secretAccessKey=b,metrics.podMonitor.enabled=true",
+                  "--set", "metrics.prometheusRule.enabled=true"]
+    install = helm(apiserver, "install", "exp-helm", chart, "-n", namespace, *QUICK, *every_kind)
     assert install.returncode == 0, install.stderr
     assert get(apiserver, namespace, "pytorchjob", "exp-helm")["metadata"]["name"] == "exp-helm"
     listing = kt(apiserver, namespace, "list")
     assert "exp-helm" in listing.stdout  # helm-installed experiments are kubetrain experiments too
-    uninstall = subprocess.run([helm, "uninstall", "exp-helm", "-n", namespace],
-                               env=env, capture_output=True, text=True, timeout=120)
+    same = kt(apiserver, namespace, "submit", "exp-helm", *QUICK, *every_kind)
+    assert same.returncode == 0 and "unchanged" in same.stdout, same.stdout + same.stderr
+    manifest = helm(apiserver, "get", "manifest", "exp-helm", "-n", namespace).stdout
+    objects = [(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(manifest) if d]
+    assert {kind for kind, _ in objects} >= {"PyTorchJob", "ConfigMap", "Secret", "Service", "ServiceAccount",
+                                             "Role", "PodMonitor", "PrometheusRule"}, objects
+    deleted = kt(apiserver, namespace, "delete", "exp-helm")
+    assert deleted.returncode == 0, deleted.stderr
+    for kind, name in objects:
+        assert get(apiserver, namespace, kind, name, check=False) is None, (kind, name)
+    assert releases(apiserver, namespace) == {}
+
+    assert kt(apiserver, namespace, "submit", "exp-kt", *QUICK).returncode == 0
+    uninstall = helm(apiserver, "uninstall", "exp-kt", "-n", namespace)
     assert uninstall.returncode == 0, uninstall.stderr
-    assert get(apiserver, namespace, "pytorchjob", "exp-helm", check=False) is None
+    assert get(apiserver, namespace, "pytorchjob", "exp-kt", check=False) is None
+    assert "exp-kt" not in kt(apiserver, namespace, "list").stdout
 
 
 def test_the_chart_role_lets_a_user_submit_watch_and_delete_but_not_read_secrets(apiserver, namespace):
+    """With HELM_DRIVER=configmap (helm's own setting, which kubetrain follows) the release records are
+    ConfigMaps, so the Role needs no Secrets at all."""
     # An admin installs the Role (rbac.create) bound to user bob, as a platform team would.
     bob_subject = '[{"kind":"User","name":"bob","apiGroup":"rbac.authorization.k8s.io"}]'
     rbac = kt(apiserver, namespace, "submit", "team-rbac", *QUICK, "--set", "rbac.create=true",
@@ -178,13 +214,16 @@ def test_the_chart_role_lets_a_user_submit_watch_and_delete_but_not_read_secrets
     apiserver.kubectl("create", "secret", "generic", "s3-keys", "-n", namespace, "--from-literal=k=v")
     bob = apiserver.user_kubeconfig("bob")
 
-    submitted = kt(apiserver, namespace, "submit", "bob-exp", *QUICK, kubeconfig=bob)
+    configmaps = {"HELM_DRIVER": "configmap"}
+    submitted = kt(apiserver, namespace, "submit", "bob-exp", *QUICK, kubeconfig=bob, env=configmaps)
     assert submitted.returncode == 0, submitted.stderr
     assert kt(apiserver, namespace, "status", "bob-exp", kubeconfig=bob).returncode == 3  # not finished
     assert "bob-exp" in kt(apiserver, namespace, "list", kubeconfig=bob).stdout
-    deleted = kt(apiserver, namespace, "delete", "bob-exp", kubeconfig=bob)
+    assert "bob-exp" in releases(apiserver, namespace, env={**configmaps, "KUBECONFIG": str(bob)})
+    deleted = kt(apiserver, namespace, "delete", "bob-exp", kubeconfig=bob, env=configmaps)
     assert deleted.returncode == 0, deleted.stderr
     assert get(apiserver, namespace, "pytorchjob", "bob-exp", check=False) is None
+    assert "bob-exp" not in releases(apiserver, namespace, env=configmaps)
 
     secrets = apiserver.kubectl("get", "secret", "s3-keys", "-n", namespace, kubeconfig=bob, check=False)
     assert secrets.returncode != 0 and "forbidden" in secrets.stderr.lower()

@@ -29,14 +29,28 @@ def resolved_values(args: argparse.Namespace) -> dict:
     return resolve_values(args.values, args.set_values, args.set_string, args.set_json)
 
 
+def checked_values(args: argparse.Namespace) -> dict:
+    """The values, merged and validated, then the chart's own checks: what run, render and submit refuse."""
+    from trainer.controller.checks import check_values
+
+    values = resolved_values(args)
+    check_values(args.name, values)
+    return values
+
+
+def value_flags(args: argparse.Namespace):
+    """The value flags as given, for helm: it merges them as trainer/values.py does."""
+    from trainer.controller.helm import ValueFlags
+
+    return ValueFlags(tuple(args.values), tuple(args.set_values), tuple(args.set_string), tuple(args.set_json))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from trainer.config import trainer_config_from_values
     from trainer.controller.local import LocalRunner
-    from trainer.controller.render import check_values
     from trainer.values import resolve_python_path
 
-    values = resolved_values(args)
-    check_values(args.name, values)  # the chart's checks: what render and submit refuse, run refuses
+    values = checked_values(args)  # what render and submit refuse, run refuses
     values = resolve_python_path(values, args.values, args.set_values + args.set_string + args.set_json)
     trainer_config_from_values(args.name, values)  # the sections check before any process starts
     return LocalRunner(args.name, values, run_workdir(args)).run()
@@ -56,11 +70,10 @@ def run_workdir(args: argparse.Namespace) -> Path:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from trainer.controller.render import render
+    from trainer.controller import helm
 
-    values = resolved_values(args)
-    manifests = render(args.name, values, include_tests=not args.skip_tests)  # all checks before any output
-    sys.stdout.write(manifests)
+    checked_values(args)  # a bad value is one message naming its key, before helm runs
+    sys.stdout.write(helm.template(args.name, value_flags(args), include_tests=not args.skip_tests))
     return 0
 
 
@@ -78,11 +91,12 @@ def connect(args: argparse.Namespace):
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from trainer.controller import jobs
+    from trainer.controller import helm, jobs
 
-    values = resolved_values(args)
-    jobs.rendered_objects(args.name, values)  # every values/name check before touching the cluster
-    return jobs.submit(connect(args), args.name, values, dry_run=args.dry_run, force=args.force, wait=args.wait)
+    checked_values(args)  # every values/name check before helm or the cluster
+    helm.binary("submit")
+    return jobs.submit(connect(args), args.name, value_flags(args), (args.kubeconfig, args.context),
+                       dry_run=args.dry_run, force=args.force, wait=args.wait)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -132,16 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--port", type=int, default=6006, help="port to serve on (default 6006; 0 picks a free one)")
     board.set_defaults(handler=cmd_tensorboard)
 
-    render = sub.add_parser("render", help="print the manifests, as `helm template NAME helm/kubetrain` does")
+    render = sub.add_parser("render", help="print the manifests: `helm template NAME` of the chart (needs helm)")
     add_values_arguments(render)
     render.add_argument("--skip-tests", action="store_true", help="leave out the `helm test` pod, as helm does")
     render.set_defaults(handler=cmd_render)
 
-    submit = sub.add_parser("submit", help="apply the experiment to the cluster (server-side apply)")
+    submit = sub.add_parser("submit", help="install or upgrade the experiment's Helm release (needs helm)")
     add_values_arguments(submit)
     add_cluster_arguments(submit)
     submit.add_argument("--dry-run", action="store_true",
-                        help="server-side dry run: the API server validates everything, nothing is stored")
+                        help="server-side dry run of helm template's objects: validated, nothing stored")
     submit.add_argument("--wait", action="store_true", help="follow the job until it succeeds or fails")
     submit.add_argument("--force", action="store_true",
                         help="replace an existing experiment of the same name that has different values")
@@ -170,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("-A", "--all-namespaces", action="store_true")
     listing.set_defaults(handler=cmd_list)
 
-    delete = sub.add_parser("delete", help="remove everything the experiment created, and nothing else")
+    delete = sub.add_parser("delete", help="remove the experiment's objects and Helm release, nothing else")
     delete.add_argument("name", metavar="NAME")
     add_cluster_arguments(delete)
     delete.set_defaults(handler=cmd_delete)

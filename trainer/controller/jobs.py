@@ -1,18 +1,17 @@
 """The cluster verbs: submit, status, logs, list and delete one experiment.
 
-An experiment is everything the chart renders for one release name, found
-again through the `kubetrain.io/experiment` label; its job is a PyTorchJob or a
-TrainJob (trainer/controller/kinds.py reads either). The job carries a
-digest of what was rendered, so submitting the same values twice is a no-op
-while submitting different values under a taken name is refused unless forced.
+An experiment is one Helm release of the chart, however it was installed
+(`kubetrain submit` or `helm install`): everything the chart renders for the
+release name, found again through the `kubetrain.io/experiment` label; its job is
+a PyTorchJob or a TrainJob (trainer/controller/kinds.py reads either). The job
+carries the chart's digest of the values, so submitting the same values twice
+changes nothing while different values under a taken name are refused unless forced.
 """
 
 from __future__ import annotations
 
 import codecs
 import datetime
-import hashlib
-import json
 import sys
 import threading
 import time
@@ -28,43 +27,53 @@ EXIT_NOT_FINISHED = 3  # `status` of a job that is still pending or running
 
 
 # ---------------------------------------------------------------- submit
-def rendered_objects(name: str, values: dict) -> list[dict]:
-    """The release's objects (no helm test pod), each marked with the digest of them all."""
-    from trainer.controller.render import render_manifests  # only submit renders: the other verbs skip its imports
+def submit(kube: Kube, name: str, flags, target: tuple[str | None, str | None], dry_run: bool = False,
+           force: bool = False, wait: bool = False, out: TextIO = sys.stdout) -> int:
+    """Install or upgrade the experiment's Helm release: `flags` are the user's value flags (already
+    checked), `target` the --kubeconfig and --context given, which helm gets too."""
+    from trainer.controller import helm  # only submit runs helm: the other verbs skip its imports
 
-    objects = [obj for _, obj in render_manifests(name, values, include_tests=False)]
-    digest = hashlib.sha256(json.dumps(objects, sort_keys=True).encode()).hexdigest()[:16]
-    for obj in objects:
-        obj["metadata"].setdefault("annotations", {})
-        obj["metadata"]["annotations"] = {**(obj["metadata"]["annotations"] or {}), SPEC_HASH: digest}
-    return objects
-
-
-def submit(kube: Kube, name: str, values: dict, dry_run: bool = False, force: bool = False,
-           wait: bool = False, out: TextIO = sys.stdout) -> int:
-    objects = rendered_objects(name, values)
-    digest = objects[0]["metadata"]["annotations"][SPEC_HASH]
+    objects = helm.manifests(helm.template(name, flags, False, kube.namespace, verb="submit"))
+    digest = next(spec_hash(obj) for obj in objects if obj["kind"] in {kind.kind for kind in JOB_KINDS})
     existing = find_job(kube, name)
     if existing is not None:
-        theirs = (existing["metadata"].get("annotations") or {}).get(SPEC_HASH)
+        theirs = spec_hash(existing)
         if theirs != digest and not force:
             raise UserError(
                 f"experiment {name!r} already exists in namespace {kube.namespace!r} with different "
                 f"values (spec {theirs or 'unknown'} vs {digest}); pick another name, "
                 f"`kubetrain delete {name}`, or pass --force to replace it"
             )
-        if theirs != digest and not dry_run:
+        if theirs == digest and not dry_run:
+            out.write(f"experiment {name} unchanged (spec {digest}): nothing applied\n")
+            out.flush()
+            return watch(kube, name, out=out) if wait else 0
+        if not dry_run:
             out.write(f"replacing experiment {name} (spec {theirs or 'unknown'} -> {digest})\n")
             delete(kube, name, out=out)
             _wait_gone(kube, name)
-    suffix = " (server dry run)" if dry_run else ""
+    if dry_run:
+        for obj in objects:
+            kube.apply(obj, dry_run=True)
+            out.write(f"{obj['kind'].lower()}/{obj['metadata']['name']} applied (server dry run)\n")
+        out.flush()
+        return 0
+    report = helm.upgrade_install(name, flags, kube.namespace, *target)
+    revision = next((line.split(":", 1)[1].strip() for line in report.splitlines() if line.startswith("REVISION:")),
+                    "?")
     for obj in objects:
-        kube.apply(obj, dry_run=dry_run)
-        out.write(f"{obj['kind'].lower()}/{obj['metadata']['name']} applied{suffix}\n")
+        out.write(f"{obj['kind'].lower()}/{obj['metadata']['name']} applied\n")
+    out.write(f"release {name} revision {revision} in namespace {kube.namespace} "
+              f"(`helm list` shows it; `helm uninstall` or `kubetrain delete` removes it)\n")
     out.flush()
-    if wait and not dry_run:
+    if wait:
         return watch(kube, name, out=out)
     return 0
+
+
+def spec_hash(obj: dict) -> str | None:
+    """The chart's digest of its version and the values (`kubetrain.specHash`), on the job."""
+    return ((obj.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH)
 
 
 def find_job(kube: Kube, name: str) -> dict | None:
@@ -344,7 +353,8 @@ def list_experiments(kube: Kube, all_namespaces: bool = False, out: TextIO = sys
 
 
 def delete(kube: Kube, name: str, out: TextIO = sys.stdout) -> int:
-    """Delete what the experiment created (by its label), and nothing else."""
+    """Delete what the experiment created (by its label) and its Helm release records, and nothing
+    else: what `helm uninstall` removes, for a release installed by either."""
     removed = 0
     for api_version, kind in EXPERIMENT_KINDS:
         try:
@@ -356,6 +366,24 @@ def delete(kube: Kube, name: str, out: TextIO = sys.stdout) -> int:
             if kube.delete(api_version, kind, item["metadata"]["name"]):
                 out.write(f"{kind.lower()}/{item['metadata']['name']} deleted\n")
                 removed += 1
+    removed += _delete_release_records(kube, name, out)
     if not removed:
         raise UserError(f"no experiment {name!r} in namespace {kube.namespace!r}")
     return 0
+
+
+def _delete_release_records(kube: Kube, name: str, out: TextIO) -> int:
+    """Helm's records of the release (labelled so by helm, where HELM_DRIVER keeps them): `helm list` agrees."""
+    from trainer.controller.helm import release_store
+
+    store, records = release_store(), []
+    try:
+        records = kube.list(*store, selector=f"owner=helm,name={name}")["items"] if store else []
+        for record in records:
+            kube.delete(*store, record["metadata"]["name"])
+    except (UserError, ApiError) as e:
+        out.write(f"skipped the release records ({store[1]}): {e}\n")
+        return 0
+    if records:
+        out.write(f"release {name} removed ({len(records)} revisions kept by helm)\n")
+    return len(records)

@@ -4,8 +4,8 @@ JSON over HTTP/1.1 with the standard library (http.client, ssl), as kr8s and
 client-go's REST layer do: objects stay the API's JSON, and discovery reads
 only the group versions a verb touches. The official `kubernetes` package took
 0.4-0.5 s to import and 0.12 s to load a kubeconfig, over the verbs' 0.5 s
-start-up budget (benchmarks/cli_startup.py). Server-side apply uses field
-manager `kubetrain`. Refusals a user can act on (401/403, a rejected object, an
+start-up budget (benchmarks/cli_startup.py). Server-side apply (`submit
+--dry-run`) uses field manager `kubetrain`; helm installs releases. Refusals a user can act on (401/403, a rejected object, an
 unreachable server) become UserError; other API errors are ApiError.
 """
 
@@ -18,6 +18,7 @@ import os
 import ssl
 import tempfile
 import threading
+import time
 from typing import Iterator
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -28,6 +29,7 @@ from trainer.errors import UserError
 
 FIELD_MANAGER = "kubetrain"
 REQUEST_TIMEOUT_S = 60  # one request; watches and log streams set their own
+THROTTLED_RETRIES = 10  # client-go's: 429 (and a 5xx with Retry-After) is retried after the delay asked
 # What `kubetrain delete` removes: every kind the chart renders, selected by the experiment label.
 EXPERIMENT_KINDS = [
     *(kind.api for kind in JOB_KINDS),
@@ -38,6 +40,9 @@ EXPERIMENT_KINDS = [
     ("v1", "Pod"),  # the helm test pod; operator pods go with their PyTorchJob
     ("monitoring.coreos.com/v1", "PodMonitor"),
     ("monitoring.coreos.com/v1", "PrometheusRule"),
+    # Last: the Role (rbac.create) may be what lets the user delete the rest.
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
 ]
 
 
@@ -134,8 +139,12 @@ class Kube:
 
     def request(self, method: str, path: str, query: dict | None = None, body: dict | None = None,
                 content_type: str = "application/json") -> dict:
-        response, _ = self._send(method, path, query, body, content_type)
-        data = response.read()
+        for attempt in range(THROTTLED_RETRIES + 1):
+            response, _ = self._send(method, path, query, body, content_type)
+            data, retry_after = response.read(), response.getheader("Retry-After")
+            if attempt == THROTTLED_RETRIES or not (response.status == 429 or response.status >= 500 and retry_after):
+                break
+            time.sleep(min(float(retry_after) if (retry_after or "").isdigit() else 1.0, 10.0))
         _raise_for_status(response, data)
         return json.loads(data) if data else {}
 

@@ -3,7 +3,7 @@
 Each replica gets exactly the environment the Kubeflow training operator
 injects (DESIGN §3.3), or for `job.kind: TrainJob` what Kubeflow Trainer v2's
 torch plugin injects (PET_* only, always under torchrun), with the master at
-127.0.0.1 and a free port; torchrun
+127.0.0.1 and a free port, plus the container's plain env (ncclEnv, env); torchrun
 runs inside a replica when nprocPerNode > 1, as in the pod. Output is streamed
 with a `[master-0]` / `[worker-1]` prefix. One failing replica stops the rest;
 retryable exits (>= 128) relaunch every replica under `job.restartPolicy`
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trainer.config import trainer_config_document, trainer_config_from_values
 from trainer.controller.kinds import replica_name
-from trainer.controller.render import trainer_command
+from trainer.controller.checks import container_env, trainer_command
 from trainer.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, is_retryable
 
 STOP_GRACE_SECONDS = 30.0
@@ -135,6 +135,7 @@ class LocalRunner:
         for index in range(nodes):
             env = dict(os.environ)
             env.setdefault("OMP_NUM_THREADS", str(threads_per_proc))
+            env.update(container_env(self.values))  # the chart's ncclEnv and env, as the pod has them
             env.update((trainer_v2_env if train_job else operator_env)(index, nodes, nproc, port))
             # Not from the operator: replicas share this host, so each gets its own /metrics ports.
             env.update({"KUBETRAIN_METRICS_PORT_OFFSET": str(index * nproc),

@@ -1,7 +1,6 @@
 {{/*
-Names, labels and checks shared by the templates. trainer/controller/render.py
-renders the same objects from the same values: change both together (the
-parity test in tests/test_chart_parity.py compares them).
+Names, labels and checks shared by the templates. The chart is the one renderer
+of every manifest: `kubetrain render` and `kubetrain submit` run it with helm.
 */}}
 
 {{/* helm.sh/chart: name-version, as `helm create` spells it. */}}
@@ -22,6 +21,12 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: kubetrain
 kubetrain.io/experiment: {{ .Release.Name | quote }}
+{{- end -}}
+
+{{/* A digest of the chart version and the values, on the job: `kubetrain submit` reads it to tell
+the same values submitted again (nothing to do) from different ones under a taken name. */}}
+{{- define "kubetrain.specHash" -}}
+{{- list .Chart.Version .Values | toJson | sha256sum | trunc 16 -}}
 {{- end -}}
 
 {{/* The trainer pods: what the metrics Service and the PodMonitor select. */}}
@@ -64,7 +69,8 @@ app.kubernetes.io/component: trainer
 
 {{/*
 Checks the schema cannot express. The messages are files/messages.yaml's, which
-render.py's check_values also reads; it checks in the same order before anything is rendered.
+trainer/controller/checks.py also reads: `kubetrain run`, render and submit check
+the same, in the same order, before anything runs.
 */}}
 {{- define "kubetrain.validate" -}}
 {{- $say := .Files.Get "files/messages.yaml" | fromYaml -}}

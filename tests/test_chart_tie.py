@@ -1,13 +1,21 @@
-"""`helm template` and `kubetrain render` print the same bytes for the same values.
+"""What ties `kubetrain run` (no helm) to the cluster: the chart, rendered by the real helm.
+
+The chart is the one renderer of every manifest. `kubetrain run` keeps only what it
+shares with the pods: the values model and merging (trainer/values.py), the chart's
+refusals (trainer/controller/checks.py), the trainer config (trainer/config.py) and the
+replica command. For every example and a generated sweep of values, helm's ConfigMap
+`config.json` must equal (as JSON) the config `kubetrain run` hands its replicas, and the
+PyTorchJob's or TrainJob's container command and plain env must equal what the local
+replicas get, minus the addresses the operator injects. Values either side refuses, the
+other refuses too, naming the same keys or saying the same message.
 
 Uses the real helm binary (KUBETRAIN_HELM or PATH; scripts/install-test-tools.sh
-provides it) and skips visibly without it. Streams are compared byte for byte; a
-difference is reported as a diff of the first document that differs.
+provides it) and skips visibly without it.
 """
 
 from __future__ import annotations
 
-import difflib
+import json
 import os
 import re
 import shutil
@@ -21,7 +29,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from support import EXAMPLES, REPO, run_cli
-from trainer.controller.render import render
+from trainer.config import trainer_config_document
+from trainer.controller.checks import CONFIG_PATH, check_values, container_env, trainer_command
+from trainer.controller.helm import manifests
 from trainer.errors import UserError
 from trainer.values import resolve_values
 
@@ -44,27 +54,36 @@ def helm_template(name: str, files: list[Path] = (), sets: list[str] = ()) -> su
     return helm(*args)
 
 
-def documents(stream: str) -> list[str]:
-    return re.split(r"^(?=---\n# Source: )", stream, flags=re.M)
-
-
-def assert_same_bytes(helm_stream: str, ours_stream: str, context: str = "") -> None:
-    """The streams are equal; else a diff of the first document that differs."""
-    if helm_stream == ours_stream:
-        return
-    theirs, ours = documents(helm_stream), documents(ours_stream)
-    for a, b in zip(theirs, ours):
-        if a != b:
-            diff = "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), "helm template",
-                                                "kubetrain render", n=2))
-            raise AssertionError(f"helm template and kubetrain render differ:\n{diff}{context}")
-    raise AssertionError(f"helm printed {len(theirs)} documents, kubetrain {len(ours)}{context}")
-
-
 def schema_paths(stderr: str) -> set[str]:
     """Key paths from helm's or our `- path: message` schema report (without helm's extra lines that
     only say an if/then or allOf around the real violation failed)."""
     return {m.group(1) for m in re.finditer(r"^- ([^:\s]+): (?!Must validate)", stderr, re.M)}
+
+
+def assert_tied(name: str, values: dict, stream: str, context: str = "") -> None:
+    """helm's objects carry what `kubetrain run` gives its replicas (values: as trainer/values.py merged them)."""
+    objects = {(obj["kind"], obj["metadata"]["name"]): obj for obj in manifests(stream)}
+    config = json.loads(objects[("ConfigMap", f"{name}-config")]["data"]["config.json"])
+    assert config == trainer_config_document(name, values), f"config.json differs{context}"
+    job_values = values["job"]
+    if job_values["kind"] == "TrainJob":
+        job = objects[("TrainJob", name)]["spec"]
+        containers = [job["trainer"]]
+        assert (job["trainer"]["numNodes"], job["trainer"]["numProcPerNode"]) == \
+            (job_values["nodes"], job_values["nprocPerNode"]), context
+    else:
+        job = objects[("PyTorchJob", name)]["spec"]
+        replicas = job["pytorchReplicaSpecs"]
+        assert sum(r["replicas"] for r in replicas.values()) == job_values["nodes"], context
+        assert int(job["nprocPerNode"]) == job_values["nprocPerNode"], context
+        containers = [r["template"]["spec"]["containers"][0] for r in replicas.values()]
+    for container in containers:
+        assert container["command"] == trainer_command(values, CONFIG_PATH, python="python"), context
+        env = container.get("env") or []
+        plain = {e["name"]: e["value"] for e in env if "value" in e and e["name"] != "HOME"}
+        assert plain == container_env(values), f"container env differs{context}"
+        secret = {e["name"] for e in env if "valueFrom" in e}
+        assert secret <= {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, context
 
 
 # ---------------------------------------------------------------- examples, via the real CLI
@@ -72,24 +91,14 @@ EXAMPLE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("example", EXAMPLE_FILES, ids=lambda p: p.name)
-def test_every_example_renders_the_same(example):
-    name = example.stem.replace("_", "-")
-    theirs = helm_template(name, [example])
-    assert theirs.returncode == 0, theirs.stderr
-    ours = run_cli("render", name, "-f", str(example))
+def test_every_example_ties_run_to_helms_manifests(example):
+    name, files = example.stem.replace("_", "-"), [example]
+    args = [a for f in files for a in ("-f", str(f))]
+    ours = run_cli("render", name, *args)
     assert ours.returncode == 0, ours.stderr
-    assert_same_bytes(theirs.stdout, ours.stdout)
-
-
-def test_set_flags_and_int64_numbers_render_the_same():
-    """--set gives helm int64s where files give float64s: both print the same manifests."""
-    sets = ["job.nodes=3,job.nprocPerNode=4,resources.gpu=4,resources.cpu=1000000,resources.memory=68719476736",
-            "ncclEnv.NCCL_DEBUG=INFO,ncclEnv.NCCL_IB_DISABLE=1,job.ttlSecondsAfterFinished=3600"]
-    theirs = helm_template("set-flags", sets=sets)
-    assert theirs.returncode == 0, theirs.stderr
-    ours = run_cli("render", "set-flags", *[a for s in sets for a in ("--set", s)])
-    assert ours.returncode == 0, ours.stderr
-    assert_same_bytes(theirs.stdout, ours.stdout)
+    theirs = helm_template(name, files)
+    assert theirs.returncode == 0 and ours.stdout == theirs.stdout, theirs.stderr
+    assert_tied(name, resolve_values(files), ours.stdout)
 
 
 def test_helm_lint_strict_is_clean():
@@ -283,12 +292,14 @@ def values_sets(draw) -> tuple[str, dict]:
     return draw(NAME), values
 
 
-def _render_both(case: tuple[str, dict], path: Path) -> tuple[str, dict, subprocess.CompletedProcess, str | Exception]:
+def _tie_one(case: tuple[str, dict], path: Path) -> tuple[str, dict, subprocess.CompletedProcess, object]:
+    """helm template of the values file, and what `kubetrain run` makes of it: its values or its refusal."""
     name, values = case
     path.write_text(yaml.safe_dump(values, allow_unicode=True))
     theirs = helm_template(name, [path])
     try:
-        ours: str | Exception = render(name, resolve_values([path]))
+        ours: object = resolve_values([path])
+        check_values(name, ours)
     except UserError as e:
         ours = e
     return name, values, theirs, ours
@@ -302,21 +313,21 @@ BATCH = 8
 @settings(max_examples=26, deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(values_sets(), min_size=BATCH, max_size=BATCH))
-def test_generated_values_render_the_same(batch, tmp_path):
+def test_generated_values_tie_run_to_helms_manifests(batch, tmp_path):
     paths = [tmp_path / f"values-{i}.yaml" for i in range(len(batch))]
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(_render_both, batch, paths))
+        results = list(pool.map(_tie_one, batch, paths))
     for name, values, theirs, ours in results:
-        context = f"release {name!r}, values:\n{yaml.safe_dump(values, allow_unicode=True)}"
+        context = f"; release {name!r}, values:\n{yaml.safe_dump(values, allow_unicode=True)}"
         if isinstance(ours, Exception):
-            assert theirs.returncode != 0, f"only kubetrain render failed ({ours}); {context}"
+            assert theirs.returncode != 0, f"only kubetrain refused ({ours}){context}"
             if "schema" in str(ours):  # e.g. a bare `y` is a boolean to both (YAML 1.1)
-                assert schema_paths(str(ours)) == schema_paths(theirs.stderr), f"{ours} vs {theirs.stderr}; {context}"
+                assert schema_paths(str(ours)) == schema_paths(theirs.stderr), f"{ours} vs {theirs.stderr}{context}"
             else:
-                assert str(ours) in theirs.stderr, f"{ours} vs {theirs.stderr}; {context}"
+                assert str(ours) in theirs.stderr, f"{ours} vs {theirs.stderr}{context}"
         else:
-            assert theirs.returncode == 0, f"only helm failed: {theirs.stderr}; {context}"
-            assert_same_bytes(theirs.stdout, ours, context)
+            assert theirs.returncode == 0, f"only helm refused: {theirs.stderr}{context}"
+            assert_tied(name, ours, theirs.stdout, context)
 
 
 @pytest.mark.parametrize("flags", [
@@ -328,9 +339,14 @@ def test_generated_values_render_the_same(batch, tmp_path):
 def test_set_flags_apply_in_helms_order_whatever_the_command_line_order(flags):
     theirs = helm("template", "order", str(CHART), *flags)
     assert theirs.returncode == 0, theirs.stderr
-    ours = run_cli("render", "order", *flags)
-    assert ours.returncode == 0, ours.stderr
-    assert_same_bytes(theirs.stdout, ours.stdout)
+    pick = {"--set": [], "--set-string": [], "--set-json": []}
+    for flag, expr in zip(flags[::2], flags[1::2]):
+        pick[flag].append(expr)
+    values = resolve_values([], pick["--set"], pick["--set-string"], pick["--set-json"])
+    assert_tied("order", values, theirs.stdout)
+    [job] = [obj for obj in manifests(theirs.stdout) if obj["kind"] == "PyTorchJob"]
+    pod_labels = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    assert pod_labels.get("team") == (values.get("podLabels") or {}).get("team")
 
 
 # ---------------------------------------------------------------- files, flags and nulls together
@@ -365,19 +381,24 @@ def test_files_flags_and_nulls_merge_as_in_helm(tmp_path, files, flags, renders)
     ours = run_cli("render", "merge", *args, *flags)
     assert (theirs.returncode == 0) == renders, theirs.stderr
     if renders:
-        assert ours.returncode == 0, ours.stderr
-        assert_same_bytes(theirs.stdout, ours.stdout)
+        assert ours.returncode == 0 and ours.stdout == theirs.stdout, ours.stderr
+        pick = {"--set": [], "--set-string": [], "--set-json": []}
+        for flag, expr in zip(flags[::2], flags[1::2]):
+            pick[flag].append(expr)
+        files = [tmp_path / f"values-{i}.yaml" for i in range(len(files))]
+        assert_tied("merge", resolve_values(files, pick["--set"], pick["--set-string"], pick["--set-json"]),
+                    theirs.stdout)
     else:
         assert ours.returncode == 2 and ours.stdout == "" and "Traceback" not in ours.stderr, ours.stderr
 
 
 def test_every_chart_message_is_raised_by_both_paths():
-    """files/messages.yaml owns the refusals: each is used by the template and by the Python side, and
-    CHART_FAILURES above makes each one happen in both."""
+    """files/messages.yaml owns the refusals: each is used by the template and by the checks `kubetrain run`
+    makes without helm, and CHART_FAILURES above makes each one happen in both."""
     messages = yaml.safe_load((REPO / "helm" / "kubetrain" / "files" / "messages.yaml").read_text())
     helpers = (REPO / "helm" / "kubetrain" / "templates" / "_helpers.tpl").read_text()
-    python = "".join((REPO / "trainer" / p).read_text() for p in ("config.py", "controller/render.py"))
+    python = "".join((REPO / "trainer" / p).read_text() for p in ("config.py", "controller/checks.py"))
     for key in messages:
         assert f"$say.{key}" in helpers, f"{key} is not used by _helpers.tpl"
-        assert f'chart_message("{key}"' in python, f"{key} is not used by render.py or config.py"
+        assert f'chart_message("{key}"' in python, f"{key} is not used by checks.py or config.py"
     assert len(CHART_FAILURES) >= len(messages)
