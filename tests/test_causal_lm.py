@@ -325,3 +325,18 @@ def test_fsdp_ranks_read_only_their_shards_and_never_hold_the_whole_model(tmp_pa
               f"+{grew_mb} MB while loading")
         assert float(read_mb) * 1e6 < 0.55 * model_bytes
         assert int(grew_mb) * 1e6 < 0.75 * model_bytes
+
+
+def test_activation_checkpointing_recomputes_to_the_same_losses(tmp_path, values_file, models):
+    """Recomputing each decoder layer in the backward pass changes memory, not the numbers."""
+    folders, _ = models
+    losses = {}
+    for flag in (False, True):
+        vals = values(folders["llama"].as_uri(), "lora", "fsdp", maxSteps=6, stepLogFile="steps.jsonl",
+                      activationCheckpointing=flag, options={"evalPrompts": 0})
+        vals["training"]["tensorboard"] = {"enabled": False}
+        result = train(tmp_path, values_file, f"ac-{str(flag).lower()}", vals)
+        assert ("activation checkpointing: 2 layers recompute" in result.stdout) == flag
+        losses[flag] = step_losses(tmp_path / f"ac-{str(flag).lower()}")
+    assert sorted(losses[True]) == list(range(1, 7))
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5), losses

@@ -227,7 +227,15 @@ def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
     if lora is not None:
         model = llm.add_lora(model, lora)
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.25 renamed it; both recompute each decoder layer (non-reentrant: FSDP2-safe)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = sum(1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)
+        log.info("activation checkpointing: %d layers recompute their activations in the backward pass", layers)
 
     def materialize(module, device: torch.device) -> None:
         before = llm.peak_rss_bytes()
