@@ -182,3 +182,24 @@ def test_switching_task_takes_the_task_s_defaults():
 def test_user_error_is_not_an_exception_leak():
     with pytest.raises(UserError, match="training.batchSize"):
         resolve_values(set_values=["training.batchSize=0"])
+
+
+@pytest.mark.parametrize("verb", ["run", "render"])
+@pytest.mark.parametrize("sets,missing", [
+    ("checkpoint=null", "(root): checkpoint is missing"), ("s3=null", "(root): s3 is missing"),
+    ("metrics=null", "(root): metrics is missing"), ("job=null", "(root): job is missing"),
+    ("training=null", "(root): training is missing"), ("training.task=null", "training: task is missing"),
+])
+def test_a_null_that_deletes_a_section_or_the_task_is_named(tmp_path, verb, sets, missing):
+    """Helm's null deletes a key, defaults included: without the section nothing can run or render."""
+    workdir = tmp_path / "w"
+    result = run_cli(verb, "x", *(["--workdir", str(workdir)] if verb == "run" else []), "--set", sets)
+    _assert_user_error(result, missing)
+    assert not workdir.exists()
+
+
+def test_a_values_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("training:\n  task: caf\xe9\n".encode("latin-1"))
+    result = run_cli("run", "x", "--workdir", str(tmp_path / "w"), "-f", str(path))
+    _assert_user_error(result, f"{path}: not UTF-8 text", "save the values file as UTF-8")

@@ -117,8 +117,8 @@ def load_trainer_config(path: str | Path) -> TrainerConfig:
     workdir = data.pop("workdir", "")
     if not isinstance(experiment, str):
         raise UserError(f"{path}: `experiment` (the experiment name) is missing")
-    defaults = {k: v for k, v in default_values().items() if k in TRAINER_SECTIONS}
-    values = validate(merge(defaults, data), source=str(path))
+    # The chart's defaults under the file: the trainer reads its own sections, and the schema wants every one.
+    values = validate(merge(default_values(), data), source=str(path))
     config = trainer_config_from_values(experiment, values)
     return dataclasses.replace(config, workdir=str(workdir)) if workdir else config
 

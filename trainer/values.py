@@ -91,6 +91,9 @@ def load_values_file(path: str | Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: values file not found") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}): save the "
+                        "values file as UTF-8") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read values file: {e.strerror}") from None
     try:
@@ -265,6 +268,10 @@ def key_path(error: jsonschema.ValidationError) -> str:
 
 
 def _message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "required" and error.validator_value and "then" not in error.schema_path:
+        missing = sorted(set(error.validator_value) - set(error.instance))
+        return "; ".join(f"{name} is missing: a null removes a whole section or key, the chart's defaults "
+                         "included; set the keys you mean instead" for name in missing)
     if error.validator == "additionalProperties":
         extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
         return "; ".join(f"Additional property {name} is not allowed" for name in extra)

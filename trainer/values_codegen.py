@@ -68,10 +68,20 @@ def object_schema(cls: type, path: str) -> dict:
     if not getattr(cls, "open_object", False):
         schema["additionalProperties"] = False
     schema["properties"] = {}
+    required = []
     for field, hint in fields_of(cls):
         key = f"{path}.{key_name(field)}" if path else key_name(field)
         schema["properties"][key_name(field)] = field_schema(field, hint, key)
+        if key in REQUIRED_KEYS:
+            required.append(key_name(field))  # `--set checkpoint=null` deletes a section: say so, by name
+    if required:
+        schema["required"] = required
     return schema
+
+
+# What nothing can run or render without: a null that deletes one is refused by name. (Other sections,
+# podSecurityContext say, may be removed with a null, as Helm allows.)
+REQUIRED_KEYS = {"job", "training", "checkpoint", "s3", "metrics", "training.task"}
 
 
 def field_schema(field: dataclasses.Field, hint: Any, key: str) -> dict:
