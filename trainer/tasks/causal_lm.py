@@ -251,7 +251,7 @@ def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
         generate=Generations(tokenizer, eval_rows, fmt, int(options.get("evalPrompts", 4)),
                              int(options.get("maxNewTokens", 16))),
         checkpoint_keys=llm.is_adapter if lora is not None else None,
-        export=HuggingFaceExport(folder, uri, tokenizer, lora),
+        export=HuggingFaceExport(folder, uri, tokenizer, lora), perplexity=True,
     )
 
 

@@ -41,6 +41,8 @@ class TaskSpec:
         the adapters; the frozen rest is the pretrained weights, loaded at every start).
     export: (full CPU state dict, folder) -> {name: subfolder}: write the exported model
         (rank 0, at the end) instead of kubetrain's model.safetensors + model.json.
+    perplexity: the eval loss is a mean per-token cross-entropy (language models): report
+        its exponential beside it, in the log and TensorBoard.
     """
 
     model: nn.Module
@@ -59,3 +61,4 @@ class TaskSpec:
     generate: Optional[Callable] = None
     checkpoint_keys: Optional[Callable[[str], bool]] = None
     export: Optional[Callable] = None
+    perplexity: bool = False

@@ -378,12 +378,13 @@ class Trainer:
 
     def _evaluate_and_report(self, announce: bool) -> None:
         self.eval_loss, self.eval_accuracy = self.evaluate()
+        perplexity = (math.exp(min(self.eval_loss, 700.0))  # exp overflows past ~709
+                      if self.spec.perplexity and self.eval_loss is not None else None)
         self.metrics.observe_eval(self.eval_loss, self.eval_accuracy)
-        self.tensorboard.log_eval(self.state.step, self.eval_loss, self.eval_accuracy)
+        self.tensorboard.log_eval(self.state.step, self.eval_loss, self.eval_accuracy, perplexity)
         if announce and self.info.is_main:
             log.info("epoch %d eval: loss=%s accuracy=%s%s", self.state.epoch + 1, _fmt(self.eval_loss),
-                     _fmt(self.eval_accuracy), f" perplexity={math.exp(min(self.eval_loss, 700)):.3f}"
-                     if self.spec.generate is not None and self.eval_loss is not None else "")
+                     _fmt(self.eval_accuracy), "" if perplexity is None else f" perplexity={perplexity:.3f}")
         self._log_generations()
 
     def _log_generations(self) -> None:

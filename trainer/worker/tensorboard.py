@@ -17,7 +17,6 @@ TensorBoard drops the points a preempted attempt logged after that checkpoint.
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import threading
 from pathlib import Path
@@ -132,13 +131,14 @@ class TensorBoardLogger:
         for rank, seconds in enumerate(step_times):
             add(f"step_time_seconds/rank_{rank}", seconds, step)
 
-    def log_eval(self, step: int, loss: float | None, accuracy: float | None) -> None:
+    def log_eval(self, step: int, loss: float | None, accuracy: float | None,
+                 perplexity: float | None = None) -> None:
         if self.writer is None:
             return
         if loss is not None:
             self.writer.add_scalar("eval/loss", loss, step)
-            if self.config.training.task == "causal-lm":
-                self.writer.add_scalar("eval/perplexity", math.exp(min(loss, 700.0)), step)
+        if perplexity is not None:
+            self.writer.add_scalar("eval/perplexity", perplexity, step)
         if accuracy is not None:
             self.writer.add_scalar("eval/accuracy", accuracy, step)
 
