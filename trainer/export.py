@@ -109,10 +109,10 @@ def _export_folders(trainer, state: dict, place) -> dict[str, str]:
         folders = trainer.spec.export(state, Path(tmp))
         del state
         urls = {}
+        last = (".json", ".jinja", ".txt", ".model")  # metadata after the weights, config.json at the end
         for name, folder in folders.items():
             files = sorted((p for p in folder.rglob("*") if p.is_file()),
-                           key=lambda p: (p.name.endswith((".json", ".jinja", ".txt", ".model")), str(p)))
-            files.sort(key=lambda p: p.name == "config.json")
+                           key=lambda p: (p.name == "config.json", p.name.endswith(last), str(p)))
             for path in files:
                 place.store.write_file(place.key(name, str(path.relative_to(folder))), path)
             urls[name] = place.url(name)

@@ -39,20 +39,17 @@ class Example:
 
 
 class TokenDataset(Dataset):
-    """Items are (input_ids, labels, position_ids) lists; the collate pads a batch."""
+    """Examples, one a dataset item; packed: per item, the lengths of the examples packed into it."""
 
     def __init__(self, examples: list[Example], packed: list[list[int]] | None = None):
         self.examples = examples
-        self.packed = packed  # per item, the lengths of the examples it holds
+        self.packed = packed
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> Example:
         return self.examples[index]
-
-    def label_tokens(self) -> int:
-        return sum(sum(1 for t in e.labels[1:] if t != IGNORE) for e in self.examples)
 
 
 # ------------------------------------------------------------------ reading rows

@@ -188,9 +188,10 @@ def materialize(model: nn.Module, files: dict[str, Path], device: torch.device, 
     from safetensors import safe_open
 
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    tied = [names for names in _aliases(model).values() if len(names) > 1]
+    # Every name of each parameter, keyed by the one named_parameters() gives (tied ones have several).
+    aliases = {names[0]: names for names in _aliases(model).values()}
     model.to_empty(device=device)
-    for names in tied:  # to_empty gives each module a parameter of its own: tie them again
+    for names in aliases.values():  # to_empty gives each module a parameter of its own: tie them again
         keep = model.get_parameter(names[0])
         for other in names[1:]:
             if model.get_parameter(other) is not keep:  # FSDP keeps one shared parameter itself
@@ -198,22 +199,24 @@ def materialize(model: nn.Module, files: dict[str, Path], device: torch.device, 
                 setattr(model.get_submodule(owner), attr, keep)
     for name, b in model.named_buffers():
         b.copy_(buffers[name])
-    aliases = _aliases(model)
-    by_file: dict[Path, list[tuple[str, str, nn.Parameter]]] = {}
+    by_file: dict[Path, list[tuple[str, nn.Parameter]]] = {}
     missing, nbytes = [], 0
     for name, param in model.named_parameters():
-        source = next((base_name(n) for n in aliases[id(param)] if base_name(n) in files), None)
+        source = next((base_name(n) for n in aliases[name] if base_name(n) in files), None)
         if source is not None:
-            by_file.setdefault(files[source], []).append((name, source, param))
+            by_file.setdefault(files[source], []).append((source, param))
         elif is_adapter(name):
             local, start = _local_rows(param)
             local.copy_(_adapter_init(name, param.shape, seed)[start:start + local.shape[0]])
         else:
             missing.append(base_name(name))
+    if missing:  # before reading anything
+        raise UserError(f"training.pretrained: {uri} lacks {len(missing)} of the model's tensors: "
+                        f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
     # One file open at a time: its mapped pages count as this process's memory while it is read.
     for path, params in by_file.items():
         with safe_open(str(path), framework="pt") as handle:
-            for name, source, param in params:
+            for source, param in params:
                 local, start = _local_rows(param)
                 rows = handle.get_slice(source)
                 if list(rows.get_shape()) != list(param.shape):
@@ -222,10 +225,7 @@ def materialize(model: nn.Module, files: dict[str, Path], device: torch.device, 
                 data = rows[start:start + local.shape[0]] if local.dim() else rows[...]
                 nbytes += data.numel() * data.element_size()
                 local.copy_(data)
-    if missing:
-        raise UserError(f"training.pretrained: {uri} lacks {len(missing)} of the model's tensors: "
-                        f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-    return nbytes  # tied weights are one parameter since the skeleton was built: nothing to re-tie
+    return nbytes
 
 
 def peak_rss_bytes() -> int:

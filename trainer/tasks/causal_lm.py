@@ -96,26 +96,22 @@ class Generations:
 
     def __init__(self, tokenizer, rows: list[dict], fmt: str, count: int, max_new_tokens: int):
         self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
-        self.prompts = [data.prompt_of(row, fmt) for row in rows[:count]]
-        self.chat = fmt == "chat"
-
-    def encode(self, prompt) -> list[int]:
-        if self.chat:
-            text = self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        else:
-            text = prompt
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        self.prompts = []  # (token ids, the prompt as shown, the expected answer), encoded once
+        for prompt, expected in (data.prompt_of(row, fmt) for row in rows[:count]):
+            text = (tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+                    if fmt == "chat" else prompt)
+            shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+            self.prompts.append((tokenizer(text, add_special_tokens=False)["input_ids"], shown, expected))
 
     @torch.no_grad()
     def __call__(self, model, device: torch.device, synced: bool) -> list[dict]:
         out = []
-        for prompt, expected in self.prompts:
-            ids = torch.tensor([self.encode(prompt)], device=device)
+        for prompt_ids, shown, expected in self.prompts:
+            ids = torch.tensor([prompt_ids], device=device)
             generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                        max_new_tokens=self.max_new_tokens, use_cache=True, synced_gpus=synced,
                                        pad_token_id=self.tokenizer.pad_token_id)
             answer = self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
-            shown = prompt if isinstance(prompt, str) else prompt[-1]["content"]
             out.append({"prompt": shown, "answer": answer, "expected": expected})
         return out
 
@@ -218,9 +214,9 @@ def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
     folder = reader.fetch_directory(uri.rstrip("/"), "training.pretrained")
     files = llm.check_folder(folder, uri)
     tokenizer = llm.load_tokenizer(folder, uri)
-    scratch = Path(tempfile.mkdtemp(prefix="kubetrain-data-"))
-    train_set, eval_set, eval_rows, fmt = _datasets(
-        cfg, tokenizer, lambda u: reader.fetch_file(u, "training.data.path", scratch))
+    with tempfile.TemporaryDirectory(prefix="kubetrain-data-") as scratch:  # s3:// data files, read into memory
+        train_set, eval_set, eval_rows, fmt = _datasets(
+            cfg, tokenizer, lambda u: reader.fetch_file(u, "training.data.path", Path(scratch)))
     model = llm.build_skeleton(folder, uri)
     model.config.use_cache = False  # training: no KV cache (generation turns it on)
     lora = cfg.finetune.lora if method == "lora" else None
@@ -234,14 +230,16 @@ def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         from transformers.modeling_layers import GradientCheckpointingLayer
 
-        layers = sum(1 for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)
+        layers = sum(1 for m in model.modules()
+                     if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing)
         log.info("activation checkpointing: %d layers recompute their activations in the backward pass", layers)
 
     def materialize(module, device: torch.device) -> None:
         before = llm.peak_rss_bytes()
         nbytes = llm.materialize(module, files, device, cfg.seed, uri)
+        after = llm.peak_rss_bytes()
         log.info("weights: read %.1f MB of %s into this process (peak RSS %.0f MB, %+.0f MB while loading)",
-                 nbytes / 1e6, uri, llm.peak_rss_bytes() / 1e6, (llm.peak_rss_bytes() - before) / 1e6)
+                 nbytes / 1e6, uri, after / 1e6, (after - before) / 1e6)
 
     options = cfg.options
     return TaskSpec(
@@ -253,8 +251,6 @@ def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
         checkpoint_keys=llm.is_adapter if lora is not None else None,
         export=HuggingFaceExport(folder, uri, tokenizer, lora), perplexity=True,
     )
-
-
 
 
 def main(argv: list[str] | None = None) -> None:
