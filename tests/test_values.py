@@ -203,3 +203,39 @@ def test_a_values_file_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes("training:\n  task: caf\xe9\n".encode("latin-1"))
     result = run_cli("run", "x", "--workdir", str(tmp_path / "w"), "-f", str(path))
     _assert_user_error(result, f"{path}: not UTF-8 text", "save the values file as UTF-8")
+
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{name}: &{name} [{', '.join([f'*{prev}'] * 10)}]\n" for prev, name in zip("abcdefg", "bcdefgh"))
+
+
+@pytest.mark.parametrize("args, needles", [
+    # Each of these once filled memory for minutes (10^8 list slots, 10^8 copied aliases) or ended in a
+    # RecursionError traceback; helm refuses the first three at once.
+    (["--set", "tolerations[99999999].effect=NoSchedule"],
+     ["tolerations[99999999].effect", "index 99999999", "maximum supported index of 65536"]),
+    (["--set-json", "tolerations[65537]={}"], ["--set-json", "index 65537", "65536"]),
+    (["--set", "a" + ".a" * 31 + "=1"], ["nested 31 levels", "maximum supported nested level of 30"]),
+    (["-f", "bomb.yaml"], ["bomb.yaml", "excessive aliasing"]),
+    (["-f", "deep.yaml"], ["deep.yaml", "more than 100 levels deep"]),
+    (["--set-json", "podLabels=" + "[" * 5000 + "]" * 5000], ["--set-json podLabels=...", "100 levels deep"]),
+])
+def test_values_that_make_work_grow_are_refused_at_once(tmp_path, args, needles):
+    (tmp_path / "bomb.yaml").write_text(ALIAS_BOMB)
+    (tmp_path / "deep.yaml").write_text("podLabels: " + "[" * 5000 + "]" * 5000 + "\n")
+    for verb in ("render", "run"):
+        workdir = ["--workdir", str(tmp_path / "w")] if verb == "run" else []
+        # A generous bound: the refusal takes well under a second; the bug took minutes and gigabytes.
+        result = run_cli(verb, "x", *workdir, *args, cwd=tmp_path, timeout=20)
+        _assert_user_error(result, *needles)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.yaml", "deep.yaml"], "nothing written"
+
+
+def test_helms_bounds_themselves_are_allowed():
+    assert len(parse_set(["t[65536]=1"])["t"]) == 65537
+    assert parse_set(["t[007]=1"])["t"][7] == 1
+    deepest = parse_set(["a" + ".a" * 30 + "=1"])
+    for _ in range(31):
+        deepest = deepest["a"]
+    assert deepest == 1

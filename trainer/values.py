@@ -55,9 +55,68 @@ def _coalesce(dst: dict, src: dict) -> None:
             _coalesce(dst[key], default)
 
 
+MAX_EXPANDED_NODES = 1_000_000  # far above any values file; an alias "bomb" of 10 x 10 x ... lists is far above it
+# The chart's values nest 5 levels; Python's merge and schema check recurse, so a value nested a few
+# hundred levels deep would end in a RecursionError traceback rather than a message.
+MAX_DEPTH = 100
+
+
+class ExcessiveAliasing(yaml.YAMLError):
+    problem = (f"document contains excessive aliasing: its aliases expand to more than {MAX_EXPANDED_NODES} "
+               "values (helm refuses it too)")
+
+
+class TooDeep(yaml.YAMLError):
+    problem = f"maps and lists nest more than {MAX_DEPTH} levels deep"
+
+
+def too_deep(value: Any) -> bool:
+    """Whether a loaded value (a --set-json one) nests maps and lists deeper than MAX_DEPTH; iterative."""
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return True
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document has once every alias is copied out, as merging copies them; stops
+    counting past the bound (and at an alias inside its own anchor). Iterative: deep nesting is fine."""
+    def children(node: yaml.Node) -> list:
+        if isinstance(node, yaml.MappingNode):
+            return [part for pair in node.value for part in pair]
+        return node.value if isinstance(node, yaml.SequenceNode) else []
+
+    sizes: dict[int, int] = {}
+    active, stack = {id(root)}, [(root, iter(children(root)))]
+    while stack:
+        node, pending = stack[-1]
+        child = next(pending, None)
+        if child is None:
+            stack.pop()
+            active.discard(id(node))
+            sizes[id(node)] = min(MAX_EXPANDED_NODES + 1, 1 + sum(sizes[id(c)] for c in children(node)))
+        elif id(child) in active:
+            return MAX_EXPANDED_NODES + 1  # a structure that contains itself never ends when copied
+        elif id(child) not in sizes:
+            if len(stack) > MAX_DEPTH:
+                raise TooDeep()
+            active.add(id(child))
+            stack.append((child, iter(children(child))))
+    return sizes[id(root)]
+
+
 class HelmValuesLoader(SafeLoader):
     """YAML scalars typed as Helm types them (go-yaml v2): `y`/`n` are booleans and `1e3`
     a float; dates, `1:30` and `=` stay strings: `kubetrain run` reads values as helm does."""
+
+    def construct_document(self, node):
+        if _expanded_size(node) > MAX_EXPANDED_NODES:
+            raise ExcessiveAliasing()
+        return super().construct_document(node)
 
 
 _BOOL, _INT, _FLOAT = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
@@ -98,6 +157,8 @@ def load_values_file(path: str | Path) -> dict:
         raise UserError(f"{path}: cannot read values file: {e.strerror}") from None
     try:
         data = _string_keys(yaml.load(text, Loader=HelmValuesLoader))
+    except RecursionError:  # composing nodes recurses before TooDeep can count them
+        raise UserError(f"{path}: not valid YAML: {TooDeep.problem}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -155,16 +216,29 @@ def typed_value(raw: str) -> Any:
 
 
 _PATH_PART = re.compile(r"((?:[^.\[\\]|\\.)+)((?:\[\d+\])*)")
+# Helm's strvals bounds (MaxIndex, MaxNestedNameLevel): `list[99999999]=x` would otherwise fill a list
+# with 10^8 nulls (gigabytes, minutes) before any check sees it; helm refuses it at once.
+MAX_INDEX = 65536
+MAX_NESTED_NAME_LEVEL = 30
 
 
-def _parse_key(key: str, expr: str) -> list[str | int]:
+def _parse_key(key: str, expr: str, flag: str = "--set") -> list[str | int]:
     path: list[str | int] = []
-    for segment in _split_unescaped(key, "."):
+    segments = _split_unescaped(key, ".")
+    if len(segments) - 1 > MAX_NESTED_NAME_LEVEL:
+        raise UserError(f"{flag} {expr}: {key} is nested {len(segments) - 1} levels deep, more than the maximum "
+                        f"supported nested level of {MAX_NESTED_NAME_LEVEL}, as in helm")
+    for segment in segments:
         m = _PATH_PART.fullmatch(segment)
         if not m:
-            raise UserError(f"--set {expr}: cannot parse key {key!r}")
+            raise UserError(f"{flag} {expr}: cannot parse key {key!r}")
         path.append(_unescape(m.group(1)))
-        path.extend(int(ix) for ix in re.findall(r"\[(\d+)\]", m.group(2)))
+        for index in re.findall(r"\[(\d+)\]", m.group(2)):
+            digits = index.lstrip("0") or "0"  # a length test first: int() refuses 4300+ digits
+            if len(digits) > len(str(MAX_INDEX)) or int(digits) > MAX_INDEX:
+                raise UserError(f"{flag} {expr}: the index {digits[:20]}{'...' if len(digits) > 20 else ''} "
+                                f"in {key} is greater than the maximum supported index of {MAX_INDEX}, as in helm")
+            path.append(int(digits))
     return path
 
 
@@ -222,7 +296,7 @@ def parse_set(expressions: Iterable[str], mode: str = "set", into: dict | None =
     flag = _FLAGS[mode]
     for expr in expressions:
         for key, value in _pairs(expr, mode, flag):
-            _assign(out, _parse_key(key, expr), value, flag, expr)
+            _assign(out, _parse_key(key, expr, flag), value, flag, expr)
     return out
 
 
@@ -241,6 +315,11 @@ def _pairs(expr: str, mode: str, flag: str) -> Iterable[tuple[str, Any]]:
                 value, end = json.JSONDecoder().raw_decode(rest.lstrip())
             except json.JSONDecodeError as e:
                 raise UserError(f"{flag} {expr}: the value of {key} is not JSON: {e.msg}") from None
+            except RecursionError:  # the decoder's own: far deeper than allowed
+                value, end = None, -1
+            if end < 0 or too_deep(value):
+                raise UserError(f"{flag} {key}=...: the value of {key} nests maps and lists more than "
+                                f"{MAX_DEPTH} levels deep")
             yield key, value
             rest = rest.lstrip()[end:].lstrip()
             if rest and not rest.startswith(","):
