@@ -239,3 +239,22 @@ def test_helms_bounds_themselves_are_allowed():
     for _ in range(31):
         deepest = deepest["a"]
     assert deepest == 1
+
+
+@pytest.mark.parametrize("value, side, takes", [
+    ("100000000000000000000000", "up to 9223372036854775807", "a whole number of at least 1"),
+    ("-100000000000000000000000", "down to -9223372036854775808", "a whole number of at least 1"),
+    ("9" * 5000, "up to 9223372036854775807", "a whole number of at least 1"),  # int() refuses 4300+ digits
+])
+def test_an_integer_past_64_bits_says_the_range_not_the_same_command(tmp_path, value, side, takes):
+    result = run_cli("run", "x", "--workdir", str(tmp_path / "w"), "--set", f"training.epochs={value}")
+    _assert_user_error(result, "training.epochs: ", "is out of range", side, takes)
+    assert f"--set training.epochs={value}" not in result.stderr, "the hint repeated the failed command"
+    assert result.stderr.strip().splitlines()[0] == "Error: values do not match the chart's schema:"
+    assert len(result.stderr.strip().splitlines()) == 2, result.stderr  # the header and this one key
+    assert not (tmp_path / "w").exists()
+
+
+def test_an_out_of_range_count_names_its_bounds(tmp_path):
+    result = run_cli("render", "x", "--set", "job.nodes=99999999999999999999")
+    _assert_user_error(result, "job.nodes: 99999999999999999999 is out of range", "a whole number from 1 to 1024")

@@ -208,7 +208,7 @@ def typed_value(raw: str) -> Any:
         return None
     if raw == "0":
         return 0
-    if raw and raw[0] != "0" and re.fullmatch(r"[+-]?\d+", raw):
+    if raw and raw[0] != "0" and re.fullmatch(r"[+-]?\d{1,19}", raw):  # 19 digits: int() refuses 4300+
         value = int(raw)
         if -(2**63) <= value < 2**63:
             return value
@@ -364,6 +364,12 @@ def _message(error: jsonschema.ValidationError) -> str:
         low = math.floor(float(error.instance))
         return (f"{error.instance!r} is not a whole number: this key takes an integer, "
                 f"e.g. {low} or {low + 1}")
+    if error.validator == "type" and "integer" in error.validator_value and _beyond_int64(error.instance):
+        # --set kept it a string because it overflows; "use --set KEY=N" would repeat what just failed.
+        side = "up to 9223372036854775807" if not error.instance.startswith("-") else "down to -9223372036854775808"
+        shown = error.instance if len(error.instance) <= 30 else f"{error.instance[:20]}... ({len(error.instance)} digits)"
+        return (f"{shown} is out of range: --set reads whole numbers {side} (64-bit, as helm does), "
+                f"and this key takes {_integer_range(error.schema)}")
     if error.validator == "type" and "integer" in error.validator_value and _is_decimal_text(error.instance):
         return (f"{error.instance!r} is a string, not an integer: --set-string and quotes keep text; "
                 f"use --set {key_path(error)}={error.instance} or an unquoted number in a values file")
@@ -383,6 +389,21 @@ def _is_fraction(value) -> bool:
     except ValueError:
         return False
     return math.isfinite(number) and not number.is_integer()
+
+
+def _beyond_int64(value) -> bool:
+    if not isinstance(value, str) or not re.fullmatch(r"[+-]?[0-9]+", value):
+        return False
+    return len(value.lstrip("+-")) > 19 or not -(2**63) <= int(value) < 2**63
+
+
+def _integer_range(schema: dict) -> str:
+    low, high = schema.get("minimum"), schema.get("maximum")
+    if low is not None and high is not None:
+        return f"a whole number from {low} to {high}"
+    if low is not None:
+        return f"a whole number of at least {low}"
+    return "a whole number" if high is None else f"a whole number of at most {high}"
 
 
 def _is_decimal_text(value) -> bool:
