@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from support import EXAMPLES, FAST_TRAINING, finish, read_until, run_cli, start_run
+from support import EXAMPLES, FAST_TRAINING, Result, finish, read_until, run_cli, start_run
 
 
 def test_quickstart_two_gloo_processes_learn(tmp_path):
@@ -159,3 +164,71 @@ def test_sigterm_under_torchrun_exits_143_so_the_operator_retries(tmp_path):
     result = finish(proc, lines)
     assert result.returncode == 143, result.stdout[-2000:]
     assert result.summary["status"] == "preempted"
+
+
+def _one_line_error(result, *needles):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("where, needle", [
+    ("file", "{tmp}/file is a file, not a directory"),
+    ("file/sub/run", "{tmp}/file is a file, not a directory, so {tmp}/file/sub/run cannot be made under it"),
+])
+def test_a_workdir_that_is_or_lies_under_a_file_is_named(tmp_path, where, needle):
+    (tmp_path / "file").write_text("mine\n")
+    result = run_cli("run", "x", "--workdir", str(tmp_path / where), timeout=60)
+    _one_line_error(result, needle.format(tmp=tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("where", ["ro", "ro/new/run"])
+def test_a_read_only_workdir_is_named(tmp_path, where):
+    """Read-only for root too: a read-only bind mount in a mount namespace of the command's own."""
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    command = [sys.executable, "-m", "trainer.controller.cli", "run", "x", "--workdir", str(tmp_path / where)]
+    if os.geteuid() == 0:
+        if not shutil.which("unshare"):
+            pytest.skip("unshare is not on PATH (needed to make a folder read-only for root)")
+        mount = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+        command = ["unshare", "-m", "sh", "-c", mount, str(readonly), *command]
+    else:
+        readonly.chmod(0o555)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    readonly.chmod(0o755)
+    if "mount" in proc.stderr and "Error:" not in proc.stderr:
+        pytest.skip(f"cannot make a read-only bind mount here: {proc.stderr.strip()}")
+    made_in = "" if where == "ro" else f" (it would be made in {readonly})"
+    _one_line_error(Result(proc.returncode, proc.stdout, proc.stderr), f"workdir {tmp_path / where}: cannot write there{made_in}: ")
+    assert not list(readonly.iterdir()), "nothing written"
+
+
+def test_a_second_run_in_the_same_workdir_is_refused_naming_the_first(tmp_path):
+    proc = start_run(tmp_path, "--set", "job.nodes=1,job.restartPolicy=Never")
+    try:
+        _, lines = read_until(proc, r"^\[master-0\] ")  # the runner holds the workdir, and so does its replica
+        config = (tmp_path / "config.json").read_bytes()
+        second = run_cli("run", "longrun", "--workdir", str(tmp_path), "--set", "training.epochs=1", timeout=60)
+        _one_line_error(second, f"workdir {tmp_path} is in use by another kubetrain run (pid {proc.pid}, "
+                                "experiment 'longrun')")
+        assert (tmp_path / "config.json").read_bytes() == config, "the refused run rewrote the config"
+        # The lock goes with the processes, never stale: SIGKILL the runner, and once its replica has
+        # stopped too (it gets SIGTERM as its parent dies), the workdir is free.
+        proc.kill()
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 90
+        with open(tmp_path / "run.lock") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the workdir stayed locked after its run died"
+                    time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ and `job.backoffLimit`, as the operator would.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -26,9 +27,46 @@ from pathlib import Path
 from trainer.config import trainer_config_document, trainer_config_from_values
 from trainer.controller.kinds import replica_name
 from trainer.controller.checks import container_env, trainer_command
-from trainer.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, is_retryable
+from trainer.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError, is_retryable
 
 STOP_GRACE_SECONDS = 30.0
+LOCK_FILE = "run.lock"  # in the workdir: flock'ed while a run (its runner or a replica) lives there
+
+
+def _workdir_error(workdir: Path, error: OSError) -> UserError:
+    """One line on why the run's folder cannot be made or written: a file in the way, else the OS's reason."""
+    for path in (workdir, *workdir.parents):
+        if path.exists():
+            if path.is_dir():
+                break
+            where = "" if path == workdir else f", so {workdir} cannot be made under it"
+            return UserError(f"workdir {workdir}: {path} is a file, not a directory{where}; "
+                             "pass --workdir with a folder")
+    where = "" if path == workdir else f" (it would be made in {path})"
+    reason = (error.strerror or str(error)).lower()
+    return UserError(f"workdir {workdir}: cannot write there{where}: {reason}; pass --workdir with a writable folder")
+
+
+def lock_workdir(workdir: Path, experiment: str) -> int:
+    """Make the workdir and hold an exclusive lock on it; the descriptor is returned and handed to the
+    replicas, so the lock lasts while any of them lives and goes with the last of them (never stale).
+    A second run there would share checkpoints and event files: it is refused, naming the first."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise _workdir_error(workdir, e) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", errors="replace").split()
+        os.close(fd)
+        who = f"pid {holder[0]}, experiment {holder[1]!r}" if len(holder) == 2 else "a process starting now"
+        raise UserError(f"workdir {workdir} is in use by another kubetrain run ({who}): two runs there would "
+                        "share checkpoints and event files; wait for it, stop it, or pass another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {experiment}\n".encode(), 0)
+    return fd
 
 
 def free_port() -> int:
@@ -100,16 +138,20 @@ class LocalRunner:
         self.print_lock = threading.Lock()
         self.stopping = False  # set by Ctrl-C/SIGTERM: no more restarts
         self.interrupted = False  # Ctrl-C: a person stopped it, so exit 130 as command-line tools do
+        self.lock_fds: tuple[int, ...] = ()
 
     def write_config(self) -> Path:
         """The trainer config, written atomically: what the ConfigMap holds in a cluster."""
         trainer_config_from_values(self.experiment, self.values)  # fail on a bad name before writing
-        self.workdir.mkdir(parents=True, exist_ok=True)
         path = self.workdir / "config.json"
         tmp = path.with_suffix(".tmp")
         document = {**trainer_config_document(self.experiment, self.values), "workdir": str(self.workdir)}
-        tmp.write_text(json.dumps(document, indent=2) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(document, indent=2) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise _workdir_error(self.workdir, e) from None
         return path
 
     def _emit(self, line: str) -> None:
@@ -144,7 +186,7 @@ class LocalRunner:
                 trainer_command(self.values, str(config_path), python=sys.executable), env=env, cwd=self.workdir,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # our own signal forwarding reaches torchrun's children too
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent, pass_fds=self.lock_fds,  # the workdir stays locked while it lives
             )
             attempt.procs.append(proc)
             t = threading.Thread(target=self._pump, args=(attempt, index, proc.stdout), daemon=True)
@@ -189,6 +231,7 @@ class LocalRunner:
         return policy in ("Always", "OnFailure") or (policy == "ExitCode" and is_retryable(code))
 
     def run(self) -> int:
+        self.lock_fds = (lock_workdir(self.workdir, self.experiment),)
         config_path = self.write_config()
         if not self.values["checkpoint"]["uri"]:
             keep = (self.workdir / "checkpoints").as_uri()
