@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import urllib.parse
@@ -97,6 +98,39 @@ def test_tensorboard_for_an_experiment_with_no_events_says_where_it_looked(tmp_p
     result = run_cli("tensorboard", "nothing", "--workdir", str(tmp_path / "missing"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no TensorBoard events for 'nothing'" in result.stderr and "checkpoint.uri is empty" in result.stderr
+
+
+def test_tensorboard_on_a_busy_port_names_the_port_and_prints_no_url(tmp_path):
+    (tmp_path / "tensorboard").mkdir()  # a local run's events folder
+    with socket.socket() as other:  # another program already serves on the port
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        result = run_cli("tensorboard", "busy", "--workdir", str(tmp_path), "--port", str(port), timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"Error: port {port} on 127.0.0.1 is in use by another program: pass --port with a free port "
+        "(--port 0 picks one)"]
+    assert "http://" not in result.stdout, "a URL that points at the other program"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tensorboard"] and not any((tmp_path / "tensorboard").iterdir())
+
+
+def test_tensorboard_that_loses_the_port_after_all_is_an_error_not_a_silent_exit(tmp_path, monkeypatch):
+    """The race the check above cannot close (the port taken between it and TensorBoard's bind): the
+    probe finds the other program, but TensorBoard's own failure is then reported, not exit 255 alone."""
+    from trainer.controller import tensorboard
+    from trainer.errors import UserError
+
+    (tmp_path / "tensorboard").mkdir()
+    monkeypatch.setattr(tensorboard, "_check_port_free", lambda host, port: None)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # keep pytest's own SIGINT/SIGTERM handling
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(UserError, match=rf"tensorboard exited \(\d+\) after it started serving on "
+                                            rf"127.0.0.1:{port}: .*{port}"):
+            tensorboard.serve("busy", {}, tmp_path, tmp_path / "cache", "127.0.0.1", port)
 
 
 @pytest.fixture(scope="module")

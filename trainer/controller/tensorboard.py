@@ -9,6 +9,8 @@ kept up to date (new and grown files only) while TensorBoard runs.
 
 from __future__ import annotations
 
+import collections
+import errno
 import signal
 import socket
 import subprocess
@@ -90,6 +92,23 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another program listens on before starting TensorBoard: otherwise the readiness
+    probe finds that program, prints a URL that points at it, and TensorBoard exits on its own."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as TensorBoard's server sets it
+            probe.bind(address)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use by another program: pass --port with a free "
+                            "port (--port 0 picks one)") from None
+        raise UserError(f"cannot serve on {host}:{port}: {(e.strerror or str(e)).lower()}: "
+                        "pass another --host or --port") from None
+
+
 def _listening(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -109,6 +128,8 @@ def serve(name: str, values: dict, workdir: Path, cache: Path, host: str, port: 
     # non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
+    if port:
+        _check_port_free(host, port)
     port = port or _free_port(host)
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(folder), "--host", host,
                "--port", str(port), "--reload_interval", "5"]
@@ -127,8 +148,16 @@ def serve(name: str, values: dict, workdir: Path, cache: Path, host: str, port: 
             mirror.follow()
         print(f"TensorBoard for {name} at http://{host}:{port}/ (events from {source}); Ctrl-C stops it",
               flush=True)
-        threading.Thread(target=proc.stderr.read, daemon=True).start()  # never block it on a full pipe
-        return proc.wait()
+        last = collections.deque(maxlen=1)  # drained so TensorBoard never blocks on a full pipe
+        drain = threading.Thread(target=lambda: last.extend(line.strip() for line in proc.stderr if line.strip()),
+                                 daemon=True)
+        drain.start()
+        code = proc.wait()
+        if code != 0:  # e.g. it lost the port to another program after all: say so, not exit silently
+            drain.join(timeout=5)
+            raise UserError(f"tensorboard exited ({code}) after it started serving on {host}:{port}"
+                            + (f": {last[0][-300:]}" if last else ""))
+        return 0
     except KeyboardInterrupt:
         print("stopped", file=sys.stderr)
         return 0
