@@ -319,8 +319,9 @@ def find_assets() -> tuple[Path, Path]:
 
 
 @contextlib.contextmanager
-def apiserver_on_loopback(work: Path):
-    """etcd and kube-apiserver on loopback with the CRDs installed, stopped on exit: yields the Cluster.
+def apiserver_on_loopback(work: Path, crds: bool = True):
+    """etcd and kube-apiserver on loopback with the CRDs installed (none with crds=False: a cluster
+    without Kubeflow), stopped on exit: yields the Cluster.
     Skips (or fails, under KUBETRAIN_REQUIRE_CLUSTER=1) when the assets are missing."""
     assets, crd = find_assets()
     procs: list[Process] = []
@@ -367,7 +368,8 @@ def apiserver_on_loopback(work: Path):
         write_kubeconfig(kubeconfig, server, ca.cert, "kubetrain-admin", admin_cert, admin_key)
         cluster = Cluster(server=server, kubeconfig=kubeconfig, kubectl_path=assets / "kubectl",
                           crd_path=crd, workdir=work, ca_file=ca.cert, _ca=ca)
-        install_crds(cluster, crd, monitoring_crd_files(assets), trainer_crd_files())
+        if crds:
+            install_crds(cluster, crd, monitoring_crd_files(assets), trainer_crd_files())
         yield cluster
     finally:
         for p in reversed(procs):  # kube-apiserver first, then etcd

@@ -26,6 +26,31 @@ TERMINAL = {"Succeeded": 0, "Failed": 1}
 EXIT_NOT_FINISHED = 3  # `status` of a job that is still pending or running
 
 
+# ---------------------------------------------------------------- the job APIs
+def _api(kind: JobKind) -> str:
+    return f"{kind.api_version} {kind.kind}"
+
+
+def require_a_job_api(kube: Kube) -> None:
+    """A cluster without Kubeflow's CRDs has no experiments to list or find: say which APIs are missing
+    rather than show an empty table or "no experiment"."""
+    if all(kube.resource(*kind.api) is None for kind in JOB_KINDS):
+        raise UserError(f"the cluster at {kube.config.server} serves neither "
+                        + " nor ".join(_api(kind) for kind in JOB_KINDS)
+                        + ": install " + " or ".join(kind.operator for kind in JOB_KINDS) + " (their CRDs define them)")
+
+
+def require_job_api(kube: Kube, job: dict) -> None:
+    """The API of the job the chart rendered (job.kind picks it) is served, before helm or any object."""
+    kind = next(k for k in JOB_KINDS if k.kind == job["kind"])
+    if kube.resource(*kind.api) is not None:
+        return
+    other = [k for k in JOB_KINDS if k is not kind and kube.resource(*k.api) is not None]
+    instead = f", or set job.kind={other[0].kind} (the cluster serves {_api(other[0])})" if other else ""
+    raise UserError(f"the cluster at {kube.config.server} does not serve {_api(kind)}: install {kind.operator} "
+                    f"(its CRD defines it){instead}")
+
+
 # ---------------------------------------------------------------- submit
 def submit(kube: Kube, name: str, flags, target: tuple[str | None, str | None], dry_run: bool = False,
            force: bool = False, wait: bool = False, out: TextIO = sys.stdout) -> int:
@@ -34,7 +59,9 @@ def submit(kube: Kube, name: str, flags, target: tuple[str | None, str | None], 
     from trainer.controller import helm  # only submit runs helm: the other verbs skip its imports
 
     objects = helm.manifests(helm.template(name, flags, False, kube.namespace, verb="submit"))
-    digest = next(spec_hash(obj) for obj in objects if obj["kind"] in {kind.kind for kind in JOB_KINDS})
+    job = next(obj for obj in objects if obj["kind"] in {kind.kind for kind in JOB_KINDS})
+    require_job_api(kube, job)
+    digest = spec_hash(job)
     existing = find_job(kube, name)
     if existing is not None:
         theirs = spec_hash(existing)
@@ -174,6 +201,7 @@ def termination(pod: dict, container: str) -> str:
 def _require_job(kube: Kube, name: str) -> dict:
     job = find_job(kube, name)
     if job is None:
+        require_a_job_api(kube)
         raise UserError(f"no experiment {name!r} in namespace {kube.namespace!r} (`kubetrain list` shows them)")
     return job
 
@@ -336,6 +364,7 @@ def _previous_logs(kube: Kube, kind: JobKind, pods: list, out: TextIO) -> int:
 
 # ---------------------------------------------------------------- list, delete
 def list_experiments(kube: Kube, all_namespaces: bool = False, out: TextIO = sys.stdout) -> int:
+    require_a_job_api(kube)
     jobs = [{**job, "kind": kind.kind} for kind in JOB_KINDS  # list items carry no kind
             for job in kube.list(*kind.api, selector="app.kubernetes.io/part-of=kubetrain",
                                  all_namespaces=all_namespaces)["items"]]
@@ -368,6 +397,7 @@ def delete(kube: Kube, name: str, out: TextIO = sys.stdout) -> int:
                 removed += 1
     removed += _delete_release_records(kube, name, out)
     if not removed:
+        require_a_job_api(kube)
         raise UserError(f"no experiment {name!r} in namespace {kube.namespace!r}")
     return 0
 
