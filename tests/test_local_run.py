@@ -203,7 +203,8 @@ def test_a_read_only_workdir_is_named(tmp_path, where):
     if "mount" in proc.stderr and "Error:" not in proc.stderr:
         pytest.skip(f"cannot make a read-only bind mount here: {proc.stderr.strip()}")
     made_in = "" if where == "ro" else f" (it would be made in {readonly})"
-    _one_line_error(Result(proc.returncode, proc.stdout, proc.stderr), f"workdir {tmp_path / where}: cannot write there{made_in}: ")
+    _one_line_error(Result(proc.returncode, proc.stdout, proc.stderr),
+                    f"workdir {tmp_path / where}: cannot write there{made_in}: ")
     assert not list(readonly.iterdir()), "nothing written"
 
 

@@ -112,7 +112,8 @@ def test_tensorboard_on_a_busy_port_names_the_port_and_prints_no_url(tmp_path):
         f"Error: port {port} on 127.0.0.1 is in use by another program: pass --port with a free port "
         "(--port 0 picks one)"]
     assert "http://" not in result.stdout, "a URL that points at the other program"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tensorboard"] and not any((tmp_path / "tensorboard").iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["tensorboard"]
+    assert not any((tmp_path / "tensorboard").iterdir()), "nothing written"
 
 
 def test_tensorboard_that_loses_the_port_after_all_is_an_error_not_a_silent_exit(tmp_path, monkeypatch):

@@ -367,7 +367,8 @@ def _message(error: jsonschema.ValidationError) -> str:
     if error.validator == "type" and "integer" in error.validator_value and _beyond_int64(error.instance):
         # --set kept it a string because it overflows; "use --set KEY=N" would repeat what just failed.
         side = "up to 9223372036854775807" if not error.instance.startswith("-") else "down to -9223372036854775808"
-        shown = error.instance if len(error.instance) <= 30 else f"{error.instance[:20]}... ({len(error.instance)} digits)"
+        digits = len(error.instance)
+        shown = error.instance if digits <= 30 else f"{error.instance[:20]}... ({digits} digits)"
         return (f"{shown} is out of range: --set reads whole numbers {side} (64-bit, as helm does), "
                 f"and this key takes {_integer_range(error.schema)}")
     if error.validator == "type" and "integer" in error.validator_value and _is_decimal_text(error.instance):
