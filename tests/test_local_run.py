@@ -43,10 +43,11 @@ def test_quickstart_two_gloo_processes_learn(tmp_path):
     # Rank 0 says how glibc's malloc was set for the loop (trainer/worker/host_memory.py).
     assert re.findall(r"^\[(\S+)\] .* (host memory: .*)$", result.stdout, re.M) == [
         ("master-0", "host memory: glibc malloc keeps freed blocks (mmap threshold 32 MiB, trim threshold 1 GiB)")]
-    # Without checkpoint.uri nothing is kept, and the run says so before it starts.
+    # Without checkpoint.uri no checkpoint is kept, and the run says so, and what it keeps, before it starts.
     assert summary["checkpoint"] is None
-    notice = f"[kubetrain] checkpoint.uri is not set: this run keeps no checkpoint and no trained model; " \
-             f"--set checkpoint.uri={(tmp_path / 'checkpoints').as_uri()} keeps them"
+    notice = f"[kubetrain] checkpoint.uri is not set: the trained model and TensorBoard events go to {tmp_path}, " \
+             f"but no checkpoint is kept, so a rerun starts from step 0; " \
+             f"--set checkpoint.uri={(tmp_path / 'checkpoints').as_uri()} keeps checkpoints"
     assert result.stdout.startswith(notice), result.stdout[:300]
 
 
@@ -123,6 +124,8 @@ def test_ctrl_c_checkpoints_and_exits_130(tmp_path):
     assert result.returncode == 130, result.stdout[-2000:]
     assert "[kubetrain] interrupted (Ctrl-C)" in result.stdout
     assert result.summary["status"] == "interrupted" and result.summary["exit_code"] == 130
+    # One summary, the runner's: master-0's own ("preempted", as for SIGTERM) reached it and is not printed.
+    assert result.stdout.count('{"event": "summary"') == 1 and '"preempted"' not in result.stdout
     assert list((tmp_path / "ckpt").rglob("commit.json")), "the interrupted run left a committed checkpoint"
 
 

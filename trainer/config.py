@@ -49,13 +49,21 @@ class TrainerConfig:
 
     def config_hash(self) -> str:
         """A digest of what shapes the model and data, to refuse a mismatched resume."""
-        t = self.as_dict()["training"]
-        shaping = {k: t[k] for k in ("task", "entrypoint", "num_classes", "parallelism", "seed")}
-        shaping["data"] = {k: t["data"][k] for k in ("source", "train_samples")}
-        shaping["options"] = t["options"]
-        if t["task"] == "causal-lm":  # the base weights and the adapters' shape decide what a step holds
-            shaping.update(pretrained=t["pretrained"], finetune={k: t["finetune"][k] for k in ("method", "lora")})
-        return hashlib.sha256(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(resume_shaping(self.as_dict()), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resume_shaping(config: dict) -> dict:
+    """The settings a checkpoint must share with the run that resumes it, from an as_dict() (or the copy
+    a commit marker keeps), as JSON values: `freeze: ()` and a marker's `[]` are the same setting."""
+    t = config.get("training") or {}
+    keys = ("task", "entrypoint", "num_classes", "parallelism", "seed")
+    shaping = {k: t.get(k) for k in keys}
+    shaping["data"] = {k: (t.get("data") or {}).get(k) for k in ("source", "train_samples")}
+    shaping["options"] = t.get("options")
+    if t.get("task") == "causal-lm":  # the base weights and the adapters' shape decide what a step holds
+        finetune = t.get("finetune") or {}
+        shaping.update(pretrained=t.get("pretrained"), finetune={k: finetune.get(k) for k in ("method", "lora")})
+    return json.loads(json.dumps(shaping, default=str))
 
 
 def _snake(name: str) -> str:

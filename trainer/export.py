@@ -101,6 +101,24 @@ def export_model(trainer) -> str | None:
     return url
 
 
+def existing_export(trainer) -> dict[str, str]:
+    """{name: URL} of the export folders a finished run left (rank 0; {} elsewhere or where none is):
+    what a rerun that has nothing left to train names. A folder counts once its metadata, written
+    last (model.json, config.json, adapter_config.json), is there."""
+    from trainer.worker.outputs import MODEL_DIR, has_outputs, run_outputs
+
+    if not (trainer.info.is_main and has_outputs(trainer.config)):
+        return {}
+    place = run_outputs(trainer.config)
+    found = {}
+    for name in (MODEL_DIR, "adapter"):
+        folder = place.key(name)
+        if any(key.rpartition("/")[2] in (METADATA, "config.json", "adapter_config.json")
+               for key in place.store.sizes(folder)):
+            found[name] = place.url(name)
+    return found
+
+
 def _export_folders(trainer, state: dict, place) -> dict[str, str]:
     """The task's own export (a Hugging Face folder, a LoRA adapter beside it), written locally and
     copied to the outputs' place; {name: URL}. Each folder's files are uploaded in name order with

@@ -20,6 +20,7 @@ from typing import Iterator, TextIO
 from trainer.controller.kinds import JOB_KINDS, JobKind, kind_of
 from trainer.controller.kube import EXPERIMENT_KINDS, ApiError, Kube, experiment_selector
 from trainer.errors import UserError
+from trainer.summary import find
 
 SPEC_HASH = "kubetrain.io/spec-hash"
 TERMINAL = {"Succeeded": 0, "Failed": 1}
@@ -193,6 +194,9 @@ def termination(pod: dict, container: str) -> str:
         for ended, label in ((now, ""), (last, "last ")):
             if ended and ended.get("exitCode"):
                 text = (ended.get("message") or "").strip()
+                summary = find(text)  # the trainer's summary (its termination message), else log lines
+                if summary is not None:
+                    text = summary.get("error") or f"{summary.get('status')} at step {summary.get('steps')}"
                 message = f": {text.splitlines()[-1]}" if text else ""
                 return f"  {label}exit code {ended['exitCode']} ({ended.get('reason') or 'Error'}){message}"
     return ""

@@ -23,11 +23,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from trainer.config import trainer_config_document, trainer_config_from_values
 from trainer.controller.kinds import replica_name
 from trainer.controller.checks import container_env, trainer_command
 from trainer.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError, is_retryable
+from trainer.summary import MARKER, find, locate, to_json
 
 STOP_GRACE_SECONDS = 30.0
 LOCK_FILE = "run.lock"  # in the workdir: flock'ed while a run (its runner or a replica) lives there
@@ -106,14 +108,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def summary_in(line: str) -> dict | None:
-    """master-0's JSON summary in a line of its output, even with other text around it."""
-    start = line.find('{"event": "summary"')
-    try:
-        summary, _ = json.JSONDecoder().raw_decode(line[start:])
-    except json.JSONDecodeError:
-        return None
-    return summary if isinstance(summary, dict) else None
+summary_in = find  # master-0's JSON summary in a line of its output, even with other text around it
+
+
+def shown(url: str) -> str:
+    """A file:// URL as the path a person types; other URLs as they are."""
+    parsed = urlparse(url)
+    return unquote(parsed.path) if parsed.scheme == "file" else url
 
 
 def exit_code(returncode: int) -> int:
@@ -131,9 +132,9 @@ class Attempt:
 
 
 class LocalRunner:
-    def __init__(self, experiment: str, values: dict, workdir: Path, out=None):
+    def __init__(self, experiment: str, values: dict, workdir: Path, out=None, err=None):
         self.experiment, self.values, self.workdir = experiment, values, workdir
-        self.out = out or sys.stdout
+        self.out, self.err = out or sys.stdout, err or sys.stderr
         self.job = values["job"]
         self.print_lock = threading.Lock()
         self.stopping = False  # set by Ctrl-C/SIGTERM: no more restarts
@@ -163,8 +164,12 @@ class LocalRunner:
         prefix = f"[{replica_name(index)}] "
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace")
-            if index == 0 and '{"event": "summary"' in line:
-                attempt.summary = summary_in(line) or attempt.summary
+            if index == 0 and MARKER in line and (found := locate(line)) is not None:
+                # The runner prints one summary, its own, at the end; keep any text glued around it.
+                attempt.summary, start, end = found
+                line = (line[:start] + line[end:]).strip()
+                if not line:
+                    continue
             self._emit(prefix + line if line.endswith("\n") else prefix + line + "\n")
         stream.close()
 
@@ -234,9 +239,7 @@ class LocalRunner:
         self.lock_fds = (lock_workdir(self.workdir, self.experiment),)
         config_path = self.write_config()
         if not self.values["checkpoint"]["uri"]:
-            keep = (self.workdir / "checkpoints").as_uri()
-            self._emit(f"[kubetrain] checkpoint.uri is not set: this run keeps no checkpoint and no trained model; "
-                       f"--set checkpoint.uri={keep} keeps them (and a rerun resumes)\n")
+            self._emit(self._no_checkpoint_notice())
         restarts = 0
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         attempt_box: list[Attempt] = []
@@ -261,14 +264,46 @@ class LocalRunner:
                 if not self._should_restart(code, restarts):
                     break
                 restarts += 1
+                reached = f", from the checkpoint of step {attempt.summary['steps']}" if (
+                    attempt.summary and attempt.summary.get("checkpoint")) else ""
                 self._emit(f"[kubetrain] {replica_name(failed or 0)} exited {code} (retryable): "
-                           f"restart {restarts}/{self.job['backoffLimit']} of every replica\n")
+                           f"restart {restarts}/{self.job['backoffLimit']} of every replica{reached}\n")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         summary = self._final_summary(attempt, code, failed, restarts)
-        self._emit(json.dumps(summary) + "\n")
+        self._emit("".join(f"[kubetrain] {line}\n" for line in self._where_it_went(summary)))
+        self._emit(to_json(summary) + "\n")  # the last stdout line, the only summary
+        if summary.get("error"):
+            with self.print_lock:
+                self.err.write(f"Error: {summary['error']}\n")
+                self.err.flush()
         return summary.get("exit_code", code)
+
+    def _no_checkpoint_notice(self) -> str:
+        training = self.values["training"]
+        kept = [what for what, on in (("the trained model", training["exportModel"]),
+                                      ("TensorBoard events", training["tensorboard"]["enabled"])) if on]
+        keep = (self.workdir / "checkpoints").as_uri()
+        where = f"{' and '.join(kept)} go to {self.workdir}, but " if kept else ""
+        return (f"[kubetrain] checkpoint.uri is not set: {where}no checkpoint is kept, so a rerun starts from "
+                f"step 0; --set checkpoint.uri={keep} keeps checkpoints (and a rerun resumes)\n")
+
+    def _where_it_went(self, summary: dict) -> list[str]:
+        """A few lines for a person: where the run's model, curves and checkpoint are."""
+        lines = []
+        for key in ("model", "adapter"):
+            if summary.get(key):
+                lines.append(f"{key + ':':<13}{shown(summary[key])}")
+        if summary.get("tensorboard"):
+            default = (Path(".kubetrain") / "runs" / self.experiment).resolve()  # the CLI's default workdir
+            flag = "" if self.workdir == default else f" --workdir {self.workdir}"
+            lines.append(f"{'tensorboard:':<13}kubetrain tensorboard {self.experiment}{flag}")
+        if summary.get("checkpoint"):
+            lines.append(f"{'checkpoint:':<13}{shown(summary['checkpoint'])} (a rerun resumes from it)")
+        elif not self.values["checkpoint"]["uri"]:
+            lines.append(f"{'checkpoint:':<13}none (checkpoint.uri is not set)")
+        return lines
 
     def _final_summary(self, attempt: Attempt, code: int, failed: int | None, restarts: int) -> dict:
         summary = dict(attempt.summary or {

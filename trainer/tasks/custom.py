@@ -32,6 +32,8 @@ import logging
 import sys
 from collections.abc import Mapping
 
+from torch import nn
+
 from trainer.errors import UserError
 from trainer.tasks import TaskSpec, _weights, load_pretrained, register
 from trainer.tasks._finetune import hooks
@@ -65,7 +67,7 @@ def resolve_entrypoint(entrypoint: str, python_path: tuple[str, ...] = ()):
 
 def as_spec(result, entrypoint: str) -> TaskSpec:
     if isinstance(result, TaskSpec):
-        return result
+        return _checked(result, entrypoint)
     if isinstance(result, Mapping):
         unknown = set(result) - SPEC_FIELDS
         if unknown:
@@ -74,7 +76,7 @@ def as_spec(result, entrypoint: str) -> TaskSpec:
         missing = {"model", "train_dataset"} - set(result)
         if missing:
             raise UserError(f"training.entrypoint: {entrypoint} returned no {', '.join(sorted(missing))}")
-        return TaskSpec(**result)
+        return _checked(TaskSpec(**result), entrypoint)
     raise UserError(f"training.entrypoint: {entrypoint} returned {type(result).__name__}, "
                     "expected a TaskSpec or a mapping with model and train_dataset")
 
@@ -92,4 +94,12 @@ def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
         spec = dataclasses.replace(spec, **hooks(cfg.finetune, tuple(cfg.finetune.freeze)))  # unfreezeAfterEpochs
     log.info("custom task from %s: %s, %d parameters", cfg.entrypoint, type(spec.model).__name__,
              sum(p.numel() for p in spec.model.parameters()))
+    return spec
+
+
+def _checked(spec: TaskSpec, entrypoint: str) -> TaskSpec:
+    """What the loop would otherwise fail on deep inside DDP or the optimizer, named here."""
+    if not isinstance(spec.model, nn.Module):
+        raise UserError(f"training.entrypoint: {entrypoint} returned a model of type {type(spec.model).__name__}, "
+                        "expected a torch.nn.Module")
     return spec

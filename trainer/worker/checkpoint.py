@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from trainer.config import TrainerConfig
+from trainer.config import TrainerConfig, resume_shaping
 from trainer.errors import EXIT_STORAGE_UNAVAILABLE, CorruptCheckpoint, RetryableError, UserError
 from trainer.worker.distributed import RankInfo
 from trainer.worker.sharded_checkpoint import DCP_DIR, is_sharded, load_sharded, save_sharded
@@ -172,10 +172,13 @@ def safe_load(source: bytes | Path, where: str) -> Any:
 
 
 def _dotted_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """`key.path: old -> new` for each value that differs, with the values file's camelCase names
+    (a user's training.options keys as they are)."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new)):
-            out += _dotted_diff(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else key)
+            name = key if prefix.startswith("training.options") else re.sub(r"_([a-z])", lambda m: m[1].upper(), key)
+            out += _dotted_diff(old.get(key), new.get(key), f"{prefix}.{name}" if prefix else name)
         return out
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
@@ -377,7 +380,9 @@ class CheckpointManager:
         sums = commit.get("sha256", {})  # absent in checkpoints from before checksums: sizes only
         ours = self.config.config_hash()
         if commit.get("config_hash") != ours:
-            changes = _dotted_diff(commit.get("config", {}), self.config.as_dict())
+            # Only what resuming depends on, compared as JSON: no `freeze: [] -> ()`, no metrics.port.
+            changes = _dotted_diff(resume_shaping(commit.get("config", {})), resume_shaping(self.config.as_dict()),
+                                   "training")
             detail = "; ".join(changes[:6]) + (" …" if len(changes) > 6 else "")
             if not self.force:
                 raise UserError(

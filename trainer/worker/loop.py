@@ -35,7 +35,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite: a permanent failure (exit 1)."""
+    """The loss became NaN or infinite: a permanent failure (exit 1), told in one line."""
 
 
 @dataclass
@@ -127,6 +127,10 @@ class Trainer:
         self.history: list[tuple[int, float]] = []  # (step, mean train loss over the log window)
         self.eval_loss: float | None = None  # of the last evaluation
         self.eval_accuracy: float | None = None
+        # What summary() reports, set by fit(): also after a failure, so it names the true step.
+        self.window: LogWindow | None = None
+        self.checkpoints = None  # the run's CheckpointManager
+        self.outputs: dict[str, str] = {}  # the exported folders: {"model": URL} (and "adapter")
 
     # ------------------------------------------------------------ steps
     def _autocast(self):
@@ -138,7 +142,18 @@ class Trainer:
         inputs, targets = move(batch, self.device)
         with self._autocast():
             outputs = self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
+            return self._loss(outputs, targets)
+
+    def _loss(self, outputs, targets) -> torch.Tensor:
+        try:
             return self.spec.loss_fn(outputs, targets)
+        except IndexError as e:  # cross-entropy on CPU: "Target 3 is out of bounds."
+            if "out of bounds" not in str(e):
+                raise
+            width = getattr(outputs, "logits", outputs).shape[-1]
+            raise UserError(f"training.numClasses: a label is out of range for the model's {width} outputs "
+                            f"({str(e).rstrip('.')}); training.numClasses is {self.cfg.num_classes}, so labels "
+                            f"must be 0 to {width - 1}") from None
 
     def train_step(self, micro_batches: list) -> torch.Tensor:
         """One optimizer step over `gradAccumSteps` micro-batches; returns the mean loss (no sync)."""
@@ -181,7 +196,7 @@ class Trainer:
             inputs, targets = move(batch, self.device)
             with self._autocast():
                 outputs = self.raw_model(**inputs) if isinstance(inputs, dict) else self.raw_model(inputs)
-                loss = self.spec.loss_fn(outputs, targets)
+                loss = self._loss(outputs, targets)
             if not counts:
                 continue  # an FSDP filler forward that keeps ranks in step
             if self.spec.eval_counts is not None:  # e.g. tokens with a label, not examples
@@ -266,7 +281,7 @@ class Trainer:
         from trainer.worker.checkpoint import CheckpointManager
         from trainer.worker.preemption import PreemptionWatch
 
-        checkpoints = CheckpointManager(self.config, self.info, metrics=self.metrics)
+        self.checkpoints = checkpoints = CheckpointManager(self.config, self.info, metrics=self.metrics)
         preemption = PreemptionWatch(self.device).install()
         self.watchdog = HangWatchdog(self.cfg.distributed.hang_timeout_seconds)
         try:
@@ -282,8 +297,8 @@ class Trainer:
         STARTUP.mark("resume")
         watchdog.start()  # after the resume: downloading a checkpoint is not a hang
         self.model.train()
-        window = LogWindow(self.device, self.cfg.log_every_steps, self.total_steps, self.samples_per_step,
-                           first_step=self.state.step)
+        self.window = window = LogWindow(self.device, self.cfg.log_every_steps, self.total_steps,
+                                         self.samples_per_step, first_step=self.state.step)
         timer = StepTimer()
         self.metrics.observe_run_start(self.total_steps, self.state.step, self.state.epoch)
         preempted = False
@@ -300,7 +315,7 @@ class Trainer:
                     break
                 continue
             step_loss = self.train_step(group)
-            window.add(step_loss, timer.since_arrival())
+            window.add(step_loss, timer.since_arrival(), self.state.step)
             STARTUP.report(self.info.is_main)  # once: where the time to this first step went
             if self.cfg.step_log_file:
                 self._log_step(step_loss)
@@ -324,32 +339,41 @@ class Trainer:
                 break
         preemption.drain()
         checkpoints.close()
-        wall = time.perf_counter() - window.run_start
-        exported = None
-        if not preempted and self.done and self.state.step > window.first_step:
-            from trainer.export import export_model
+        if not preempted and self.done:
+            from trainer.export import existing_export, export_model
 
-            exported = export_model(self)
-        steps_run = self.state.step - window.first_step
-        folders = exported if isinstance(exported, dict) else {"model": exported}  # a model and its adapter
+            if self.state.step > window.first_step:
+                exported = export_model(self)
+                self.outputs = exported if isinstance(exported, dict) else {"model": exported} if exported else {}
+            else:  # a rerun of a finished run: the export its first run wrote, if any
+                self.outputs = existing_export(self)
+        return self.summary("preempted" if preempted else "succeeded")
+
+    def summary(self, status: str, error: str | None = None) -> dict:
+        """The run's JSON summary as this rank sees it: what fit() returns, and what a failure reports
+        (with the step reached, not 0). Unknown figures are None (null), never NaN."""
+        window, checkpoints = self.window, self.checkpoints
+        wall = time.perf_counter() - window.run_start if window else 0.0
+        steps_run = self.state.step - window.first_step if window else 0
+        committed = checkpoints.last_committed if checkpoints is not None else None
         return {
             "event": "summary",
-            "status": "preempted" if preempted else "succeeded",
+            "status": status,
             "experiment": self.config.experiment,
             "steps": self.state.step,
             "epochs": self.state.epoch + (1 if self.state.batch_in_epoch else 0),
             "world_size": self.info.world_size,
-            "train_loss": window.last_loss,
+            "train_loss": window.last_loss if window else None,
             "first_train_loss": self.history[0][1] if self.history else None,
             "eval_loss": self.eval_loss,
             "eval_accuracy": self.eval_accuracy,
             "samples_per_second": steps_run * self.samples_per_step / wall if wall > 0 else 0.0,
             "wall_seconds": round(wall, 3),
-            "checkpoint": checkpoints.url(checkpoints.last_committed) if checkpoints.last_committed is not None
-            else None,
-            "model": folders.get("model"),
-            **({"adapter": folders["adapter"]} if "adapter" in folders else {}),
+            "checkpoint": checkpoints.url(committed) if committed is not None else None,
+            "model": self.outputs.get("model"),
+            **({"adapter": self.outputs["adapter"]} if "adapter" in self.outputs else {}),
             "tensorboard": self.tensorboard.location or None,
+            **({"error": error} if error else {}),
         }
 
     # ------------------------------------------------------------ what happens each step
@@ -366,7 +390,11 @@ class Trainer:
         report = window.close(self.state.step)
         self.metrics.observe_log(report.train_loss, self.grad_norm, self.device)
         if not window.finite:
-            raise TrainingDiverged(f"train loss is {report.train_loss} at step {self.state.step}")
+            first = window.first_nonfinite_step() or self.state.step
+            raise TrainingDiverged(
+                f"training diverged: the train loss became {report.train_loss} at step {first} (of "
+                f"{self.total_steps}); a lower training.optimizer.lr ({self.cfg.optimizer.lr:g}) or "
+                "training.gradClipNorm may keep it finite")
         self.history.append((self.state.step, report.train_loss))
         lr = self.scheduler.get_last_lr()[0]
         self.tensorboard.log_train(self.state.step, report.train_loss, lr, self.grad_norm,

@@ -7,7 +7,6 @@ prints the JSON summary as rank 0's last line. Exit codes follow DESIGN §3.4.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -15,6 +14,7 @@ import time
 
 from trainer import __version__
 from trainer.errors import EXIT_FAILURE, EXIT_HANG, EXIT_OK, EXIT_PREEMPTED, RetryableError, UserError
+from trainer.summary import to_json
 from trainer.worker.host_memory import keep_freed_memory
 from trainer.worker.startup import STARTUP, import_in_background
 
@@ -41,12 +41,44 @@ def setup_logging(rank: int) -> None:
     )
 
 
-def failed_summary(experiment: str | None, status: str, error: str, started: float) -> dict:
+def failed_summary(trainer, experiment: str | None, error: str, started: float) -> dict:
+    """A failure's summary: the trainer's own (the step it reached, its checkpoint) once one exists."""
+    if trainer is not None:
+        try:
+            return trainer.summary("failed", error)
+        except Exception:  # noqa: BLE001 - the failure's own report must not fail; the plain one follows
+            log.warning("the trainer's summary failed; reporting without its figures", exc_info=True)
     return {
-        "event": "summary", "status": status, "experiment": experiment, "steps": 0,
+        "event": "summary", "status": "failed", "experiment": experiment, "steps": 0,
         "train_loss": None, "eval_loss": None, "eval_accuracy": None, "samples_per_second": 0.0,
-        "wall_seconds": round(time.perf_counter() - started, 3), "checkpoint": None, "error": error,
+        "wall_seconds": round(time.perf_counter() - started, 3), "checkpoint": None, "model": None,
+        "tensorboard": None, "error": error,
     }
+
+
+# Where Kubernetes reads a container's termination message (the pod's default terminationMessagePath);
+# the variable is for tests. `kubetrain status` shows it beside a failed pod.
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_LIMIT = 4096  # bytes the kubelet keeps
+
+
+def report(summary: dict) -> None:
+    """Rank 0 prints the summary as its last line; the first process of every container also leaves
+    its own as the termination message, where the kubelet made that file (torchrun's other workers
+    would overwrite it)."""
+    line = to_json(summary)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(line, flush=True)
+    path = os.environ.get("KUBETRAIN_TERMINATION_LOG", TERMINATION_LOG)
+    if int(os.environ.get("LOCAL_RANK", "0") or 0) != 0 or not os.access(path, os.W_OK):
+        return
+    if len(line.encode()) > TERMINATION_LIMIT and summary.get("error"):  # cut the error, keep valid JSON
+        line = to_json({**summary, "error": summary["error"][:TERMINATION_LIMIT // 2] + " …"})
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        log.warning("could not write the termination message to %s: %s", path, e)
 
 
 def run(config_path: str) -> int:
@@ -55,7 +87,7 @@ def run(config_path: str) -> int:
     from trainer.config import dump_config, load_trainer_config
     from trainer.worker.distributed import (ProcessGroup, device_for, fit_threads_to_cpu_limit, log_rank_table,
                                             pick_backend, resolve_rank)
-    from trainer.worker.loop import Trainer
+    from trainer.worker.loop import Trainer, TrainingDiverged
     from trainer.worker.metrics import DISABLED, MetricsProcessor
 
     STARTUP.mark("imports")
@@ -65,7 +97,7 @@ def run(config_path: str) -> int:
     setup_logging(rank)
     if rank == 0:
         log.info("%s", host_memory)
-    experiment, metrics = None, DISABLED
+    experiment, metrics, trainer = None, DISABLED, None
     try:
         config = load_trainer_config(config_path)
         experiment = config.experiment
@@ -87,16 +119,19 @@ def run(config_path: str) -> int:
             trainer = Trainer(config, info, device, metrics)
             STARTUP.mark("data and model")
             summary = trainer.fit()
-        if info.is_main:
-            print(json.dumps(summary), flush=True)
+        report(summary)
         if summary["status"] == "preempted":  # SIGTERM: the checkpoint is committed, restart resumes it
             metrics.close(wait_for_scrape=False)
             return EXIT_PREEMPTED
         return EXIT_OK
     except UserError as e:
         log.error("%s", e)
-        _print_if_main(failed_summary(experiment, "failed", str(e), started))
+        report(failed_summary(trainer, experiment, str(e), started))
         return e.exit_code
+    except TrainingDiverged as e:  # not a code error: one line, no traceback
+        log.error("%s", e)
+        report(failed_summary(trainer, experiment, str(e), started))
+        return EXIT_FAILURE
     except Exception as e:
         retryable = e if isinstance(e, RetryableError) else None
         if retryable is None and is_collective_failure(e):  # a peer died or hung: a restart, not the code, fixes it
@@ -104,11 +139,11 @@ def run(config_path: str) -> int:
         if retryable is not None:
             metrics.close(wait_for_scrape=False)  # a preempted pod's grace period belongs to the checkpoint
             log.error("retryable: %s (exit %d)", retryable, retryable.exit_code)
-            _print_if_main(failed_summary(experiment, "failed", str(retryable), started))
+            report(failed_summary(trainer, experiment, str(retryable), started))
             return retryable.exit_code
         # A code error: keep the traceback for the developer.
         log.exception("training failed")
-        _print_if_main(failed_summary(experiment, "failed", f"{type(e).__name__}: {e}", started))
+        report(failed_summary(trainer, experiment, f"{type(e).__name__}: {e}", started))
         return EXIT_FAILURE
     finally:
         metrics.close()  # lets a scraping Prometheus take the final values (or the NaN loss) first
@@ -125,11 +160,6 @@ def is_collective_failure(error: BaseException) -> bool:
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     return isinstance(error, RuntimeError) and any(marker in str(error) for marker in _COLLECTIVE_FAILURES)
-
-
-def _print_if_main(summary: dict) -> None:
-    if int(os.environ.get("RANK", "0") or 0) == 0:
-        print(json.dumps(summary), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,9 @@ def mean_across_ranks(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+NEVER = 2**62  # "no such step" for a step number kept in a tensor
+
+
 class StepTimer:
     def __init__(self) -> None:
         self.tick = self.arrived = time.perf_counter()
@@ -63,12 +66,16 @@ class LogWindow:
         self.run_start = self.start = time.perf_counter()
         self.loss = torch.zeros((), device=device)
         self.steps, self.compute = 0, 0.0
-        self.last_loss = float("nan")  # of the last closed window: the run's train_loss
+        self.last_loss: float | None = None  # of the last closed window: the run's train_loss
+        # The first step whose loss was not finite, kept on the device (no sync per step); NEVER if none.
+        self.first_nonfinite = torch.full((), NEVER, dtype=torch.long, device=device)
 
-    def add(self, step_loss: torch.Tensor, compute_seconds: float) -> None:
+    def add(self, step_loss: torch.Tensor, compute_seconds: float, step: int) -> None:
         self.loss += step_loss
         self.steps += 1
         self.compute += compute_seconds
+        bad = torch.where(torch.isfinite(step_loss), NEVER, step)
+        torch.minimum(self.first_nonfinite, bad, out=self.first_nonfinite)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step >= self.total_steps
@@ -89,4 +96,13 @@ class LogWindow:
 
     @property
     def finite(self) -> bool:
-        return math.isfinite(self.last_loss)
+        return self.last_loss is None or math.isfinite(self.last_loss)
+
+    def first_nonfinite_step(self) -> int | None:
+        """A collective, once the window is not finite: the earliest step any rank saw a NaN or
+        infinite loss at (the window's mean only says that one of its steps had one)."""
+        first = self.first_nonfinite.clone()
+        if dist.is_initialized():
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        step = int(first.item())
+        return None if step == NEVER else step

@@ -183,6 +183,9 @@ spec:
     - name: pytorch
       image: {{ printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) | quote }}
       imagePullPolicy: {{ .Values.image.pullPolicy }}
+      {{- /* the trainer writes its JSON summary to /dev/termination-log; a process that died before it could
+             leaves its last log lines instead (a TrainJob's runtime patch cannot set this: the file alone) */}}
+      terminationMessagePolicy: FallbackToLogsOnError
       command:
         {{- include "kubetrain.command" . | nindent 8 }}
       env:
