@@ -66,7 +66,9 @@ def cmd_tensorboard(args: argparse.Namespace) -> int:
 
 
 def run_workdir(args: argparse.Namespace) -> Path:
-    return (Path(args.workdir) if args.workdir else Path(".kubetrain") / "runs" / args.name).resolve()
+    from trainer.controller.local import default_workdir
+
+    return Path(args.workdir).resolve() if args.workdir else default_workdir(args.name)
 
 
 def cmd_render(args: argparse.Namespace) -> int:

@@ -71,6 +71,11 @@ def lock_workdir(workdir: Path, experiment: str) -> int:
     return fd
 
 
+def default_workdir(experiment: str) -> Path:
+    """Where `kubetrain run NAME` keeps its config and outputs unless --workdir says otherwise."""
+    return (Path(".kubetrain") / "runs" / experiment).resolve()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -296,8 +301,7 @@ class LocalRunner:
             if summary.get(key):
                 lines.append(f"{key + ':':<13}{shown(summary[key])}")
         if summary.get("tensorboard"):
-            default = (Path(".kubetrain") / "runs" / self.experiment).resolve()  # the CLI's default workdir
-            flag = "" if self.workdir == default else f" --workdir {self.workdir}"
+            flag = "" if self.workdir == default_workdir(self.experiment) else f" --workdir {self.workdir}"
             lines.append(f"{'tensorboard:':<13}kubetrain tensorboard {self.experiment}{flag}")
         if summary.get("checkpoint"):
             lines.append(f"{'checkpoint:':<13}{shown(summary['checkpoint'])} (a rerun resumes from it)")
