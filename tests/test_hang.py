@@ -1,4 +1,4 @@
-"""A hung or vanished peer ends the job with a retryable exit (DESIGN §3.4), not a stuck one."""
+"""A hung or vanished peer ends the job with a retryable exit (docs/architecture.md), not a stuck one."""
 
 from __future__ import annotations
 

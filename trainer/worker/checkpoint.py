@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN §3.5): `<uri>/<experiment>/step-<N:08d>/…`, commit marker last.
+"""Checkpoints (docs/architecture.md): `<uri>/<experiment>/step-<N:08d>/…`, commit marker last.
 
 A step directory holds
   model.pt         rank 0: the model's state_dict (plain tensors; loadable on its own)
