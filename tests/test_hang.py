@@ -22,13 +22,13 @@ def test_watchdog_stays_quiet_while_beaten_and_fires_after_the_timeout(monkeypat
     now = [1000.0]
     monkeypatch.setattr("trainer.worker.watchdog.time.monotonic", lambda: now[0])
     fired = threading.Event()
-    watchdog = HangWatchdog(10, on_hang=fired.set).start()
-    for _ in range(50):  # 450 s of beaten progress, each beat 9 s after the last
-        now[0] += 9
+    watchdog = HangWatchdog(0.5, on_hang=fired.set).start()  # it looks every 0.05 s (real time)
+    for _ in range(20):  # 9 s of beaten progress, each beat 0.45 s after the last
+        now[0] += 0.45
         watchdog.beat("step")
-        time.sleep(0.002)  # the watch thread polls meanwhile
-    assert not fired.wait(0.3)
-    now[0] += 11  # then no progress for longer than the timeout
+        time.sleep(0.1)  # the watch thread looks meanwhile: however late, the clock stands still
+    assert not fired.wait(0.2)
+    now[0] += 0.6  # then no progress for longer than the timeout
     assert fired.wait(60), "no progress for longer than the timeout must fire"
     watchdog.stop()
 
