@@ -105,7 +105,8 @@ class JobValues:
     nproc_per_node: int = setting(1, "is the number of training processes per pod (torchrun when > 1).",
                                   minimum=1, maximum=64)
     restart_policy: str = setting("ExitCode", "is the replicas' restart policy; ExitCode retries exit codes >= 128 "
-                                              "only (a TrainJob: not Always).", enum=["Always", "OnFailure", "Never", "ExitCode"])
+                                              "only (a TrainJob: not Always).",
+                                  enum=["Always", "OnFailure", "Never", "ExitCode"])
     backoff_limit: int = setting(3, "is how many restarts the job gets before it is marked Failed.", minimum=0)
     master_port: int = setting(23456, "is the rendezvous port on the master (the operator's default is 23456); a "
                                       "TrainJob always uses Trainer v2's 29500.",
