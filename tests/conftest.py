@@ -10,10 +10,11 @@ from s3server import BACKENDS, S3Server, weed_binary
 from support import values_file  # noqa: F401  (a fixture)
 
 
-@pytest.fixture(scope="session", params=BACKENDS)
+@pytest.fixture(scope="session", params=BACKENDS, ids=lambda backend: "moto-mock" if backend == "moto" else backend)
 def s3_server(request):
-    """A real S3-compatible server process, each test once per server: SeaweedFS (what the dev stack
-    deploys) and moto. One process per server and session; each module makes its own bucket."""
+    """An S3 server process, each test once per server: SeaweedFS, a real S3-compatible server (what the
+    dev stack deploys), and moto, a mock of one (test ids say `moto-mock`). One process per server and
+    session; each module makes its own bucket."""
     if request.param == "seaweedfs" and not weed_binary():
         require(f"SeaweedFS' weed is not built (KUBETRAIN_WEED); {HOW_TO}")
     server = S3Server(backend=request.param).start()

@@ -1,4 +1,4 @@
-"""A real S3-compatible server process on loopback for tests and benchmarks.
+"""S3 server processes on loopback for tests and benchmarks: a real one (SeaweedFS) and a mock (moto).
 
 Two servers, each in its own process, reached over TCP exactly as the trainer
 reaches AWS or any S3-compatible store (boto3 with `s3.endpoint`):

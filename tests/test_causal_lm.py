@@ -1,6 +1,6 @@
 """causal-lm: tiny Llama- and Qwen2-shaped models (random weights, a tokenizer trained here) fine-tuned
-with LoRA and in full, under DDP and FSDP2 at 2 gloo ranks, from model folders on a real S3 server
-(SeaweedFS and moto) or on disk. The exported folders load with transformers and peft and reproduce
+with LoRA and in full, under DDP and FSDP2 at 2 gloo ranks, from model folders on an S3 server
+(SeaweedFS, a real one; moto, a mock) or on disk. The exported folders load with transformers and peft and reproduce
 the run's eval loss; held-out prompts are answered far more often than before training."""
 
 from __future__ import annotations

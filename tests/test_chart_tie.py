@@ -171,7 +171,16 @@ CHART_FAILURES = [
     ("v2", ["job.kind=TrainJob,job.elastic.enabled=true"]),
     ("v2", ["job.kind=TrainJob,job.schedulingPolicy.queue=research"]),
     ("v2", ["job.kind=TrainJob,job.ttlSecondsAfterFinished=60"]),
-    ("v2", ["job.kind=TrainJob,schedulerName=volcano"]),
+    ("v2", ["job.kind=TrainJob,job.runtime=torch-distributed,schedulerName=volcano"]),
+    # What a TrainJob cannot carry, or its named ClusterTrainingRuntime sets instead.
+    ("v2", ["job.kind=TrainJob,job.restartPolicy=Always"]),
+    ("v2", ["job.kind=TrainJob,job.cleanPodPolicy=Running"]),
+    ("v2", ["job.kind=TrainJob,job.masterPort=9400"]),
+    ("v2", ["job.kind=TrainJob,metrics.port=29500"]),
+    ("v2", ["job.kind=TrainJob,metrics.port=29497,job.nprocPerNode=4"]),
+    ("v2", ["job.kind=TrainJob,job.runtime=torch-distributed,image.pullPolicy=Always"]),
+    ("v2", ["job.kind=TrainJob,job.runtime=torch-distributed,job.restartPolicy=Never"]),
+    ("v2", ["job.kind=TrainJob,job.runtime=torch-distributed,job.backoffLimit=0"]),
     ("v2", ["job.kind=TrainJob,env[0].name=PET_NNODES,env[0].value=three"]),
 ]
 
@@ -283,12 +292,16 @@ def values_sets(draw) -> tuple[str, dict]:
     if draw(st.booleans()):
         values["serviceAccount"] = {"create": False, "name": draw(st.sampled_from(["", "trainer"]))}
     if draw(st.booleans()):  # a Trainer v2 TrainJob, mostly without the settings only a PyTorchJob has
-        job.update(kind="TrainJob", runtime=draw(st.sampled_from(["torch-distributed", "torch.cuda-12"])))
+        job.update(kind="TrainJob", runtime=draw(st.sampled_from(["", "torch-distributed", "torch.cuda-12"])))
         if draw(st.integers(0, 3)):
             job.update(ttlSecondsAfterFinished=None, schedulingPolicy={"queue": "", "priorityClass": "",
-                                                                       "minAvailable": 0})
+                                                                       "minAvailable": 0}, cleanPodPolicy="None")
             job["elastic"]["enabled"] = False
-            values.update(priorityClassName="", schedulerName="")
+            if job["runtime"]:  # the named runtime sets these: values.yaml's defaults, which the chart repeats
+                job.update(restartPolicy="ExitCode", backoffLimit=3)
+                values.update(priorityClassName="", schedulerName="")
+            elif job["restartPolicy"] == "Always":
+                job["restartPolicy"] = "Never"
     return draw(NAME), values
 
 

@@ -119,17 +119,18 @@ def test_sigterm_on_one_rank_then_resume_is_exact(s3, tmp_path):
 
 @pytest.mark.slow
 def test_kill9_during_a_save_never_commits_a_partial_step(s3, tmp_path):
+    held = tmp_path / f"hold-{2 * EVERY}"  # ranks wait before committing step 16 while it exists
+    held.write_text("")
     run = Run("killed", tmp_path / "k", s3, "--set", "training.maxSteps=24",
-              env={"KUBETRAIN_TEST_PAUSE_BEFORE_COMMIT_SECONDS": "2"})
+              env={"KUBETRAIN_TEST_PAUSE_BEFORE_COMMIT_WHILE": str(tmp_path / "hold-{step}")})
     worker = run.pid_of("worker-1")
     partial = f"runs/killed/step-{2 * EVERY:08d}/"
     while f"{partial}rank-00001.pt" not in s3.keys(BUCKET, partial):  # step 16's files written, not committed
         assert run.proc.poll() is None, "".join(run.lines)
         time.sleep(0.05)
     assert committed_steps(s3, "killed") == [EVERY]
-    os.kill(worker, signal.SIGKILL)
-    time.sleep(0.5)
-    assert committed_steps(s3, "killed") == [EVERY]  # the half-saved step is not listed as committed
+    os.kill(worker, signal.SIGKILL)  # while it waits at the gate: step 16 can never be committed
+    held.unlink()  # the restarted attempt commits without waiting
     code, out = run.wait()
     assert code == 0, out
     assert "exited 137 (retryable)" in out, out

@@ -1,4 +1,4 @@
-"""The rank contract of DESIGN §3.3: operator env, torchrun env, single process."""
+"""The rank contract (docs/architecture.md): operator env, torchrun env, single process."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A hung or vanished peer ends the job with a retryable exit (DESIGN §3.4), not a stuck one."""
+"""A hung or vanished peer ends the job with a retryable exit (docs/architecture.md), not a stuck one."""
 
 from __future__ import annotations
 
@@ -17,14 +17,19 @@ from trainer.errors import EXIT_HANG
 from trainer.worker.watchdog import HangWatchdog
 
 
-def test_watchdog_stays_quiet_while_beaten_and_fires_after_the_timeout():
+def test_watchdog_stays_quiet_while_beaten_and_fires_after_the_timeout(monkeypatch):
+    # The watchdog's clock is the test's: real time (a loaded machine's stalls) does not count.
+    now = [1000.0]
+    monkeypatch.setattr("trainer.worker.watchdog.time.monotonic", lambda: now[0])
     fired = threading.Event()
-    watchdog = HangWatchdog(0.3, on_hang=fired.set).start()
-    for _ in range(10):  # 0.5 s of progress
+    watchdog = HangWatchdog(0.5, on_hang=fired.set).start()  # it looks every 0.05 s (real time)
+    for _ in range(20):  # 9 s of beaten progress, each beat 0.45 s after the last
+        now[0] += 0.45
         watchdog.beat("step")
-        time.sleep(0.05)
-    assert not fired.is_set()
-    assert fired.wait(2), "no progress for longer than the timeout must fire"
+        time.sleep(0.1)  # the watch thread looks meanwhile: however late, the clock stands still
+    assert not fired.wait(0.2)
+    now[0] += 0.6  # then no progress for longer than the timeout
+    assert fired.wait(60), "no progress for longer than the timeout must fire"
     watchdog.stop()
 
 
@@ -64,12 +69,40 @@ def test_a_vanished_peer_is_a_retryable_exit_without_the_runner(tmp_path):
                 p.kill()
 
 
+SLOW_EVAL = """
+import dataclasses, time
+from trainer.tasks import get_task
+
+
+class SlowItems:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        time.sleep(0.05)
+        return self.inner[index]
+
+
+def build(cfg):
+    spec = get_task("cifar10-convnet")(cfg)
+    return dataclasses.replace(spec, eval_dataset=SlowItems(spec.eval_dataset))
+"""
+
+
 def test_a_long_evaluation_is_progress_not_a_hang(tmp_path):
-    # Evaluation of 16k samples takes seconds on one CPU thread, longer than a 1 s hang timeout:
-    # each evaluation batch feeds the watchdog, so the run finishes instead of exiting 142.
+    # 96 eval items of at least 50 ms each: an evaluation of 4.8 s or more (a sleep only runs long), longer
+    # than the 3 s hang timeout however fast the machine; each batch of 2 (100 ms) feeds the watchdog,
+    # so the run finishes instead of exiting 142.
+    (tmp_path / "slow_eval.py").write_text(SLOW_EVAL)
     result = run_cli("run", "longeval", "--workdir", str(tmp_path), "--set",
-                     "job.nodes=1,training.maxSteps=3,training.data.trainSamples=256,training.batchSize=32",
-                     "--set", "training.data.evalSamples=16384,training.distributed.hangTimeoutSeconds=1",
+                     "job.nodes=1,training.maxSteps=2,training.data.trainSamples=64,training.batchSize=2",
+                     "--set", "training.data.evalSamples=96,training.distributed.hangTimeoutSeconds=3",
+                     "--set", "training.task=custom,training.entrypoint=slow_eval:build",
+                     "--set-json", f"training.pythonPath={json.dumps([str(tmp_path)])}",
                      env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:]
+    assert "hang detected" not in result.stdout
     assert result.summary["eval_accuracy"] is not None

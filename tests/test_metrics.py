@@ -7,7 +7,6 @@ import re
 import socket
 import subprocess
 import threading
-import time
 
 import pytest
 
@@ -148,27 +147,41 @@ def test_disabled_metrics_open_no_port_and_record_nothing():
     metrics.close()
 
 
+def spy_on_waits(metrics) -> threading.Event:
+    """An event set when close() starts waiting for a scrape (the tracker's Condition.wait_for)."""
+    waiting, wait_for = threading.Event(), metrics.scrapes.changed.wait_for
+
+    def spy(predicate, timeout=None):
+        waiting.set()
+        return wait_for(predicate, timeout=timeout)
+
+    metrics.scrapes.changed.wait_for = spy
+    return waiting
+
+
 def test_close_waits_for_one_more_scrape_only_when_someone_scrapes():
+    # Orderings, not wall-clock thresholds: what close() waits for, seen through its wait.
     from trainer.worker.metrics import MetricsProcessor
 
     unwatched = MetricsProcessor("demo", 0, free_port_pair())
     unwatched.start()
-    began = time.monotonic()
+    waited = spy_on_waits(unwatched)
     unwatched.close()  # nobody ever scraped: no reason to wait
-    assert time.monotonic() - began < 1.0  # the HTTP server's shutdown polls every 0.5 s
+    assert not waited.is_set()
 
     watched = MetricsProcessor("demo", 0, free_port_pair())
     watched.start()
     url = f"http://127.0.0.1:{watched.port}/metrics"
     http_get(url)
-    time.sleep(0.5)
-    http_get(url)  # a scraper every 0.5 s: close() waits up to 1.5 intervals + 1 s for the next one
+    http_get(url)
+    watched.scrapes.recent_intervals.append(30.0)  # as if Prometheus scraped every 30 s: close() waits up to 46 s
+    waiting = spy_on_waits(watched)
     closer = threading.Thread(target=watched.close)
     closer.start()
-    time.sleep(0.3)
-    assert closer.is_alive(), "close() should wait for the final scrape"
-    assert "kubetrain_steps_total" in http_get(url)
-    closer.join(timeout=2)
+    assert waiting.wait(30), "close() should wait for the final scrape"
+    assert closer.is_alive()
+    assert "kubetrain_steps_total" in http_get(url)  # the final scrape ends the wait
+    closer.join(timeout=30)
     assert not closer.is_alive()
 
 
@@ -176,29 +189,28 @@ def test_close_returns_only_after_the_final_scrape_was_answered():
     """A rank exits right after close(): a response still being written would be cut off."""
     from trainer.worker.metrics import MetricsProcessor
 
-    class SlowCollector:  # stands in for a registry that takes a while to render
+    inside, release = threading.Event(), threading.Event()
+
+    class HeldCollector:  # a registry that takes as long to render as the test wants
         def collect(self):
-            time.sleep(1.5)  # longer than the server's 0.5 s shutdown poll
+            if threading.current_thread() is not threading.main_thread():
+                inside.set()
+                release.wait(60)
             return []
 
     metrics = MetricsProcessor("demo", 0, free_port_pair())
-    metrics.registry.register(SlowCollector())
+    metrics.registry.register(HeldCollector())
     metrics.start()
     url = f"http://127.0.0.1:{metrics.port}/metrics"
-    http_get(url)
     answered = {}
-
-    def final_scrape():
-        time.sleep(0.2)
-        answered["text"] = http_get(url)
-        answered["at"] = time.monotonic()
-
-    scraper = threading.Thread(target=final_scrape)
+    scraper = threading.Thread(target=lambda: answered.update(text=http_get(url, timeout=60)))
     scraper.start()
-    metrics.close()
-    closed_at = time.monotonic()
-    scraper.join(timeout=5)
-    assert "kubetrain_steps_total" in answered["text"]
-    # The client notes the time a moment after the server wrote the answer, hence the slack.
-    late = answered["at"] - closed_at
-    assert late < 0.3, f"close() returned {late:.2f} s before the final scrape was answered"
+    assert inside.wait(30), "the scrape never reached the registry"
+    closer = threading.Thread(target=metrics.close, kwargs={"wait_for_scrape": False})
+    closer.start()
+    closer.join(timeout=3)  # without joining the request, close() returns within the 0.5 s shutdown poll
+    assert closer.is_alive(), "close() returned while the final scrape was still being answered"
+    release.set()
+    closer.join(timeout=60)
+    scraper.join(timeout=60)
+    assert not closer.is_alive() and "kubetrain_steps_total" in answered["text"]

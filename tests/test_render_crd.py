@@ -95,3 +95,19 @@ def test_trainjob_matches_the_crd(files, sets):
     errors = sorted(validator.iter_errors(job), key=lambda e: list(e.absolute_path))
     assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
     assert job["spec"]["trainer"]["command"][:3] == ["python", "-m", "trainer.worker.launch"]  # v2 sets PET_* only
+
+
+@pytest.mark.skipif(not (TRAINER_CRDS and Path(TRAINER_CRDS, "trainer.kubeflow.org_trainingruntimes.yaml").is_file()),
+                    reason="TrainingRuntime CRD not found: set KUBETRAIN_TRAINER_CRDS")
+@pytest.mark.parametrize("sets", [[], ["job.restartPolicy=Never,image.pullPolicy=Always,schedulerName=volcano"],
+                                  ["job.restartPolicy=OnFailure,job.backoffLimit=0,priorityClassName=high"]],
+                         ids=["exit-code", "never", "on-failure"])
+def test_the_experiments_trainingruntime_matches_the_crd(sets):
+    with open(Path(TRAINER_CRDS, "trainer.kubeflow.org_trainingruntimes.yaml"), encoding="utf-8") as f:
+        crd = yaml.safe_load(f)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1")
+    validator = jsonschema.Draft4Validator(closed(version["schema"]["openAPIV3Schema"]))
+    [runtime] = [obj for obj in helm_objects("crd-check", [], ["job.kind=TrainJob", *sets])
+                 if obj["kind"] == "TrainingRuntime"]
+    errors = sorted(validator.iter_errors(runtime), key=lambda e: list(e.absolute_path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)

@@ -1,4 +1,4 @@
-"""The storage layer against real S3 server processes (SeaweedFS and moto) and a local directory."""
+"""The storage layer against S3 server processes (SeaweedFS, a real one; moto, a mock) and a local directory."""
 
 from __future__ import annotations
 

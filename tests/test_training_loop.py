@@ -14,8 +14,8 @@ from trainer.worker.loop import lr_lambda
 SMALL = ["--set", "training.data.trainSamples=512,training.data.evalSamples=128,training.logEverySteps=1"]
 
 
-def _run(tmp_path, name: str, *sets: str):
-    args = [a for s in sets for a in ("--set", s)]
+def _run(tmp_path, name: str, *sets: str, json_sets: tuple[str, ...] = ()):
+    args = [a for s in sets for a in ("--set", s)] + [a for s in json_sets for a in ("--set-json", s)]
     result = run_cli("run", name, "--workdir", str(tmp_path / name), *SMALL, *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     return result.summary
@@ -23,13 +23,17 @@ def _run(tmp_path, name: str, *sets: str):
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     # 2 ranks x 2 micro-batches of 8 == 2 ranks x 1 batch of 16: the same 32 samples, the same
-    # mean gradient (no_sync skips only the intermediate all-reduce), so the loss after the
-    # first update agrees to float rounding.
-    accum = _run(tmp_path, "accum", "training.batchSize=8,training.gradAccumSteps=2,training.maxSteps=2")
-    big = _run(tmp_path, "big", "training.batchSize=16,training.gradAccumSteps=1,training.maxSteps=2")
+    # mean gradient (no_sync skips only the intermediate all-reduce). Step 1's loss is taken before
+    # any update, so what shows accumulation is the loss after updates: plain SGD (whose step scales
+    # with the gradient, unlike Adam's), no clipping and no warmup, so a wrong gradient moves it.
+    plain = "training.optimizer.name=sgd,training.gradClipNorm=0,training.lrSchedule.warmupSteps=0,training.maxSteps=3"
+    lr = ("training.optimizer.lr=0.01",)
+    accum = _run(tmp_path, "accum", "training.batchSize=8,training.gradAccumSteps=2", plain, json_sets=lr)
+    big = _run(tmp_path, "big", "training.batchSize=16,training.gradAccumSteps=1", plain, json_sets=lr)
+    assert accum["steps"] == big["steps"] == 3
     assert accum["first_train_loss"] == pytest.approx(big["first_train_loss"], rel=1e-5)
+    assert abs(big["train_loss"] - big["first_train_loss"]) > 1e-3  # the updates moved the loss
     assert accum["train_loss"] == pytest.approx(big["train_loss"], rel=1e-4)
-    assert accum["steps"] == big["steps"] == 2
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

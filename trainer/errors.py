@@ -1,4 +1,4 @@
-"""User-facing errors and the exit codes of DESIGN §3.4.
+"""User-facing errors and the exit codes (docs/architecture.md: this module owns them).
 
 The operator's `restartPolicy: ExitCode` restarts a replica only on codes >= 128,
 so permanent failures stay below 128 and retryable ones above.

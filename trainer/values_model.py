@@ -95,24 +95,28 @@ class ElasticValues:
 class JobValues:
     kind: str = setting("PyTorchJob", "is PyTorchJob (Kubeflow training operator v1) or TrainJob (Kubeflow Trainer "
                                       "v2, trainer.kubeflow.org).", enum=["PyTorchJob", "TrainJob"])
-    runtime: str = setting("torch-distributed", "is the ClusterTrainingRuntime a TrainJob runs on (Trainer v2 "
-                                                "installs torch-distributed).",
-                           minLength=1, maxLength=253, pattern=DNS_SUBDOMAIN,
-                           invalid="a ClusterTrainingRuntime name (a DNS subdomain), for job.kind TrainJob")
+    runtime: str = setting("", "is the ClusterTrainingRuntime a TrainJob runs on (e.g. torch-distributed, which "
+                               "Trainer v2 installs); that runtime then sets its pods' restart policy, backoff, "
+                               "pull policy and scheduling. Empty = a TrainingRuntime the chart renders for the "
+                               "experiment, which carries those settings as a PyTorchJob does.",
+                           maxLength=253, pattern=OPTIONAL_DNS_SUBDOMAIN,
+                           invalid="empty or a ClusterTrainingRuntime name (a DNS subdomain), for job.kind TrainJob")
     nodes: int = setting(2, "is the number of pods: 1 Master + (nodes-1) Workers.", minimum=1, maximum=1024)
     nproc_per_node: int = setting(1, "is the number of training processes per pod (torchrun when > 1).",
                                   minimum=1, maximum=64)
     restart_policy: str = setting("ExitCode", "is the replicas' restart policy; ExitCode retries exit codes >= 128 "
-                                              "only.", enum=["Always", "OnFailure", "Never", "ExitCode"])
+                                              "only (a TrainJob: not Always).",
+                                  enum=["Always", "OnFailure", "Never", "ExitCode"])
     backoff_limit: int = setting(3, "is how many restarts the job gets before it is marked Failed.", minimum=0)
-    master_port: int = setting(23456, "is the rendezvous port on the master (the operator's default is 23456).",
+    master_port: int = setting(23456, "is the rendezvous port on the master (the operator's default is 23456); a "
+                                      "TrainJob always uses Trainer v2's 29500.",
                                minimum=1, maximum=65535)
     ttl_seconds_after_finished: Optional[int] = setting(None, "deletes the finished job and its pods after this many "
                                                               "seconds (null = keep them).", minimum=0)
     active_deadline_seconds: Optional[int] = setting(None, "fails the job once it has been running this long (null = "
                                                            "no deadline).", minimum=1)
     clean_pod_policy: str = setting("None", "is which pods the operator deletes when the job finishes: None, Running "
-                                            "or All.", enum=["None", "Running", "All"])
+                                            "or All (a TrainJob keeps them: None).", enum=["None", "Running", "All"])
     suspend: bool = setting(False, "creates the job without pods until it is resumed (Kueue sets and clears it "
                                    "itself).")
     scheduling_policy: SchedulingPolicyValues = section(

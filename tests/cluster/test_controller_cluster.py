@@ -267,7 +267,9 @@ def test_a_trainjob_is_validated_listed_followed_and_deleted_like_a_pytorchjob(a
     assert submitted.returncode == 0, submitted.stderr
     assert "trainjob/exp-v2 applied" in submitted.stdout
     job = get(apiserver, namespace, "trainjob", "exp-v2")
-    assert job["spec"]["trainer"]["numNodes"] == 2 and job["spec"]["runtimeRef"]["name"] == "torch-distributed"
+    assert job["spec"]["trainer"]["numNodes"] == 2
+    assert (job["spec"]["runtimeRef"]["kind"], job["spec"]["runtimeRef"]["name"]) == ("TrainingRuntime", "exp-v2")
+    assert get(apiserver, namespace, "trainingruntime", "exp-v2")["spec"]["mlPolicy"]["torch"] == {}
 
     listing = kt(apiserver, namespace, "list")
     row = next(line.split() for line in listing.stdout.splitlines() if line.startswith("exp-v2 "))
@@ -292,6 +294,8 @@ def test_a_trainjob_is_validated_listed_followed_and_deleted_like_a_pytorchjob(a
     deleted = kt(apiserver, namespace, "delete", "exp-v2")
     assert deleted.returncode == 0 and "trainjob/exp-v2 deleted" in deleted.stdout, deleted.stdout
     assert get(apiserver, namespace, "trainjob", "exp-v2", check=False) is None
+    assert "trainingruntime/exp-v2 deleted" in deleted.stdout, deleted.stdout  # a Helm hook: helm leaves it
+    assert get(apiserver, namespace, "trainingruntime", "exp-v2", check=False) is None
 
 
 def test_the_trainjob_crds_cel_rules_run_server_side_and_submit_force_replaces(apiserver, namespace):

@@ -9,7 +9,7 @@ namespaces, the tier skips with the reason, unless ``KUBETRAIN_REQUIRE_CLUSTER=1
 
 Fixtures:
   node         (session)  the running cluster: ``.cluster`` (kubectl, kubeconfig), ``.spawn``, ``.http_ok_inside``
-  node_s3      (session)  a moto S3 server inside the node's network namespace, reachable from pods
+  node_s3      (session)  moto (a mock S3 server) inside the node's network namespace, reachable from pods
   node_ns      (function) a fresh namespace enforcing Pod Security `restricted`, deleted afterwards
 """
 

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from nodejobs import (LONG, QUICKSTART, assert_resumed_exactly, job_pods, kt, kt_background,
-                      submit_until_first_commit, summary_line, tier_values, wait_for_state)
+from nodejobs import (LONG, QUICKSTART, assert_resumed_exactly, get_json, job_pods, kt, kt_background,
+                      mount_user_code, submit_until_first_commit, summary_line, tier_values, wait_for_state)
 from trainer.controller.jobs import job_state
 
 pytestmark = pytest.mark.timeout(1200)
@@ -82,3 +82,37 @@ def test_a_suspended_trainjob_commits_on_sigterm_and_resumes_to_the_same_loss(no
     assert now_uids and not now_uids & first_uids, "pods not recreated"
     preempted, steps, loss = assert_resumed_exactly(node, node_ns, node_s3, "preempt-v2", "exp-sus", values, tmp_path)
     print(f"suspended at step {preempted}, committed {steps}; final loss {loss} on the node and uninterrupted")
+
+
+BAD_CONFIG = '''
+from trainer.errors import UserError
+
+
+def build(cfg):
+    raise UserError("training.options.layers: this model needs at least one layer")
+'''
+
+
+def test_a_bad_config_exit_2_fails_a_never_restarting_trainjob_at_once(node, node_ns):
+    """job.restartPolicy: Never and image.pullPolicy reach the pod through the experiment's own
+    TrainingRuntime: an exit 2 fails the TrainJob with no restart and no second pod."""
+    code = mount_user_code(node, node_ns, "usercode", {"badconfig.py": BAD_CONFIG})
+    values = ["-f", str(QUICKSTART), *V2, *tier_values(), *code,  # tier_values: image.pullPolicy=Never
+              "--set", "training.task=custom,training.entrypoint=badconfig:build,job.nodes=1",
+              "--set", "job.restartPolicy=Never,job.backoffLimit=3"]
+    assert kt(node, node_ns, "submit", "exp-never", *values).returncode == 0
+    job = wait_for_state(node, node_ns, "exp-never", {"Failed", "Succeeded"}, timeout=300, kind="TrainJob")
+    assert job_state(job) == "Failed", json.dumps(job["status"])
+    [pod] = job_pods(node, node_ns, "exp-never", kind="TrainJob")  # backoffLimit 3, yet no second pod
+    [container] = pod["status"]["containerStatuses"]
+    assert container["restartCount"] == 0 and container["state"]["terminated"]["exitCode"] == 2, container
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never" and spec["containers"][0]["imagePullPolicy"] == "Never"
+    assert spec["automountServiceAccountToken"] is False
+    assert not any("serviceaccount" in m["mountPath"] for m in spec["containers"][0]["volumeMounts"])
+    [child] = get_json(node, node_ns, "jobs", "-l", "jobset.sigs.k8s.io/jobset-name=exp-never")["items"]
+    assert child["status"].get("failed") == 1, child["status"]
+    assert any(c["type"] == "Failed" and c.get("reason") == "PodFailurePolicy"
+               for c in child["status"]["conditions"]), child["status"]
+    status = kt(node, node_ns, "status", "exp-never")
+    assert status.returncode == 1 and "exit code 2" in status.stdout, status.stdout

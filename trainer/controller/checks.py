@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from trainer.chart import chart_message
+from trainer.chart import chart_message, default_values
 from trainer.config import check_experiment_name
 from trainer.errors import UserError
 
@@ -16,6 +16,7 @@ CONFIG_DIR = "/etc/kubetrain"
 CONFIG_PATH = f"{CONFIG_DIR}/config.json"
 MAX_NAME = 63  # DNS-1035 label: the operator names pods and Services `<job>-worker-<i>`
 MAX_RELEASE_NAME = 53  # Helm refuses longer release names
+TRAINJOB_RENDEZVOUS_PORT = 29500  # Trainer v2's torch plugin sets PET_MASTER_PORT to it, whatever job.masterPort says
 
 
 def max_nodes(job: dict) -> int:
@@ -54,8 +55,10 @@ def _check_sections(name: str, values: dict) -> None:
         last = first + nproc - 1
         if last > 65535:
             raise UserError(chart_message("metricsPortRange", first, nproc))
-        if first <= int(job["masterPort"]) <= last:
+        if job["kind"] != "TrainJob" and first <= int(job["masterPort"]) <= last:
             raise UserError(chart_message("masterPortCollides", job["masterPort"], first, last))
+        if job["kind"] == "TrainJob" and first <= TRAINJOB_RENDEZVOUS_PORT <= last:
+            raise UserError(chart_message("trainJobPortCollides", first, last, TRAINJOB_RENDEZVOUS_PORT))
     if job["kind"] == "TrainJob":
         check_train_job(values)
     s3 = values["s3"]
@@ -66,16 +69,31 @@ def _check_sections(name: str, values: dict) -> None:
 
 
 def check_train_job(values: dict) -> None:
-    """What only a PyTorchJob can do, refused for a TrainJob (`kubetrain.validate`)."""
-    job, scheduling = values["job"], values["job"]["schedulingPolicy"]
+    """What only a PyTorchJob can do, refused for a TrainJob (`kubetrain.validate`); with a named
+    ClusterTrainingRuntime, also what that runtime sets and a patch cannot: those keys stay at their defaults."""
+    job, scheduling, defaults = values["job"], values["job"]["schedulingPolicy"], default_values()
     if job["elastic"]["enabled"]:
         raise UserError(chart_message("trainJobElastic"))
+    if job["restartPolicy"] == "Always":
+        raise UserError(chart_message("trainJobRestartAlways"))
+    if job["cleanPodPolicy"] != "None":
+        raise UserError(chart_message("trainJobCleanPodPolicy"))
+    if int(job["masterPort"]) != int(defaults["job"]["masterPort"]):
+        raise UserError(chart_message("trainJobMasterPort", TRAINJOB_RENDEZVOUS_PORT, defaults["job"]["masterPort"]))
+    runtime = job.get("runtime")
+    if runtime:
+        owned = [("image.pullPolicy", values["image"]["pullPolicy"], defaults["image"]["pullPolicy"]),
+                 ("job.restartPolicy", job["restartPolicy"], defaults["job"]["restartPolicy"]),
+                 ("job.backoffLimit", int(job["backoffLimit"]), int(defaults["job"]["backoffLimit"]))]
+        for key, value, default in owned:
+            if value != default:
+                raise UserError(chart_message("trainJobRuntimeOwns", key, runtime, default))
     if scheduling["queue"] or scheduling["priorityClass"] or int(scheduling["minAvailable"]) > 0:
         raise UserError(chart_message("trainJobGangScheduling"))
     if job.get("ttlSecondsAfterFinished") is not None:
         raise UserError(chart_message("trainJobTtl"))
-    if values.get("priorityClassName") or values.get("schedulerName"):
-        raise UserError(chart_message("trainJobPodScheduling"))
+    if runtime and (values.get("priorityClassName") or values.get("schedulerName")):
+        raise UserError(chart_message("trainJobPodScheduling", runtime))
     for entry in values.get("env") or []:
         if str(entry.get("name", "")).startswith("PET_"):
             raise UserError(chart_message("trainJobReservedEnv", entry["name"]))

@@ -33,6 +33,7 @@ THROTTLED_RETRIES = 10  # client-go's: 429 (and a 5xx with Retry-After) is retri
 # What `kubetrain delete` removes: every kind the chart renders, selected by the experiment label.
 EXPERIMENT_KINDS = [
     *(kind.api for kind in JOB_KINDS),
+    ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"),  # a TrainJob's own runtime (job.runtime empty)
     ("v1", "ConfigMap"),
     ("v1", "Service"),
     ("v1", "ServiceAccount"),

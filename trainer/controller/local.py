@@ -1,7 +1,7 @@
 """`kubetrain run`: the PyTorchJob (or TrainJob) as local processes, one per replica.
 
 Each replica gets exactly the environment the Kubeflow training operator
-injects (DESIGN §3.3), or for `job.kind: TrainJob` what Kubeflow Trainer v2's
+injects (docs/architecture.md), or for `job.kind: TrainJob` what Kubeflow Trainer v2's
 torch plugin injects (PET_* only, always under torchrun), with the master at
 127.0.0.1 and a free port, plus the container's plain env (ncclEnv, env); torchrun
 runs inside a replica when nprocPerNode > 1, as in the pod. Output is streamed
@@ -92,7 +92,7 @@ def trainer_v2_env(index: int, nodes: int, nproc: int, port: int) -> dict[str, s
 
 
 def operator_env(index: int, nodes: int, nproc: int, port: int) -> dict[str, str]:
-    """What the training operator injects into replica `index` (DESIGN §3.3)."""
+    """What the training operator injects into replica `index` (docs/architecture.md)."""
     return {
         "MASTER_ADDR": "127.0.0.1", "PET_MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port), "PET_MASTER_PORT": str(port),

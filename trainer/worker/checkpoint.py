@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN §3.5): `<uri>/<experiment>/step-<N:08d>/…`, commit marker last.
+"""Checkpoints (docs/architecture.md): `<uri>/<experiment>/step-<N:08d>/…`, commit marker last.
 
 A step directory holds
   model.pt         rank 0: the model's state_dict (plain tensors; loadable on its own)
@@ -58,8 +58,9 @@ log = logging.getLogger(__name__)
 COMMIT = "commit.json"
 MODEL, TRAIN = "model.pt", "train.pt"
 STEP_DIR = re.compile(r"^step-(\d{8})/(.+)$")
-# Fault injection for tests: sleep this long after writing this rank's files, before the commit.
-PAUSE_BEFORE_COMMIT_ENV = "KUBETRAIN_TEST_PAUSE_BEFORE_COMMIT_SECONDS"
+# Fault injection for tests: after writing this rank's files, before the commit, wait while this file
+# exists ("{step}" in it is the step): a gate the test opens, not a sleep a loaded machine can outlast.
+PAUSE_BEFORE_COMMIT_ENV = "KUBETRAIN_TEST_PAUSE_BEFORE_COMMIT_WHILE"
 
 
 def step_dir(step: int) -> str:
@@ -492,11 +493,12 @@ class CheckpointManager:
                     size, sums[name] = self.store.write_serialized(f"{prefix}/{name}",
                                                                    lambda f: torch.save(obj, f))
                     nbytes += size
-                pause = float(os.environ.get(PAUSE_BEFORE_COMMIT_ENV) or 0)
-                if pause:
-                    log.warning("checkpoint: fault injection: pausing %.1fs before the commit of step %d",
-                                pause, step)
-                    time.sleep(pause)
+                gate = os.environ.get(PAUSE_BEFORE_COMMIT_ENV, "").replace("{step}", str(step))
+                if gate and os.path.exists(gate):
+                    log.warning("checkpoint: fault injection: pausing before the commit of step %d while %s "
+                                "exists", step, gate)
+                    while os.path.exists(gate):
+                        time.sleep(0.05)
             except BaseException as e:
                 error = e
         if self._all_ok(error is None):

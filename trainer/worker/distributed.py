@@ -1,4 +1,4 @@
-"""The rank and world-size contract (DESIGN §3.3).
+"""The rank and world-size contract (docs/architecture.md).
 
 Three launchers are recognised:
 - torchrun (alone or inside a PyTorchJob pod): per-process RANK/WORLD_SIZE/LOCAL_RANK;

@@ -1,7 +1,7 @@
 """`python -m trainer --config FILE`: the in-pod entry point.
 
 Resolves the rank contract, owns the process group, runs one Trainer and
-prints the JSON summary as rank 0's last line. Exit codes follow DESIGN §3.4.
+prints the JSON summary as rank 0's last line. Exit codes are trainer/errors.py's (docs/architecture.md).
 """
 
 from __future__ import annotations

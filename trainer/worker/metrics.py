@@ -1,6 +1,6 @@
 """Prometheus metrics of one rank: the one owner of every `kubetrain_*` metric.
 
-Every rank serves `/metrics` on `metrics.port + local rank` (DESIGN §3.6):
+Every rank serves `/metrics` on `metrics.port + local rank` (docs/architecture.md):
 names start with `kubetrain_`, use base units, counters end in `_total`, and
 the labels are `experiment` and `rank` (Prometheus' PodMonitor adds `pod`,
 which joins with the DCGM exporter's GPU series). A private CollectorRegistry

@@ -1,4 +1,4 @@
-"""Hang detection (DESIGN §3.4): a retryable exit instead of a job stuck forever.
+"""Hang detection (docs/architecture.md): a retryable exit instead of a job stuck forever.
 
 A rank whose peer hangs (or is frozen) blocks inside a collective, in C++,
 where no Python exception can reach it. A daemon thread watches the time since

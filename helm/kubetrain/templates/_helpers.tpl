@@ -97,13 +97,40 @@ the same, in the same order, before anything runs.
 {{- if gt $last 65535 -}}
 {{- fail (printf $say.metricsPortRange $first (int $job.nprocPerNode)) -}}
 {{- end -}}
+{{- if ne $job.kind "TrainJob" -}}
 {{- if and (ge (int $job.masterPort) $first) (le (int $job.masterPort) $last) -}}
 {{- fail (printf $say.masterPortCollides (int $job.masterPort) $first $last) -}}
 {{- end -}}
+{{- else if and (ge 29500 $first) (le 29500 $last) -}}
+{{- fail (printf $say.trainJobPortCollides $first $last 29500) -}}
+{{- end -}}
 {{- end -}}
 {{- if eq $job.kind "TrainJob" -}}
+{{- /* values.yaml's defaults of the settings a TrainJob cannot always carry (a template cannot read
+values.yaml itself; tests/test_chart_tie.py fails if these and trainer/values_model.py part). */ -}}
+{{- $defaults := dict "image" (dict "pullPolicy" "IfNotPresent") "job" (dict "masterPort" 23456 "restartPolicy" "ExitCode" "backoffLimit" 3) -}}
 {{- if $job.elastic.enabled -}}
 {{- fail $say.trainJobElastic -}}
+{{- end -}}
+{{- if eq $job.restartPolicy "Always" -}}
+{{- fail $say.trainJobRestartAlways -}}
+{{- end -}}
+{{- if ne $job.cleanPodPolicy "None" -}}
+{{- fail $say.trainJobCleanPodPolicy -}}
+{{- end -}}
+{{- if ne (int $job.masterPort) (int $defaults.job.masterPort) -}}
+{{- fail (printf $say.trainJobMasterPort 29500 (int $defaults.job.masterPort)) -}}
+{{- end -}}
+{{- with $job.runtime -}}
+{{- if ne $.Values.image.pullPolicy $defaults.image.pullPolicy -}}
+{{- fail (printf $say.trainJobRuntimeOwns "image.pullPolicy" . $defaults.image.pullPolicy) -}}
+{{- end -}}
+{{- if ne $job.restartPolicy $defaults.job.restartPolicy -}}
+{{- fail (printf $say.trainJobRuntimeOwns "job.restartPolicy" . $defaults.job.restartPolicy) -}}
+{{- end -}}
+{{- if ne (int $job.backoffLimit) (int $defaults.job.backoffLimit) -}}
+{{- fail (printf $say.trainJobRuntimeOwns "job.backoffLimit" . (toString (int $defaults.job.backoffLimit))) -}}
+{{- end -}}
 {{- end -}}
 {{- if or $job.schedulingPolicy.queue $job.schedulingPolicy.priorityClass (gt (int $job.schedulingPolicy.minAvailable) 0) -}}
 {{- fail $say.trainJobGangScheduling -}}
@@ -111,8 +138,8 @@ the same, in the same order, before anything runs.
 {{- if not (kindIs "invalid" $job.ttlSecondsAfterFinished) -}}
 {{- fail $say.trainJobTtl -}}
 {{- end -}}
-{{- if or .Values.priorityClassName .Values.schedulerName -}}
-{{- fail $say.trainJobPodScheduling -}}
+{{- if and $job.runtime (or .Values.priorityClassName .Values.schedulerName) -}}
+{{- fail (printf $say.trainJobPodScheduling $job.runtime) -}}
 {{- end -}}
 {{- range .Values.env -}}
 {{- if hasPrefix "PET_" (toString .name) -}}
