@@ -24,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from trainer.controller.local import free_port
 
 # Test-only placeholders, never real credentials: moto accepts any keys, SeaweedFS gets these as its identity.
@@ -33,17 +35,16 @@ BACKENDS = ("seaweedfs", "moto")
 # SeaweedFS' capacity, fixed rather than sized from the host's free disk (-volume.max=0 counts
 # free disk / volume size, and each new bucket, a collection, grows 7 volumes at once: a handful of
 # buckets used every slot on a disk with 12 GB free). WEED_VOLUMES slots of at most WEED_VOLUME_MB,
-# none preallocated (a volume takes only the disk its objects fill), and a collection grows one
-# volume at a time: room for WEED_VOLUMES buckets on any disk that holds what is written.
-# k8s/seaweedfs/ sizes the dev stack the same way.
+# none preallocated (a volume takes only the disk its objects fill), and, with the dev stack's own
+# master.toml (k8s/seaweedfs/master-config.yaml), a collection grows one volume at a time: room for
+# WEED_VOLUMES buckets on any disk that holds what is written.
 WEED_VOLUMES = 200
 WEED_VOLUME_MB = 64
-WEED_MASTER_TOML = """[master.volume_growth]
-copy_1 = 1
-copy_2 = 1
-copy_3 = 1
-copy_other = 1
-"""
+WEED_MASTER_CONFIG = Path(__file__).resolve().parent.parent / "k8s" / "seaweedfs" / "master-config.yaml"
+
+
+def weed_master_toml() -> str:
+    return yaml.safe_load(WEED_MASTER_CONFIG.read_text())["data"]["master.toml"]
 
 
 def weed_binary() -> str | None:
@@ -99,7 +100,7 @@ class S3Server:
             {"accessKey": CREDENTIALS["AWS_ACCESS_KEY_ID"], "secretKey": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
         (self.workdir / "s3.json").write_text(json.dumps(identity))
-        (self.workdir / "master.toml").write_text(WEED_MASTER_TOML)  # read from the working directory
+        (self.workdir / "master.toml").write_text(weed_master_toml())  # read from the working directory
         data = self.data_dir or self.workdir / "data"
         data.mkdir(parents=True, exist_ok=True)
         ports = [free_port() for _ in range(7)]
@@ -182,6 +183,10 @@ class SlowDownProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
+        try:  # wakes the accept() blocked in the other thread: close() alone leaves the port listening
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
 
     def _accept(self) -> None:
