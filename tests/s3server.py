@@ -14,19 +14,37 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from trainer.controller.local import free_port
 
 # Test-only placeholders, never real credentials: moto accepts any keys, SeaweedFS gets these as its identity.
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "kubetrain-test", "AWS_SECRET_ACCESS_KEY": "kubetrain-test-secret"}
 BACKENDS = ("seaweedfs", "moto")
+
+# SeaweedFS' capacity, fixed rather than sized from the host's free disk (-volume.max=0 counts
+# free disk / volume size, and each new bucket, a collection, grows 7 volumes at once: a handful of
+# buckets used every slot on a disk with 12 GB free). WEED_VOLUMES slots of at most WEED_VOLUME_MB,
+# none preallocated (a volume takes only the disk its objects fill), and, with the dev stack's own
+# master.toml (k8s/seaweedfs/master-config.yaml), a collection grows one volume at a time: room for
+# WEED_VOLUMES buckets on any disk that holds what is written.
+WEED_VOLUMES = 200
+WEED_VOLUME_MB = 64
+WEED_MASTER_CONFIG = Path(__file__).resolve().parent.parent / "k8s" / "seaweedfs" / "master-config.yaml"
+
+
+def weed_master_toml() -> str:
+    return yaml.safe_load(WEED_MASTER_CONFIG.read_text())["data"]["master.toml"]
 
 
 def weed_binary() -> str | None:
@@ -41,6 +59,7 @@ class S3Server:
     host: str = "127.0.0.1"  # where clients reach it (the node tier runs one at the node's address)
     backend: str = "moto"    # or "seaweedfs"
     workdir: Path | None = None
+    data_dir: Path | None = None  # SeaweedFS' volumes and metadata (default: a folder of workdir)
 
     @property
     def endpoint(self) -> str:
@@ -81,12 +100,15 @@ class S3Server:
             {"accessKey": CREDENTIALS["AWS_ACCESS_KEY_ID"], "secretKey": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}
         (self.workdir / "s3.json").write_text(json.dumps(identity))
-        (self.workdir / "data").mkdir()
+        (self.workdir / "master.toml").write_text(weed_master_toml())  # read from the working directory
+        data = self.data_dir or self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
         ports = [free_port() for _ in range(7)]
-        return [weed, "server", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        return [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-master.port={ports[0]}", f"-master.port.grpc={ports[1]}", f"-volume.port={ports[2]}",
                 f"-volume.port.grpc={ports[3]}", f"-filer.port={ports[4]}", f"-filer.port.grpc={ports[5]}",
-                "-master.volumeSizeLimitMB=256", "-volume.max=0",  # as k8s/seaweedfs/deployment.yaml
+                f"-master.volumeSizeLimitMB={WEED_VOLUME_MB}", f"-volume.max={WEED_VOLUMES}",
+                "-master.volumePreallocate=false", "-master.telemetry=false",
                 "-s3", f"-s3.port={self.port}", f"-s3.port.grpc={ports[6]}",
                 f"-s3.config={self.workdir / 's3.json'}"]
 
@@ -138,3 +160,81 @@ class S3Server:
             for obj in page.get("Contents", []):
                 out[obj["Key"]] = obj["Size"]
         return out
+
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+class SlowDownProxy:
+    """A TCP proxy on loopback in front of a real S3 server: for `fail_seconds` it answers every request
+    with 503 SlowDown (what S3 returns when it throttles), then forwards the bytes both ways. Without
+    an upstream it answers 503 for ever. `refused` counts the 503 answers."""
+
+    def __init__(self, upstream: S3Server | None = None, fail_seconds: float = float("inf")):
+        self.upstream, self.refused = upstream, 0
+        self.until = time.monotonic() + fail_seconds
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        try:  # wakes the accept() blocked in the other thread: close() alone leaves the port listening
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            failing = self.upstream is None or time.monotonic() < self.until
+            threading.Thread(target=self._refuse if failing else self._forward, args=(conn,), daemon=True).start()
+
+    def _refuse(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            headers = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+            if "expect: 100-continue" not in headers:  # the body follows at once: read it first
+                length = next((int(line.split(":", 1)[1]) for line in headers.split("\r\n")
+                               if line.startswith("content-length:")), 0)
+                body = len(head.split(b"\r\n\r\n", 1)[1])
+                while body < length and (chunk := conn.recv(65536)):
+                    body += len(chunk)
+            self.refused += 1
+            conn.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(SLOW_DOWN) + SLOW_DOWN)
+
+    def _forward(self, conn: socket.socket) -> None:
+        upstream = socket.create_connection((self.upstream.host, self.upstream.port))
+
+        def pump(source: socket.socket, sink: socket.socket) -> None:
+            try:
+                while chunk := source.recv(65536):
+                    sink.sendall(chunk)
+            except OSError:
+                pass
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        back = threading.Thread(target=pump, args=(upstream, conn), daemon=True)
+        back.start()
+        pump(conn, upstream)
+        back.join()
+        conn.close()
+        upstream.close()

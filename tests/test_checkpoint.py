@@ -5,13 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from dataclasses import replace
 
+import pytest
 import torch
 
 from fixtures.tasks_helpers import SINGLE, in_process_trainer
-from support import run_cli
-from tests.s3server import CREDENTIALS, free_port
+from support import finish, read_until, run_cli, start_run
+from tests.s3server import CREDENTIALS, SlowDownProxy, free_port
 from trainer.errors import RetryableError
 from trainer.worker.checkpoint import CheckpointManager
 from trainer.worker.storage import FileStore
@@ -76,21 +78,73 @@ def test_config_hash_mismatch_is_refused_unless_forced(tmp_path):
     assert committed == ["step-00000002", "step-00000004", "step-00000006"]  # keepLast=3
 
 
-def test_resume_auto_with_the_store_unreachable_is_a_retryable_exit(tmp_path):
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+@pytest.fixture
+def failing_endpoint():
+    """An S3 endpoint that takes connections and answers every request 503 SlowDown."""
+    proxy = SlowDownProxy()
+    yield proxy.endpoint
+    proxy.close()
+
+
+def test_resume_auto_with_the_store_failing_is_a_retryable_exit(tmp_path, failing_endpoint):
     result = run_cli("run", "offline", "--workdir", str(tmp_path / "w"), *FAST,
-                     "--set", f"checkpoint.uri=s3://ckpt/runs,s3.endpoint={dead}",
+                     "--set", f"checkpoint.uri=s3://ckpt/runs,s3.endpoint={failing_endpoint},s3.retrySeconds=2",
                      env={**ENV, **CREDENTIALS, "AWS_MAX_ATTEMPTS": "1"})
     assert result.returncode == 144, result.stdout
     assert "refusing to start fresh" in result.summary["error"]
+    assert "s3.retrySeconds" in result.summary["error"]
     assert "resumed" not in result.stdout and "step 1" not in result.stdout
     assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
 
 
-def test_missing_s3_credentials_is_a_clear_user_error(tmp_path):
+def test_a_dead_local_endpoint_is_reported_in_seconds_before_anything_starts(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = run_cli("run", "offline", "--workdir", str(tmp_path / "w"), *FAST,
+                     "--set", f"checkpoint.uri=s3://ckpt/runs,s3.endpoint={dead}",
+                     env={**ENV, **CREDENTIALS}, timeout=45)  # a pod's patient retry would take minutes
+    assert result.returncode == 144, result.stdout + result.stderr
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"s3.endpoint {dead} is unreachable (connection refused" in result.stderr
+    assert "s3://ckpt/runs" in result.stderr
+    assert not (tmp_path / "w").exists()  # nothing started, nothing written
+
+
+def test_ctrl_c_while_the_store_is_waited_for_is_interrupted(tmp_path, failing_endpoint, monkeypatch):
+    for key, value in CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    # retrySeconds far beyond the test's patience: only Ctrl-C can end this wait in time.
+    proc = start_run(tmp_path, "--set", f"checkpoint.uri=s3://ckpt/runs,s3.endpoint={failing_endpoint}",
+                     "--set", "s3.retrySeconds=3600")
+    _, lines = read_until(proc, r"failed \(503 SlowDown\); retry")
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends the foreground process group
+    result = finish(proc, lines)
+    assert result.returncode == 130, result.stdout[-3000:] + result.stderr
+    assert result.summary["status"] == "interrupted" and result.summary["exit_code"] == 130
+    assert "stopped waiting for checkpoint store" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_a_store_gone_from_this_machine_is_not_restarted_for(tmp_path, monkeypatch):
+    """The endpoint answered at the start, then stops taking connections: the replica exits 144 after
+    s3.retrySeconds, and the runner does not restart it to wait again, as an operator would a pod."""
+    for key, value in {**CREDENTIALS, "AWS_MAX_ATTEMPTS": "1"}.items():  # our retries only: one logged each
+        monkeypatch.setenv(key, value)
+    proxy = SlowDownProxy()
+    proc = start_run(tmp_path, "--set", f"checkpoint.uri=s3://ckpt/runs,s3.endpoint={proxy.endpoint}",
+                     "--set", "s3.retrySeconds=10,job.restartPolicy=ExitCode,job.backoffLimit=3")
+    _, lines = read_until(proc, r"failed \(503 SlowDown\); retry")
+    proxy.close()  # now nothing listens there
+    result = finish(proc, lines)
+    assert result.returncode == 144, result.stdout[-3000:]
+    assert f"[kubetrain] no restart: s3.endpoint {proxy.endpoint} is unreachable (connection refused" in result.stdout
+    assert result.summary["restarts"] == 0
+
+
+def test_missing_s3_credentials_is_a_clear_user_error(tmp_path, failing_endpoint):
     env = {k: "" for k in CREDENTIALS}
     result = run_cli("run", "nocreds", "--workdir", str(tmp_path / "w"), *FAST,
-                     "--set", "checkpoint.uri=s3://ckpt/runs,s3.endpoint=http://127.0.0.1:9", env={**ENV, **env})
+                     "--set", f"checkpoint.uri=s3://ckpt/runs,s3.endpoint={failing_endpoint}", env={**ENV, **env})
     assert result.returncode == 2
     assert "AWS_ACCESS_KEY_ID" in result.summary["error"]
 

@@ -336,6 +336,9 @@ class S3Config:
     addressing_style: str = setting("path", "is path, virtual or auto.", enum=["path", "virtual", "auto"])
     credentials_secret: str = setting("", "names the Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.",
                                       pattern=OPTIONAL_DNS_SUBDOMAIN, maxLength=253)
+    retry_seconds: int = setting(60, "is how long each storage operation retries 5xx answers (InternalError, "
+                                     "SlowDown), throttling and connection errors, with exponential backoff, "
+                                     "before the replica exits 144 for a restart.", minimum=0, maximum=3600)
     # Credentials: never in the trainer's config file (its ConfigMap), only in the Secret made from them.
     dev_secret: DevSecretValues = section(DevSecretValues, "makes a Secret `<experiment>-s3-dev` from these values, for "
                                                            "development clusters only: the keys end up in the "

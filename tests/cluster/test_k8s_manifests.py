@@ -291,3 +291,20 @@ def test_training_operator_kustomization_dry_runs(apiserver, tmp_path):
     assert "deployment.apps/training-operator serverside-applied (server dry run)" in result.stdout
     assert "validatingwebhookconfiguration.admissionregistration.k8s.io/validator.training-operator.kubeflow.org" \
         in result.stdout, result.stdout
+
+
+def test_seaweedfs_capacity_fits_its_volume_whatever_the_free_disk():
+    """A fixed count of volumes (not -volume.max=0, which sizes from free disk) whose full size fits
+    the PVC, and a master.toml mounted that grows one volume per new bucket."""
+    deployment = _docs(K8S / "seaweedfs" / "deployment.yaml")[0]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    flags = dict(arg.lstrip("-").split("=", 1) for arg in container["args"] if "=" in arg)
+    volumes, size_mb = int(flags["volume.max"]), int(flags["master.volumeSizeLimitMB"])
+    pvc = _docs(K8S / "seaweedfs" / "pvc.yaml")[0]
+    gib = int(pvc["spec"]["resources"]["requests"]["storage"].removesuffix("Gi"))
+    assert 0 < volumes * size_mb <= gib * 1024 * 0.9, (volumes, size_mb, gib)
+    assert flags["master.volumePreallocate"] == "false"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/etc/seaweedfs/master.toml"]["subPath"] == "master.toml"
+    toml = _docs(K8S / "seaweedfs" / "master-config.yaml")[0]["data"]["master.toml"]
+    assert "copy_1 = 1" in toml

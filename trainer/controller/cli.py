@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from trainer import __version__
-from trainer.errors import EXIT_USAGE, UserError
+from trainer.errors import EXIT_STORAGE_UNAVAILABLE, EXIT_USAGE, UserError
 
 
 def add_values_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,12 +47,16 @@ def value_flags(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from trainer.config import trainer_config_from_values
-    from trainer.controller.local import LocalRunner
+    from trainer.controller.local import LocalRunner, unreachable_endpoint
     from trainer.values import resolve_python_path
 
     values = checked_values(args)  # what render and submit refuse, run refuses
     values = resolve_python_path(values, args.values, args.set_values + args.set_string + args.set_json)
     trainer_config_from_values(args.name, values)  # the sections check before any process starts
+    unreachable = unreachable_endpoint(values)  # in seconds, before anything starts or is written
+    if unreachable:
+        print(f"Error: {unreachable}", file=sys.stderr)
+        return EXIT_STORAGE_UNAVAILABLE
     return LocalRunner(args.name, values, run_workdir(args)).run()
 
 

@@ -28,10 +28,14 @@ from urllib.parse import unquote, urlparse
 from trainer.config import trainer_config_document, trainer_config_from_values
 from trainer.controller.kinds import replica_name
 from trainer.controller.checks import container_env, trainer_command
-from trainer.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UserError, is_retryable
+from trainer.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_STORAGE_UNAVAILABLE, UserError, is_retryable
 from trainer.summary import MARKER, find, locate, to_json
 
 STOP_GRACE_SECONDS = 30.0
+# How long `kubetrain run` gives s3.endpoint to accept a connection before it starts anything. Pods retry
+# an unreachable store for s3.retrySeconds (a preempted job's store may be restarting too); on this
+# machine a refused connection means no server is running, which no restart mends.
+ENDPOINT_CONNECT_SECONDS = 5.0
 LOCK_FILE = "run.lock"  # in the workdir: flock'ed while a run (its runner or a replica) lives there
 
 
@@ -101,6 +105,38 @@ def operator_env(index: int, nodes: int, nproc: int, port: int) -> dict[str, str
         "PET_NPROC_PER_NODE": str(nproc), "PET_NNODES": str(nodes),
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def _s3_uris(node) -> list[str]:
+    if isinstance(node, dict):
+        return [uri for value in node.values() for uri in _s3_uris(value)]
+    if isinstance(node, list):
+        return [uri for value in node for uri in _s3_uris(value)]
+    return [node] if isinstance(node, str) and node.startswith("s3://") else []
+
+
+def unreachable_endpoint(values: dict) -> str | None:
+    """Why s3.endpoint takes no connection from this machine, when the run reads or writes s3:// URIs
+    (checkpoint.uri, training.pretrained, data sources); None when it does, or when AWS serves them."""
+    endpoint = values["s3"]["endpoint"]
+    uris = _s3_uris({"checkpoint": values["checkpoint"], "training": values["training"]})
+    if not endpoint or not uris:
+        return None
+    parsed = urlparse(endpoint)
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        with socket.create_connection((parsed.hostname, port), timeout=ENDPOINT_CONNECT_SECONDS):
+            return None
+    except ConnectionRefusedError:
+        why = "connection refused: nothing listens there"
+    except socket.gaierror:
+        why = f"unknown host {parsed.hostname}"
+    except TimeoutError:
+        why = f"no connection within {ENDPOINT_CONNECT_SECONDS:g}s"
+    except (OSError, ValueError) as e:
+        why = str(e)
+    return (f"s3.endpoint {endpoint} is unreachable ({why}); {uris[0]} needs it: start the S3 server "
+            "or set s3.endpoint to one that answers")
 
 
 def _die_with_parent() -> None:
@@ -267,6 +303,9 @@ class LocalRunner:
                 for t in attempt.threads:
                     t.join(timeout=5)
                 if not self._should_restart(code, restarts):
+                    break
+                if code == EXIT_STORAGE_UNAVAILABLE and (why := unreachable_endpoint(self.values)):
+                    self._emit(f"[kubetrain] no restart: {why}\n")  # a restart would wait for it again
                     break
                 restarts += 1
                 reached = f", from the checkpoint of step {attempt.summary['steps']}" if (

@@ -256,8 +256,8 @@ class CheckpointManager:
             return None
         decision = self._broadcast(self._decide() if self.info.is_main else None)
         kind, value = decision
-        if kind == "retry":
-            raise RetryableError(value, EXIT_STORAGE_UNAVAILABLE)
+        if kind == "retry":  # (why, exit code: 144, or 143 when SIGTERM stopped the store's waiting)
+            raise RetryableError(*value)
         if kind == "user":
             raise UserError(value)
         if kind == "fresh":
@@ -268,7 +268,7 @@ class CheckpointManager:
             outcomes = [o for o in self._all_gather(self._try_load(trainer, step, files)) if o]
             for kind, message in outcomes:
                 if kind == "retry":
-                    raise RetryableError(message, EXIT_STORAGE_UNAVAILABLE)
+                    raise RetryableError(*message)
                 if kind == "user":
                     raise UserError(message)
             if not outcomes:  # every rank loaded this step
@@ -292,14 +292,14 @@ class CheckpointManager:
         raise UserError(f"checkpoint.resume: auto: no intact committed step under {self.url()} "
                         f"(tried {'; '.join(tried)})")
 
-    def _try_load(self, trainer, step: int, files: dict[str, int]) -> tuple[str, str] | None:
-        """None once loaded, else ("corrupt" | "retry" | "user", why)."""
+    def _try_load(self, trainer, step: int, files: dict[str, int]) -> tuple[str, Any] | None:
+        """None once loaded, else ("corrupt" | "user", why) or ("retry", (why, exit code))."""
         try:
             self._load(trainer, step, files)
         except CorruptCheckpoint as e:
             return ("corrupt", str(e))
         except RetryableError as e:
-            return ("retry", str(e))
+            return ("retry", (str(e), e.exit_code))
         except UserError as e:
             return ("user", str(e))
         return None
@@ -312,8 +312,8 @@ class CheckpointManager:
         except RetryableError as e:
             if mode == "never":
                 return ("fresh", None)
-            return ("retry", f"checkpoint.resume: {mode}: cannot list {self.url()} ({e}); refusing to start "
-                             "fresh while committed checkpoints may exist")
+            return ("retry", (f"checkpoint.resume: {mode}: cannot list {self.url()} ({e}); refusing to start "
+                              "fresh while committed checkpoints may exist", e.exit_code))
         except UserError as e:
             return ("user", str(e))
         committed = self.committed(steps)

@@ -20,6 +20,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from trainer.worker.storage import stop_waiting
+
 log = logging.getLogger(__name__)
 
 
@@ -49,6 +51,7 @@ class PreemptionWatch:
         if not self.signalled.is_set():
             log.warning("SIGTERM received: checkpointing at the next step boundary, then exiting 143")
         self.signalled.set()
+        stop_waiting()  # a store waiting out an outage (a resume, say) gives up now: exit 143, not 144 later
 
     def should_stop(self) -> bool:
         """Call once per optimizer step on every rank; True on all ranks at the same step."""

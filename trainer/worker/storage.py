@@ -6,11 +6,17 @@ bucket reached through boto3. Keys are '/'-separated paths below the URI.
 S3 settings come from the `s3` values section (endpoint, region, addressing
 style); credentials only from the standard AWS environment variables, which the
 chart fills from `s3.credentialsSecret` — never from values, never logged.
-Every request gets botocore's adaptive retries (AWS_MAX_ATTEMPTS overrides the
-attempt count) and connect/read timeouts; large objects go through s3transfer
-multipart with a TransferConfig tuned by benchmarks/storage_throughput.py.
-A store that stays unreachable after the retries raises RetryableError (exit
-144) so the operator restarts the pod; bad buckets and credentials are UserErrors.
+Every request gets botocore's few quick standard-mode retries (AWS_MAX_ATTEMPTS
+overrides the attempt count) and connect/read timeouts; large objects go through
+s3transfer multipart with a TransferConfig tuned by benchmarks/storage_throughput.py.
+On top, each operation waits out an outage: 5xx answers (InternalError, SlowDown,
+which S3 returns as a matter of course), throttling and connection errors are
+retried with exponential backoff and jitter for `s3.retrySeconds`, because each
+exit costs a whole restart and rendezvous. A store still failing then raises
+RetryableError (exit 144) so the operator restarts the pod; bad buckets and
+credentials are UserErrors. SIGTERM (stop_waiting()) ends the waiting at once:
+the grace period belongs to the checkpoint, and Ctrl-C on `kubetrain run` must
+stop a run that waits for a dead endpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import hashlib
 import io
 import logging
 import os
+import random
 import shutil
 import threading
 import time
@@ -26,7 +33,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, TypeVar
 from urllib.parse import unquote, urlparse
 
-from trainer.errors import EXIT_STORAGE_UNAVAILABLE, RetryableError, UserError
+from trainer.errors import EXIT_PREEMPTED, EXIT_STORAGE_UNAVAILABLE, RetryableError, UserError
+from trainer.values_model import S3Config
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +47,38 @@ MULTIPART_CHUNKSIZE = 16 * MiB
 MAX_CONCURRENCY = 16
 CONNECT_TIMEOUT_SECONDS = 10
 READ_TIMEOUT_SECONDS = 120
-DEFAULT_MAX_ATTEMPTS = 6  # botocore attempts per request (adaptive mode, exponential backoff)
-OUTER_ATTEMPTS = 3  # whole-operation retries on top, for outages longer than botocore's backoff
-OUTER_BACKOFF_SECONDS = 1.0
+# botocore attempts per request, standard mode: its sleeps (at most 1 s, then 2 s) stay short, so the
+# time-bounded wait below decides how long an outage is waited out, and notices SIGTERM between tries.
+DEFAULT_MAX_ATTEMPTS = 3
+BACKOFF_FIRST_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 8.0
+# Answers worth waiting out besides any 5xx: S3's throttling and timeouts.
+TRANSIENT_CODES = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                             "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable"})
+
+_stopped = False  # a plain flag, not an Event: it is set from a signal handler in the thread that may wait
+
+
+def stop_waiting() -> None:
+    """SIGTERM arrived (preemption.py): no store waits out an outage any more; a request still gets
+    botocore's quick retries, then fails with exit 143 so the replica stops in seconds."""
+    global _stopped
+    _stopped = True
+
+
+def _wait(seconds: float) -> bool:
+    """Sleep `seconds` in short slices; False as soon as stop_waiting() was called."""
+    end = time.monotonic() + seconds
+    while not _stopped and (left := end - time.monotonic()) > 0:
+        time.sleep(min(0.2, left))
+    return not _stopped
+
+
+def backoff(attempt: int) -> float:
+    """Exponential backoff with jitter: 0.5 s, 1 s, 2 s, ... up to 8 s, each drawn from its upper half,
+    so replicas that failed together do not retry together."""
+    ceiling = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2 ** (attempt - 1))
+    return random.uniform(ceiling / 2, ceiling)
 
 
 def hash_while(digest: Callable[[], str], work: Callable[[], T]) -> tuple[str, T]:
@@ -195,7 +232,7 @@ class FileStore(Store):
 
 
 def s3_client(endpoint: str = "", region: str = "us-east-1", addressing_style: str = "path"):
-    """A boto3 S3 client with adaptive retries and timeouts; credentials from the AWS env vars."""
+    """A boto3 S3 client with standard retries and timeouts; credentials from the AWS env vars."""
     import boto3
     from botocore.config import Config
 
@@ -209,7 +246,7 @@ def s3_client(endpoint: str = "", region: str = "us-east-1", addressing_style: s
     attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or DEFAULT_MAX_ATTEMPTS)
     config = Config(
         region_name=region or None,
-        retries={"mode": "adaptive", "max_attempts": attempts},
+        retries={"mode": "standard", "max_attempts": attempts},
         connect_timeout=CONNECT_TIMEOUT_SECONDS,
         read_timeout=READ_TIMEOUT_SECONDS,
         max_pool_connections=MAX_CONCURRENCY + 4,
@@ -236,12 +273,14 @@ def transfer_config():
 class S3Store(Store):
     """`s3://bucket/prefix` on AWS or any S3-compatible server (s3.endpoint)."""
 
-    def __init__(self, uri: str, endpoint: str = "", region: str = "us-east-1", addressing_style: str = "path"):
+    def __init__(self, uri: str, endpoint: str = "", region: str = "us-east-1", addressing_style: str = "path",
+                 retry_seconds: float = S3Config.retry_seconds):
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise UserError(f"checkpoint.uri: {uri!r} has no bucket (expected s3://bucket/prefix)")
         self.uri, self.bucket, self.prefix = uri, parsed.netloc, parsed.path.strip("/")
         self.endpoint = endpoint or "AWS"
+        self.retry_seconds = retry_seconds
         self.client = s3_client(endpoint, region, addressing_style)
         self.transfer = transfer_config()
 
@@ -249,11 +288,14 @@ class S3Store(Store):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
-        """Run one operation; connection trouble is retried, then becomes RetryableError."""
+        """Run one operation; 5xx, throttling and connection trouble are retried with backoff for
+        `retry_seconds`, then become RetryableError (exit 144; 143 once SIGTERM stopped the waiting)."""
         from botocore.exceptions import ClientError, ConnectionError, HTTPClientError, NoCredentialsError
 
-        delay = OUTER_BACKOFF_SECONDS
-        for attempt in range(1, OUTER_ATTEMPTS + 1):
+        deadline = time.monotonic() + self.retry_seconds
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return fn()
             except ClientError as e:
@@ -265,22 +307,28 @@ class S3Store(Store):
                 if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
                     raise UserError(f"S3 refused {what} {self.url(key)} ({code}): check AWS_ACCESS_KEY_ID/"
                                     "AWS_SECRET_ACCESS_KEY and the bucket policy") from None
-                if status < 500 and code not in ("SlowDown", "RequestTimeout", "Throttling"):
+                if status < 500 and code not in TRANSIENT_CODES:
                     raise
+                why = f"{status} {code}".strip()
                 error: Exception = e
             except NoCredentialsError:
                 raise UserError("S3 credentials are missing: set AWS_ACCESS_KEY_ID and "
                                 "AWS_SECRET_ACCESS_KEY") from None
             except (ConnectionError, HTTPClientError, OSError) as e:
-                error = e
-            if attempt < OUTER_ATTEMPTS:
-                log.warning("storage: %s %s failed (%s); retry %d/%d in %.0fs", what, self.url(key),
-                            type(error).__name__, attempt, OUTER_ATTEMPTS - 1, delay)
-                time.sleep(delay)
-                delay *= 2
+                why, error = type(e).__name__, e
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            delay = min(backoff(attempt), left)
+            if not _stopped:
+                log.warning("storage: %s %s failed (%s); retry %d in %.1fs, giving up %.0fs from now",
+                            what, self.url(key), why, attempt, delay, left)
+            if not _wait(delay):
+                raise RetryableError(f"stopped waiting for checkpoint store {self.endpoint} (SIGTERM): "
+                                     f"{what} {self.url(key)} failed ({why})", EXIT_PREEMPTED) from None
         raise RetryableError(
-            f"checkpoint store {self.endpoint} unreachable: {what} {self.url(key)} failed after retries "
-            f"({type(error).__name__}: {error})", EXIT_STORAGE_UNAVAILABLE)
+            f"checkpoint store {self.endpoint} unreachable: {what} {self.url(key)} still failed after "
+            f"{self.retry_seconds:g}s of retries (s3.retrySeconds; {why}: {error})", EXIT_STORAGE_UNAVAILABLE)
 
     def write_bytes(self, key: str, data: bytes) -> None:
         self._call("upload", key, lambda: self.client.upload_fileobj(
@@ -330,5 +378,5 @@ def open_store(uri: str, s3=None) -> Store:
     if scheme == "s3":
         if s3 is None:
             return S3Store(uri)
-        return S3Store(uri, s3.endpoint, s3.region, s3.addressing_style)
+        return S3Store(uri, s3.endpoint, s3.region, s3.addressing_style, s3.retry_seconds)
     raise UserError(f"checkpoint.uri: {uri!r} must start with file:// or s3://")
