@@ -4,7 +4,8 @@
 
 Each task runs once with `kubetrain run` (one process, synthetic data at the
 default sizes, its default model options, tiny offline models for the
-Hugging Face tasks, `--steps` optimizer steps). Every output line (stdout and
+Hugging Face tasks, `--steps` optimizer steps, a local checkpoint.uri so the
+final checkpoint and the export are part of it). Every output line (stdout and
 stderr) is timestamped as it arrives. Per task it prints:
   first step   seconds from launching the CLI to rank 0's `start-up:` line
                (the loop logs it when the first step is done)
@@ -55,6 +56,7 @@ def workloads(tmp: Path) -> dict[str, dict]:
 def run(name: str, training: dict, steps: int, tmp: Path) -> dict:
     slug = name.replace(" ", "-")
     values = {"job": {"nodes": 1, "nprocPerNode": 1}, "metrics": {"enabled": False},
+              "checkpoint": {"uri": (tmp / f"checkpoints-{slug}").as_uri()},  # a checkpoint and the export
               "training": {**training, "maxSteps": steps}}
     path = tmp / f"{slug}.yaml"
     path.write_text(yaml.safe_dump(values))
