@@ -23,6 +23,7 @@ from trainer.worker.data import build_loaders, move
 from trainer.worker.distributed import RankInfo
 from trainer.worker.parallel import (even_eval_batches, fsdp_mixed_precision, gradient_sync, is_fsdp,
                                      parallelize, run_epoch_start_hook)
+from trainer.worker.phases import PHASES
 from trainer.worker.metrics import DISABLED, MetricsProcessor
 from trainer.worker.progress import LogWindow, StepTimer, mean_across_ranks
 from trainer.worker.startup import STARTUP
@@ -86,9 +87,11 @@ class Trainer:
         self.watchdog = HangWatchdog(0)
         cfg = self.cfg = config.training
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        PHASES.enter(f"building the {cfg.task} task (model and datasets)")
         # training.pretrained: s3:// reads with the checkpoints' S3 settings
         self.spec = spec = get_task(cfg.task)(cfg, weights=WeightsReader(config.s3))
         model = spec.model
+        PHASES.enter(f"placing the model on {device} ({cfg.parallelism})")
         if spec.materialize is None:
             model = model.to(device)
         freeze_parameters(model, cfg.finetune.freeze)
@@ -106,6 +109,7 @@ class Trainer:
             spec.materialize(model, device)
         torch.manual_seed(cfg.seed + info.rank)  # per-rank randomness (dropout, augmentation)
 
+        PHASES.enter("building the data loaders")
         self.train_loader, self.sampler, self.eval_loader = build_loaders(self.spec, cfg, info, device)
         self.steps_per_epoch = len(self.train_loader) // cfg.grad_accum_steps
         if self.steps_per_epoch == 0:
@@ -174,7 +178,9 @@ class Trainer:
             return None, None
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
-        for batch, counts in even_eval_batches(self.eval_loader, self.model):
+        PHASES.enter(f"evaluation at step {self.state.step}", total=len(self.eval_loader), unit="batches")
+        for done, (batch, counts) in enumerate(even_eval_batches(self.eval_loader, self.model)):
+            PHASES.progress(done)
             # A long evaluation is progress, not a hang: keep the watchdog and the heartbeat fed.
             self.watchdog.beat("evaluation")
             self.metrics.observe_progress()
@@ -194,6 +200,7 @@ class Trainer:
                 sums[1] += correct
             sums[2] += n
         self.model.train()
+        self._training_phase()
         if dist.is_initialized():
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         if sums[2] == 0:
@@ -276,7 +283,11 @@ class Trainer:
             preemption.uninstall()
             self.tensorboard.close()
 
+    def _training_phase(self) -> None:
+        PHASES.enter("training", total=self.total_steps, unit="steps", done=self.state.step)
+
     def _fit(self, checkpoints, preemption, watchdog) -> dict:
+        PHASES.enter("looking for a checkpoint to resume")
         checkpoints.resume(self)
         self.tensorboard.start(self.state.step)
         STARTUP.mark("resume")
@@ -285,6 +296,7 @@ class Trainer:
         window = LogWindow(self.device, self.cfg.log_every_steps, self.total_steps, self.samples_per_step,
                            first_step=self.state.step)
         timer = StepTimer()
+        self._training_phase()
         self.metrics.observe_run_start(self.total_steps, self.state.step, self.state.epoch)
         preempted = False
         if self.done:
@@ -309,9 +321,12 @@ class Trainer:
             self.metrics.observe_step(*timer.lap(), self.samples_per_step // self.info.world_size,
                                       self.scheduler.get_last_lr()[0], self.state.epoch)
             watchdog.beat(f"step {self.state.step}")
+            PHASES.progress(self.state.step)
             preempted = preemption.should_stop()  # every rank, every step: agree on one boundary
             if preempted or self.done or self._checkpoint_due():
+                PHASES.enter(f"checkpoint at step {self.state.step}")
                 checkpoints.save(self, blocking=preempted or self.done)
+                self._training_phase()
                 watchdog.beat(f"checkpoint at step {self.state.step}")
                 timer.restart()
             if preempted and not self.done:
@@ -322,6 +337,7 @@ class Trainer:
             if self.done and self.state.batch_in_epoch < self.steps_per_epoch * self.cfg.grad_accum_steps:
                 self._evaluate_and_report(announce=False)  # maxSteps hit mid-epoch: evaluate once more
                 break
+        PHASES.enter("finishing the checkpoints")
         preemption.drain()
         checkpoints.close()
         wall = time.perf_counter() - window.run_start
@@ -329,6 +345,7 @@ class Trainer:
         if not preempted and self.done and self.state.step > window.first_step:
             from trainer.export import export_model
 
+            PHASES.enter("exporting the model")
             exported = export_model(self)
         steps_run = self.state.step - window.first_step
         folders = exported if isinstance(exported, dict) else {"model": exported}  # a model and its adapter
