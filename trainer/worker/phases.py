@@ -17,7 +17,7 @@ from typing import Iterator
 
 log = logging.getLogger("trainer.progress")
 
-QUIET_SECONDS = 4.0  # under the 5 s a user watching the log should ever wait for a line
+QUIET_SECONDS = 3.0  # under the 5 s a user should ever wait for a line, with room for a GIL held in C
 
 
 class _Stamp(logging.Filter):
