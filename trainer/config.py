@@ -132,7 +132,41 @@ def load_trainer_config(path: str | Path) -> TrainerConfig:
 
 
 def dump_config(config: TrainerConfig) -> str:
-    """The resolved config, whole, for the start-of-run log."""
+    """The resolved config, whole: TensorBoard's config text and the run's config.yaml."""
     return yaml.safe_dump(config.as_dict(), sort_keys=False).rstrip()
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{_camel(key)}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def changed_settings(config: TrainerConfig) -> dict[str, Any]:
+    """{values key: value} of the trainer's settings that differ from the chart's defaults, in config
+    order: the start-of-run log names these, the whole config goes to a file."""
+    defaults = trainer_config_from_values(config.experiment, validate(default_values(), source="defaults"))
+    default = _flat({k: v for k, v in defaults.as_dict().items() if isinstance(v, dict)})
+    return {key: value for key, value in _flat({k: v for k, v in config.as_dict().items()
+                                                if isinstance(v, dict)}).items()
+            if default.get(key, object()) != value}
+
+
+def describe_changes(config: TrainerConfig) -> str:
+    """`key=value, ...` of changed_settings(), values as in YAML flow style."""
+    def show(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=1_000_000).strip().removesuffix("\n...")
+
+    return ", ".join(f"{key}={show(value)}" for key, value in changed_settings(config).items())
 
 

@@ -19,12 +19,11 @@ Loading reads safetensors only, so nothing is unpickled:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -140,11 +139,22 @@ def _export_folders(trainer, state: dict, place) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------ reading (anywhere)
-@dataclass
 class ExportedModel:
-    model: nn.Module  # in eval mode, on CPU
-    spec: Any  # the task's TaskSpec: eval_dataset, collate_fn, loss_fn for evaluation
-    metadata: dict
+    """`model`: the network with the export's weights, in eval mode, on CPU; `metadata`: model.json.
+    `spec`: the task's TaskSpec for evaluation (eval_dataset, collate_fn, loss_fn), built on first
+    use only: loading a model needs the network alone, not the training data."""
+
+    def __init__(self, model: nn.Module, metadata: dict, build):
+        self.model, self.metadata, self._build = model, metadata, build
+
+    @functools.cached_property
+    def spec(self):
+        from trainer.tasks import build_mode
+
+        with build_mode(weights=False):
+            spec = self._build()
+        spec.model = self.model
+        return spec
 
 
 def _local_folder(where: str | Path, s3=None) -> Path:
@@ -173,17 +183,21 @@ def load_exported(where: str | Path, s3=None) -> ExportedModel:
     from safetensors.torch import load_file
 
     from trainer.config import TrainingConfig, _build
-    from trainer.tasks import get_task
+    from trainer.tasks import build_mode, get_task
     from trainer.tasks._weights import WeightsReader
 
     folder = _local_folder(where, s3)
     metadata = json.loads((folder / METADATA).read_text())
     if metadata.get("format") != FORMAT:
         raise UserError(f"{where}: {METADATA} has format {metadata.get('format')!r}, expected {FORMAT!r}")
-    # The weights are all here: rebuild the bare network, without fetching pretrained ones again.
-    cfg = dataclasses.replace(_build(TrainingConfig, metadata["training"]), pretrained=False)
-    spec = get_task(cfg.task)(cfg, weights=WeightsReader(s3))  # bert reads options.model's config
-    state = load_file(str(folder / metadata["weights"]))
-    spec.model.load_state_dict(state, strict=True)
-    spec.model.eval()
-    return ExportedModel(model=spec.model, spec=spec, metadata=metadata)
+    cfg = _build(TrainingConfig, metadata["training"])
+
+    def build():  # training.pretrained stays: bert reads its config and tokenizer there (offline)
+        return get_task(cfg.task)(cfg, weights=WeightsReader(s3))
+
+    # The weights are all here: the bare network, without the datasets or the pretrained weights.
+    with build_mode(data=False, weights=False):
+        model = build().model
+    model.load_state_dict(load_file(str(folder / metadata["weights"])), strict=True)
+    model.eval()
+    return ExportedModel(model=model, metadata=metadata, build=build)

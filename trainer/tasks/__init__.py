@@ -9,9 +9,12 @@ on first lookup, so adding a workload is adding a file.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import pkgutil
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 from trainer.errors import UserError
 from trainer.tasks.spec import TaskSpec
@@ -19,6 +22,33 @@ from trainer.tasks.spec import TaskSpec
 Builder = Callable[..., TaskSpec]
 _REGISTRY: dict[str, Builder] = {}
 _loaded = False
+
+
+@dataclass(frozen=True)
+class Building:
+    """What a builder is asked for. Training wants everything; load_exported wants the bare network
+    (no datasets, and no pretrained weights: the export's replace them), so a model loads in the
+    time its network takes to build, without the training data or a download."""
+
+    data: bool = True  # build the datasets (False: TaskSpec's datasets stay None)
+    weights: bool = True  # read training.pretrained's weights (False: its config and tokenizer only)
+
+
+_BUILDING: contextvars.ContextVar[Building] = contextvars.ContextVar("kubetrain_building", default=Building())
+
+
+def building() -> Building:
+    """What the builder running now should build (tasks check it; the default is everything)."""
+    return _BUILDING.get()
+
+
+@contextlib.contextmanager
+def build_mode(**what: bool) -> Iterator[None]:
+    token = _BUILDING.set(Building(**what))
+    try:
+        yield
+    finally:
+        _BUILDING.reset(token)
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
@@ -80,4 +110,4 @@ def load_pretrained(model, uri: str, key: str = "training.pretrained", s3=None) 
     return report
 
 
-__all__ = ["TaskSpec", "register", "get_task", "task_names", "load_weights", "load_pretrained"]
+__all__ = ["TaskSpec", "Building", "building", "build_mode", "register", "get_task", "task_names", "load_weights", "load_pretrained"]

@@ -4,7 +4,9 @@ Model (`training.options.model`, default `distilbert-base-uncased`): a hub name
 or a `file://`/`s3://` directory written by `save_pretrained` (model + tokenizer).
 `training.pretrained: true` loads its weights; a `file://`/`s3://` URI loads
 weights and tokenizer from that directory instead (offline clusters); `false`
-initialises randomly from its config. The classifier head is resized to
+initialises randomly from its config. A loaded export (trainer.export) takes config
+and tokenizer from the same place and its weights from the export, so a model
+trained from a `file://` folder loads offline. The classifier head is resized to
 `numClasses`.
 
 Data (`training.data.source`):
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from trainer.errors import UserError
-from trainer.tasks import TaskSpec, register
+from trainer.tasks import TaskSpec, building, register
 from trainer.tasks import _weights
 
 log = logging.getLogger(__name__)
@@ -152,7 +154,7 @@ def load_model_and_tokenizer(cfg, weights: _weights.WeightsReader | None = None)
         source = str(_weights.current_reader(weights).fetch_directory(source, key))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        if cfg.pretrained:
+        if cfg.pretrained and building().weights:
             model = AutoModelForSequenceClassification.from_pretrained(
                 source, num_labels=cfg.num_classes, ignore_mismatched_sizes=True)
         else:
@@ -164,7 +166,7 @@ def load_model_and_tokenizer(cfg, weights: _weights.WeightsReader | None = None)
     return model, tokenizer
 
 
-def save_tiny_model(folder: Path, num_labels: int = 2, seed: int = 0) -> Path:
+def save_tiny_model(folder: str | Path, num_labels: int = 2, seed: int = 0) -> Path:
     """A 2-layer, hidden-32 BERT with random weights and a WordPiece tokenizer over
     SYNTHETIC_WORDS, saved like a hub model: an offline stand-in for smoke tests and
     benchmarks (`training.pretrained: file://<folder>`)."""
@@ -172,6 +174,7 @@ def save_tiny_model(folder: Path, num_labels: int = 2, seed: int = 0) -> Path:
 
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *SYNTHETIC_WORDS]) + "\n")
@@ -193,6 +196,10 @@ def logits_cross_entropy(outputs, targets: torch.Tensor) -> torch.Tensor:
 @register("bert-sentiment")
 def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
     data = cfg.data
+    if not building().data:
+        model, tokenizer = load_model_and_tokenizer(cfg, weights)
+        return TaskSpec(model=model, loss_fn=logits_cross_entropy,
+                        collate_fn=DynamicPaddingCollate(tokenizer, int(cfg.options.get("maxLength", 128))))
     if data.source == "synthetic":
         if cfg.num_classes != 2:
             raise UserError("training.numClasses must be 2 for bert-sentiment on synthetic data")

@@ -177,7 +177,7 @@ def train_tiny_tokenizer(folder: Path, chat_template: bool = True):
     return fast
 
 
-def save_tiny_model(folder: Path, arch: str = "llama", hidden: int = 64, layers: int = 2,
+def save_tiny_model(folder: str | Path, arch: str = "llama", hidden: int = 64, layers: int = 2,
                     chat_template: bool = True, shard_size: str = "60KB", seed: int = 0,
                     intermediate: int | None = None, init_range: float = 0.3) -> Path:
     """A tiny random Llama- or Qwen2-shaped model saved as the hub ships one (config, safetensors shards
@@ -186,6 +186,7 @@ def save_tiny_model(folder: Path, arch: str = "llama", hidden: int = 64, layers:
     base still leaves LoRA adapters a head strong enough to learn the synthetic task."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    folder = Path(folder)
     tokenizer = train_tiny_tokenizer(folder, chat_template)
     common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate or 2 * hidden,
                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.tasks import TaskSpec, register
+from trainer.tasks import TaskSpec, building, register
 from trainer.tasks._synthetic import synthetic_classification
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -65,7 +65,9 @@ def build(cfg, weights=None) -> TaskSpec:  # no pretrained weights to read
     options = cfg.options
     model = ConvNet(cfg.num_classes, width=int(options.get("width", 16)),
                     hidden=int(options.get("hidden", 128)))
-    if cfg.data.source == "synthetic":
+    if not building().data:
+        train = test = None
+    elif cfg.data.source == "synthetic":
         train = synthetic_classification(cfg.data.train_samples, cfg.num_classes, (3, 32, 32), cfg.seed)
         test = synthetic_classification(cfg.data.eval_samples, cfg.num_classes, (3, 32, 32), cfg.seed,
                                         split_offset=1)

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.tasks import TaskSpec, _weights, load_pretrained, register
+from trainer.tasks import TaskSpec, _weights, building, load_pretrained, register
 from trainer.tasks._finetune import hooks
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ def as_spec(result, entrypoint: str) -> TaskSpec:
 @register("custom")
 def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
     function = resolve_entrypoint(cfg.entrypoint, cfg.python_path)
+    if not building().weights:  # load_exported: the export's weights replace the pretrained ones
+        cfg = dataclasses.replace(cfg, pretrained=False)
     takes_config = bool(inspect.signature(function).parameters)
     reader = _weights.current_reader(weights)
     with _weights.reading_with(reader):  # load_pretrained() in the entry point reads with the run's S3 settings

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.tasks import TaskSpec, register
+from trainer.tasks import TaskSpec, building, register
 from trainer.tasks import _finetune, _weights
 from trainer.tasks._synthetic import synthetic_classification
 
@@ -62,7 +62,9 @@ def resnet_blocks(model: nn.Module) -> list[nn.Module]:
 
 def build_model(num_classes: int, pretrained, weights: _weights.WeightsReader | None = None) -> nn.Module:
     model = finetune_resnet_class()(num_classes=1000)
-    if pretrained is True:
+    if not building().weights:  # an export's weights replace them
+        state = None
+    elif pretrained is True:
         from torchvision.models import ResNet18_Weights
 
         try:
@@ -138,6 +140,6 @@ def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
     frozen = _finetune.freeze(model, prefixes)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info("resnet18-finetune: %d parameter tensors frozen, %d trainable weights", frozen, trainable)
-    train, test = datasets(cfg, int(cfg.options.get("imageSize", 64)))
+    train, test = datasets(cfg, int(cfg.options.get("imageSize", 64))) if building().data else (None, None)
     return TaskSpec(model=model, train_dataset=train, eval_dataset=test, shard_units=resnet_blocks,
                     **_finetune.hooks(cfg.finetune, prefixes))

@@ -15,7 +15,8 @@ class TaskSpec:
     """A workload: model, datasets and loss.
 
     model: an nn.Module whose forward takes the batch's inputs.
-    train_dataset / eval_dataset: map-style datasets of (inputs, target) pairs.
+    train_dataset / eval_dataset: map-style datasets of (inputs, target) pairs; None where the
+        builder was asked for the network only (trainer.tasks.building(), load_exported).
     loss_fn: (outputs, targets) -> scalar loss; cross-entropy by default.
     collate_fn: optional DataLoader collate function (e.g. dynamic padding).
     accuracy: whether eval reports top-1 accuracy (classification tasks).
@@ -46,7 +47,7 @@ class TaskSpec:
     """
 
     model: nn.Module
-    train_dataset: Dataset
+    train_dataset: Optional[Dataset] = None
     eval_dataset: Optional[Dataset] = None
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = field(
         default_factory=nn.CrossEntropyLoss

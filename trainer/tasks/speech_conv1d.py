@@ -8,7 +8,8 @@ the keyword-spotting models built on it).
 Data (`training.data.source`):
 - `synthetic`: learnable audio, generated offline: each class is a pair of tones
   with a random onset, gain and phase, plus noise and a weaker tone of another
-  class; it goes through the same log-mel front end as real audio.
+  class; it goes through the same log-mel front end as real audio. Clips are
+  made per item on first use (trainer/tasks/_synthetic.py), seeded by index.
 - `folder`: `training.data.path` holds WAV files (PCM 8/16/32-bit, any rate,
   mixed to mono and resampled) and `labels.csv` with `file,label` columns
   (label = class index or class name; names are sorted into indices).
@@ -30,10 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset
 
 from trainer.errors import UserError
-from trainer.tasks import TaskSpec, register
+from trainer.tasks import TaskSpec, building, register
+from trainer.tasks._synthetic import LazyDataset, item_generator
 
 
 # ----------------------------------------------------------------- front end
@@ -103,30 +105,40 @@ class SpeechConv1d(nn.Module):
 
 
 # ----------------------------------------------------------------- data
-def synthetic_audio(num_samples: int, num_classes: int, sample_rate: int, seconds: float, seed: int,
-                    split_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(waves [N, samples], labels): class tones with random onset, gain and phase, plus noise."""
-    g_classes = torch.Generator().manual_seed(seed)
-    # two tones per class, spread over 200 Hz .. 0.4 x sample rate
-    tones = 200 + torch.rand(num_classes, 2, generator=g_classes) * (0.4 * sample_rate - 200)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + 29 + split_offset)
-    n = int(sample_rate * seconds)
-    t = torch.arange(n) / sample_rate
-    labels = torch.randint(0, num_classes, (num_samples,), generator=g)
-    distractor = torch.randint(0, num_classes, (num_samples,), generator=g)
+class SyntheticAudio:
+    """make(index) of a synthetic clip's (log-mel features, label): the class's two tones with a random
+    onset, gain and phase, a weaker tone of another class, and noise; one generator per item."""
 
-    def tone(classes, gain):
-        phase = 2 * math.pi * torch.rand(num_samples, 2, 1, generator=g)
-        w = torch.sin(2 * math.pi * tones[classes][:, :, None] * t + phase).sum(dim=1)
-        onset = torch.randint(0, n // 2, (num_samples, 1), generator=g)
-        length = torch.randint(n // 4, n // 2 + 1, (num_samples, 1), generator=g)
-        envelope = ((t * sample_rate >= onset) & (t * sample_rate < onset + length)).float()
-        return w * envelope * gain
+    def __init__(self, num_classes: int, sample_rate: int, seconds: float, seed: int, front_end: LogMel,
+                 split_offset: int = 0):
+        g_classes = torch.Generator().manual_seed(seed)
+        # two tones per class, spread over 200 Hz .. 0.4 x sample rate
+        self.tones = 200 + torch.rand(num_classes, 2, generator=g_classes) * (0.4 * sample_rate - 200)
+        self.base = seed * 1_000_003 + 29 + split_offset
+        self.n = int(sample_rate * seconds)
+        self.t = torch.arange(self.n) / sample_rate
+        self.num_classes, self.front_end = num_classes, front_end
 
-    waves = (tone(labels, 0.5 + torch.rand(num_samples, 1, generator=g))
-             + tone(distractor, 0.4 * torch.rand(num_samples, 1, generator=g))
-             + 0.5 * torch.randn(num_samples, n, generator=g))
-    return waves, labels
+    def _tone(self, cls: int, gain: float, g: torch.Generator) -> torch.Tensor:
+        phase = 2 * math.pi * torch.rand(2, 1, generator=g)
+        w = torch.sin(2 * math.pi * self.tones[cls][:, None] * self.t + phase).sum(dim=0)
+        onset = int(torch.randint(0, self.n // 2, (), generator=g))
+        length = int(torch.randint(self.n // 4, self.n // 2 + 1, (), generator=g))
+        w[:onset] = 0
+        w[onset + length:] = 0
+        return w * gain
+
+    def wave(self, index: int) -> tuple[torch.Tensor, int]:
+        g = item_generator(self.base, index)
+        label, distractor = torch.randint(0, self.num_classes, (2,), generator=g).tolist()
+        gain, distractor_gain = torch.rand(2, generator=g).tolist()
+        wave = (self._tone(label, 0.5 + gain, g) + self._tone(distractor, 0.4 * distractor_gain, g)
+                + 0.5 * torch.randn(self.n, generator=g))
+        return wave, label
+
+    def __call__(self, index: int) -> tuple[torch.Tensor, int]:
+        wave, label = self.wave(index)
+        return self.front_end(wave[None])[0], label
 
 
 def read_wav(path: Path, sample_rate: int, seconds: float) -> torch.Tensor:
@@ -181,17 +193,24 @@ class WavFolder(Dataset):
 
 @register("speech-conv1d")
 def build(cfg, weights=None) -> TaskSpec:  # no pretrained weights to read
-    o, data = cfg.options, cfg.data
+    o = cfg.options
     sample_rate, seconds = int(o.get("sampleRate", 16000)), float(o.get("seconds", 1.0))
     n_mels = int(o.get("nMels", 40))
     front_end = LogMel(sample_rate, n_mels)
     model = SpeechConv1d(n_mels, cfg.num_classes, channels=int(o.get("channels", 64)),
                          blocks=int(o.get("blocks", 8)), kernel_size=int(o.get("kernelSize", 3)))
+    train, test = datasets(cfg, front_end, sample_rate, seconds) if building().data else (None, None)
+    return TaskSpec(model=model, train_dataset=train, eval_dataset=test)
+
+
+def datasets(cfg, front_end: LogMel, sample_rate: int, seconds: float):
+    """(train, eval) of training.data: synthetic clips made per item, or WAV folders."""
+    data = cfg.data
     if data.source == "synthetic":
-        def features(count, offset):
-            waves, labels = synthetic_audio(count, cfg.num_classes, sample_rate, seconds, cfg.seed, offset)
-            return TensorDataset(torch.cat([front_end(w) for w in waves.split(256)]), labels)
-        train, test = features(data.train_samples, 0), features(data.eval_samples, 1)
+        def clips(count, offset):
+            return LazyDataset(count, SyntheticAudio(cfg.num_classes, sample_rate, seconds, cfg.seed, front_end,
+                                                     offset))
+        return clips(data.train_samples, 0), clips(data.eval_samples, 1)
     elif data.source == "folder":
         if not data.path:
             raise UserError("training.data.path: set it to a folder of WAV files with labels.csv")
@@ -206,4 +225,4 @@ def build(cfg, weights=None) -> TaskSpec:  # no pretrained weights to read
     else:
         raise UserError(f"training.data.source: {data.source!r} is not supported by speech-conv1d "
                         "(use synthetic or folder)")
-    return TaskSpec(model=model, train_dataset=train, eval_dataset=test)
+    return train, test

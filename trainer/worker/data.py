@@ -66,6 +66,9 @@ def _to_device(spec, data, device: torch.device) -> bool:
     if device.type == "cpu":
         log.info("training.data.onDevice: the device is the CPU, data already lives there")
         return False
+    # synthetic data is made per item (trainer/tasks/_synthetic.py): stack it once for the device
+    stack = lambda d: d.as_tensor_dataset() if hasattr(d, "as_tensor_dataset") else d  # noqa: E731
+    spec.train_dataset, spec.eval_dataset = stack(spec.train_dataset), stack(spec.eval_dataset)
     datasets = [d for d in (spec.train_dataset, spec.eval_dataset) if d is not None]
     if not all(isinstance(d, TensorDataset) for d in datasets) or spec.collate_fn is not None:
         raise UserError("training.data.onDevice: this task's data is not an in-memory tensor dataset; "

@@ -23,6 +23,7 @@ from trainer.worker.data import build_loaders, move
 from trainer.worker.distributed import RankInfo
 from trainer.worker.parallel import (even_eval_batches, fsdp_mixed_precision, gradient_sync, is_fsdp,
                                      parallelize, run_epoch_start_hook)
+from trainer.worker.phases import PHASES
 from trainer.worker.metrics import DISABLED, MetricsProcessor
 from trainer.worker.progress import LogWindow, StepTimer, mean_across_ranks
 from trainer.worker.startup import STARTUP
@@ -86,9 +87,11 @@ class Trainer:
         self.watchdog = HangWatchdog(0)
         cfg = self.cfg = config.training
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        PHASES.enter(f"building the {cfg.task} task (model and datasets)")
         # training.pretrained: s3:// reads with the checkpoints' S3 settings
         self.spec = spec = get_task(cfg.task)(cfg, weights=WeightsReader(config.s3))
         model = spec.model
+        PHASES.enter(f"placing the model on {device} ({cfg.parallelism})")
         if spec.materialize is None:
             model = model.to(device)
         freeze_parameters(model, cfg.finetune.freeze)
@@ -106,6 +109,7 @@ class Trainer:
             spec.materialize(model, device)
         torch.manual_seed(cfg.seed + info.rank)  # per-rank randomness (dropout, augmentation)
 
+        PHASES.enter("building the data loaders")
         self.train_loader, self.sampler, self.eval_loader = build_loaders(self.spec, cfg, info, device)
         self.steps_per_epoch = len(self.train_loader) // cfg.grad_accum_steps
         if self.steps_per_epoch == 0:
@@ -189,7 +193,9 @@ class Trainer:
             return None, None
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss*n, correct, n
-        for batch, counts in even_eval_batches(self.eval_loader, self.model):
+        PHASES.enter(f"evaluation at step {self.state.step}", total=len(self.eval_loader), unit="batches")
+        for done, (batch, counts) in enumerate(even_eval_batches(self.eval_loader, self.model)):
+            PHASES.progress(done)
             # A long evaluation is progress, not a hang: keep the watchdog and the heartbeat fed.
             self.watchdog.beat("evaluation")
             self.metrics.observe_progress()
@@ -209,6 +215,7 @@ class Trainer:
                 sums[1] += correct
             sums[2] += n
         self.model.train()
+        self._training_phase()
         if dist.is_initialized():
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
         if sums[2] == 0:
@@ -291,7 +298,11 @@ class Trainer:
             preemption.uninstall()
             self.tensorboard.close()
 
+    def _training_phase(self) -> None:
+        PHASES.enter("training", total=self.total_steps, unit="steps", done=self.state.step)
+
     def _fit(self, checkpoints, preemption, watchdog) -> dict:
+        PHASES.enter("looking for a checkpoint to resume")
         checkpoints.resume(self)
         self.tensorboard.start(self.state.step)
         STARTUP.mark("resume")
@@ -300,6 +311,7 @@ class Trainer:
         self.window = window = LogWindow(self.device, self.cfg.log_every_steps, self.total_steps,
                                          self.samples_per_step, first_step=self.state.step)
         timer = StepTimer()
+        self._training_phase()
         self.metrics.observe_run_start(self.total_steps, self.state.step, self.state.epoch)
         preempted = False
         if self.done:
@@ -324,9 +336,12 @@ class Trainer:
             self.metrics.observe_step(*timer.lap(), self.samples_per_step // self.info.world_size,
                                       self.scheduler.get_last_lr()[0], self.state.epoch)
             watchdog.beat(f"step {self.state.step}")
+            PHASES.progress(self.state.step)
             preempted = preemption.should_stop()  # every rank, every step: agree on one boundary
             if preempted or self.done or self._checkpoint_due():
+                PHASES.enter(f"checkpoint at step {self.state.step}")
                 checkpoints.save(self, blocking=preempted or self.done)
+                self._training_phase()
                 watchdog.beat(f"checkpoint at step {self.state.step}")
                 timer.restart()
             if preempted and not self.done:
@@ -337,12 +352,14 @@ class Trainer:
             if self.done and self.state.batch_in_epoch < self.steps_per_epoch * self.cfg.grad_accum_steps:
                 self._evaluate_and_report(announce=False)  # maxSteps hit mid-epoch: evaluate once more
                 break
+        PHASES.enter("finishing the checkpoints")
         preemption.drain()
         checkpoints.close()
         if not preempted and self.done:
             from trainer.export import existing_export, export_model
 
             if self.state.step > window.first_step:
+                PHASES.enter("exporting the model")
                 exported = export_model(self)
                 self.outputs = exported if isinstance(exported, dict) else {"model": exported} if exported else {}
             else:  # a rerun of a finished run: the export its first run wrote, if any

@@ -84,11 +84,13 @@ def report(summary: dict) -> None:
 def run(config_path: str) -> int:
     host_memory = keep_freed_memory()  # before training allocates; DataLoader workers inherit it
     # Heavy imports happen here so `--help` and config errors answer fast.
-    from trainer.config import dump_config, load_trainer_config
+    from trainer.config import describe_changes, load_trainer_config
     from trainer.worker.distributed import (ProcessGroup, device_for, fit_threads_to_cpu_limit, log_rank_table,
                                             pick_backend, resolve_rank)
     from trainer.worker.loop import Trainer, TrainingDiverged
     from trainer.worker.metrics import DISABLED, MetricsProcessor
+    from trainer.worker.outputs import write_config
+    from trainer.worker.phases import PHASES
 
     STARTUP.mark("imports")
     started = time.perf_counter()
@@ -113,12 +115,14 @@ def run(config_path: str) -> int:
         with ProcessGroup(info, backend, config.training.distributed.timeout_seconds):
             STARTUP.mark("rendezvous")
             log_rank_table(info, device, backend)
-            if info.is_main:
-                log.info("kubetrain %s, resolved config:\n%s", __version__, dump_config(config))
+            if info.is_main:  # one line: what this run changed; the whole config goes to a file
+                log.info("kubetrain %s, experiment %s; settings changed from the defaults: %s; the whole config: %s",
+                         __version__, config.experiment, describe_changes(config) or "none", write_config(config))
             dynamo.join()
-            trainer = Trainer(config, info, device, metrics)
-            STARTUP.mark("data and model")
-            summary = trainer.fit()
+            with PHASES.watching(info.is_main):
+                trainer = Trainer(config, info, device, metrics)
+                STARTUP.mark("data and model")
+                summary = trainer.fit()
         report(summary)
         if summary["status"] == "preempted":  # SIGTERM: the checkpoint is committed, restart resumes it
             metrics.close(wait_for_scrape=False)

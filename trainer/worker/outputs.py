@@ -9,10 +9,11 @@ Trainer built in a script) has nowhere durable: it writes neither, and says so.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from trainer.config import TrainerConfig
+from trainer.config import TrainerConfig, dump_config
 from trainer.worker.storage import FileStore, Store, open_store
 
 @dataclass(frozen=True)
@@ -33,9 +34,11 @@ class OutputPlace:
         return self.store.url(self.key(*parts))
 
 
+log = logging.getLogger(__name__)
+
 NOWHERE = "no checkpoint.uri (nor a local run's workdir) to keep it in"
 # The folders below the place: for the trainer that writes them and `kubetrain tensorboard` that reads.
-TENSORBOARD_DIR, MODEL_DIR = "tensorboard", "model"
+TENSORBOARD_DIR, MODEL_DIR, CONFIG_FILE = "tensorboard", "model", "config.yaml"
 
 
 def has_outputs(config: TrainerConfig) -> bool:
@@ -49,3 +52,16 @@ def run_outputs(config: TrainerConfig) -> OutputPlace | None:
     if config.checkpoint.uri:
         return OutputPlace(open_store(config.checkpoint.uri, config.s3), config.experiment)
     return None
+
+
+def write_config(config: TrainerConfig) -> str:
+    """The resolved config, whole, as `config.yaml` beside the other outputs (rank 0, at the start);
+    where it went, for the start-of-run log line (TensorBoard's config text holds it too)."""
+    place = run_outputs(config)
+    if place is None:
+        return f"not written, {NOWHERE}"
+    try:
+        place.store.write_bytes(place.key(CONFIG_FILE), (dump_config(config) + "\n").encode())
+    except Exception as e:  # a copy for the user: never worth a failed run (checkpoints report the store)
+        log.warning("cannot write %s: %s", place.url(CONFIG_FILE), e)
+    return place.url(CONFIG_FILE)
