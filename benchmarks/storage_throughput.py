@@ -4,7 +4,7 @@ Starts real S3-compatible server processes on loopback — SeaweedFS (what the
 dev stack deploys) and moto — and against each, side by side:
 
 1. Throughput. For each size, uploads and downloads the same random bytes
-   through `trainer.worker.storage.S3Store`, through plain boto3 with its
+   through `trainer.storage.S3Store`, through plain boto3 with its
    default TransferConfig, and through `s3torchconnector` (the AWS CRT-based
    PyTorch connector, if installed: `pip install -e '.[bench]'`), alternating
    clients each repeat (objects under 100 MB get more repeats: they are noisier).
@@ -75,7 +75,7 @@ def connector_clients(server):
 
 def throughput(server, sizes: list[int], repeats: int) -> list[tuple]:
     from trainer.config import S3Config
-    from trainer.worker.storage import open_store
+    from trainer.storage import open_store
 
     ours = open_store("s3://bench/ours", S3Config(server.endpoint, "us-east-1", "path", ""))
     raw = server.client()
@@ -167,7 +167,7 @@ def checksums(enabled: bool):
     if enabled:
         yield
         return
-    with mock.patch("trainer.worker.storage.hashlib", SimpleNamespace(sha256=NoDigest)):
+    with mock.patch("trainer.storage.hashlib", SimpleNamespace(sha256=NoDigest)):
         yield
 
 

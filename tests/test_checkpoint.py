@@ -16,7 +16,7 @@ from support import finish, read_until, run_cli, start_run
 from tests.s3server import CREDENTIALS, SlowDownProxy, free_port
 from trainer.errors import RetryableError
 from trainer.worker.checkpoint import CheckpointManager
-from trainer.worker.storage import FileStore
+from trainer.storage import FileStore
 
 FAST = [
     "--set", "job.nodes=1,job.backoffLimit=0,metrics.enabled=false",

@@ -11,7 +11,7 @@ import pytest
 
 from trainer.config import S3Config
 from trainer.errors import RetryableError, UserError
-from trainer.worker.storage import MULTIPART_THRESHOLD, open_store
+from trainer.storage import MULTIPART_THRESHOLD, open_store
 from s3server import CREDENTIALS, S3Server, SlowDownProxy, free_port, weed_binary
 
 

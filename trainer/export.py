@@ -1,7 +1,7 @@
 """The trained model for inference: `model.safetensors` plus `model.json`, apart from the checkpoints.
 
 At the end of a successful run rank 0 writes both under `<outputs>/model/`
-(trainer/worker/outputs.py: the local run's workdir, else
+(trainer/outputs.py: the local run's workdir, else
 `<checkpoint.uri>/<experiment>/`). `model.json` holds the training section
 needed to rebuild the network (task, entry point, class count, options) and
 the run's final eval figures; it is written last, so a folder with it is
@@ -42,9 +42,9 @@ WEIGHTS, METADATA = "model.safetensors", "model.json"
 def full_state_dict(model: nn.Module, raw_model: nn.Module, is_main: bool) -> dict[str, torch.Tensor]:
     """Unprefixed parameter and buffer tensors on CPU; a collective under FSDP (every rank calls it),
     {} on ranks other than 0 then."""
-    from trainer.worker.checkpoint import _is_fsdp
+    from torch.distributed.fsdp import FSDPModule
 
-    if _is_fsdp(model):
+    if isinstance(model, FSDPModule):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -70,7 +70,7 @@ def export_model(trainer) -> str | None:
     disabled or not rank 0. Every rank calls it: under FSDP the gather is a collective."""
     from safetensors.torch import save_file
 
-    from trainer.worker.outputs import MODEL_DIR, NOWHERE, has_outputs, run_outputs
+    from trainer.outputs import MODEL_DIR, NOWHERE, has_outputs, run_outputs
 
     if not (trainer.cfg.export_model and has_outputs(trainer.config)):
         if trainer.cfg.export_model and trainer.info.is_main:
@@ -104,7 +104,7 @@ def existing_export(trainer) -> dict[str, str]:
     """{name: URL} of the export folders a finished run left (rank 0; {} elsewhere or where none is):
     what a rerun that has nothing left to train names. A folder counts once its metadata, written
     last (model.json, config.json, adapter_config.json), is there."""
-    from trainer.worker.outputs import MODEL_DIR, has_outputs, run_outputs
+    from trainer.outputs import MODEL_DIR, has_outputs, run_outputs
 
     if not (trainer.info.is_main and has_outputs(trainer.config)):
         return {}

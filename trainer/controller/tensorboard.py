@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.worker.outputs import TENSORBOARD_DIR
+from trainer.outputs import TENSORBOARD_DIR
 
 
 class Mirror:
@@ -57,7 +57,7 @@ class Mirror:
 def event_folder(name: str, values: dict, workdir: Path, cache: Path) -> tuple[Path, str, Mirror | None]:
     """(folder to serve, where the events come from, the mirror that keeps it fresh or None)."""
     from trainer.config import S3Config, _build
-    from trainer.worker.storage import FileStore, open_store
+    from trainer.storage import FileStore, open_store
 
     local = workdir / TENSORBOARD_DIR
     if local.is_dir():

@@ -1,6 +1,6 @@
 """Pretrained weights from a URI (`file://`, `s3://`), for clusters without internet.
 
-A `WeightsReader` reads through the checkpoint store (trainer/worker/storage.py)
+A `WeightsReader` reads through the checkpoint store (trainer/storage.py)
 with the S3 settings it is given (endpoint, region, addressing style), so
 credentials work the same as for checkpoints. The Trainer makes one from the
 run's `s3` section and passes it to the task's builder. Loading never unpickles
@@ -66,7 +66,7 @@ class WeightsReader:
         self.applied: set[str] = set()  # URIs load_pretrained() loaded through this reader
 
     def _store(self, base: str):
-        from trainer.worker.storage import open_store
+        from trainer.storage import open_store
 
         return open_store(base, self.s3_config)
 

@@ -51,7 +51,7 @@ from trainer.config import TrainerConfig, resume_shaping
 from trainer.errors import EXIT_STORAGE_UNAVAILABLE, CorruptCheckpoint, RetryableError, UserError
 from trainer.worker.distributed import RankInfo
 from trainer.worker.sharded_checkpoint import DCP_DIR, is_sharded, load_sharded, save_sharded
-from trainer.worker.storage import Store, file_sha256, hash_while, open_store
+from trainer.storage import Store, file_sha256, hash_while, open_store
 
 log = logging.getLogger(__name__)
 

@@ -89,7 +89,7 @@ def run(config_path: str) -> int:
                                             pick_backend, resolve_rank)
     from trainer.worker.loop import Trainer, TrainingDiverged
     from trainer.worker.metrics import DISABLED, MetricsProcessor
-    from trainer.worker.outputs import write_config
+    from trainer.outputs import write_config
     from trainer.worker.phases import PHASES
 
     STARTUP.mark("imports")

@@ -20,7 +20,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from trainer.worker.storage import stop_waiting
+from trainer.storage import stop_waiting
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from trainer.errors import CorruptCheckpoint, RetryableError, UserError
-from trainer.worker.storage import Store, file_sha256, hash_while
+from trainer.storage import Store, file_sha256, hash_while
 
 DCP_DIR = "dcp"
 METADATA = ".metadata"

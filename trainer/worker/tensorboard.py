@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from trainer.config import TrainerConfig, dump_config
 from trainer.worker.distributed import RankInfo
-from trainer.worker.outputs import NOWHERE, TENSORBOARD_DIR, has_outputs, run_outputs
+from trainer.outputs import NOWHERE, TENSORBOARD_DIR, has_outputs, run_outputs
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.config import TrainerConfig, dump_config
-from trainer.worker.storage import FileStore, Store, open_store
+from trainer.storage import FileStore, Store, open_store
 
 @dataclass(frozen=True)
 class OutputPlace:
