@@ -133,3 +133,22 @@ def test_bert_trained_from_a_local_folder_loads_offline(tmp_path):
                           env={**os.environ, **ENV, **offline})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["BertForSequenceClassification", "2", "8"]
+
+
+def test_a_phase_that_stays_quiet_is_logged_further_and_further_apart(caplog):
+    """Lines at 3, 9, 21 s of quiet, not every 3 s (a long LLM step would flood the log); a new phase
+    starts again at 3 s. Driven by the watcher's clock argument, not by sleeping."""
+    from trainer.worker.phases import MAX_QUIET_SECONDS, QUIET_SECONDS, Phases
+
+    phases = Phases()
+    phases.enter("training", total=10, unit="steps")
+    start = phases.last_line
+    with caplog.at_level("INFO", logger="trainer.progress"):
+        logged = [t for t in range(1, 40) if phases.tick(start + t)]
+    assert logged == [3, 9, 21], logged
+    assert all("training: 0/10 steps" in r.getMessage() for r in caplog.records)
+    phases.enter("evaluation at step 10")
+    assert not phases.tick(phases.last_line + QUIET_SECONDS - 0.5) and phases.tick(phases.last_line + QUIET_SECONDS)
+    for _ in range(10):
+        phases.tick(phases.last_line + MAX_QUIET_SECONDS)
+    assert phases.quiet == MAX_QUIET_SECONDS

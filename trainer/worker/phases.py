@@ -18,6 +18,9 @@ from typing import Iterator
 log = logging.getLogger("trainer.progress")
 
 QUIET_SECONDS = 3.0  # under the 5 s a user should ever wait for a line, with room for a GIL held in C
+# A phase that stays quiet gets its lines further apart (3, 6, 12 ... s): an LLM step of a minute
+# must not fill `kubectl logs` with a line every 3 s.
+MAX_QUIET_SECONDS = 60.0
 
 
 class _Stamp(logging.Filter):
@@ -37,6 +40,7 @@ class Phases:
         self.name: str | None = None
         self.unit, self.done, self.total = "", 0, 0
         self.started = self.last_line = time.monotonic()
+        self.quiet = QUIET_SECONDS
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -44,6 +48,7 @@ class Phases:
         """The phase now running (with `total` `unit`s to do, if countable)."""
         self.name, self.total, self.unit, self.done = name, total, unit, done
         self.started = time.monotonic()
+        self.quiet = QUIET_SECONDS
 
     def progress(self, done: int) -> None:
         self.done = done
@@ -75,10 +80,18 @@ class Phases:
                 handler.removeFilter(stamp)
             self.name = None
 
+    def tick(self, now: float) -> bool:
+        """One look of the watcher: log the phase if the log has been quiet for long enough."""
+        if not self.name or now - self.last_line < self.quiet:
+            return False
+        log.info("%s", self.line())
+        self.last_line = now
+        self.quiet = min(self.quiet * 2, MAX_QUIET_SECONDS)
+        return True
+
     def _watch(self) -> None:
         while not self._stop.wait(0.25):
-            if self.name and time.monotonic() - self.last_line >= QUIET_SECONDS:
-                log.info("%s", self.line())
+            self.tick(time.monotonic())
 
 
 PHASES = Phases()  # one per process, like the start-up clock
