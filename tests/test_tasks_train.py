@@ -41,6 +41,20 @@ def test_bert_sentiment_tiny_offline_model(tmp_path, values_file):
     assert summary["eval_accuracy"] > 0.7, summary
 
 
+def test_bert_sentiment_on_synthetic_data_trains_with_the_hub_offline(tmp_path):
+    """Random weights on synthetic sentences need no download (it went to the hub for a tokenizer and a
+    config, and failed offline after a minute): a run with the hub switched off trains and exports."""
+    pytest.importorskip("transformers", reason="bert-sentiment needs the nlp extra: pip install 'kubetrain[nlp]'")
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
+    result = run_cli("run", "bert", "--workdir", str(tmp_path / "run"), "--set",
+                     "job.nodes=1,training.task=bert-sentiment,training.maxSteps=2,training.batchSize=8,"
+                     "training.data.trainSamples=32,training.data.evalSamples=8,metrics.enabled=false",
+                     env={**ENV, **offline})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.summary["steps"] == 2 and result.summary["model"], result.summary
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+
 def test_custom_entrypoint_from_a_package_outside_the_repo(tmp_path, values_file):
     package = tmp_path / "user_src" / "ring_model"
     package.mkdir(parents=True)

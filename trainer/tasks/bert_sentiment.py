@@ -4,7 +4,10 @@ Model (`training.options.model`, default `distilbert-base-uncased`): a hub name
 or a `file://`/`s3://` directory written by `save_pretrained` (model + tokenizer).
 `training.pretrained: true` loads its weights; a `file://`/`s3://` URI loads
 weights and tokenizer from that directory instead (offline clusters); `false`
-initialises randomly from its config. A loaded export (trainer.export) takes config
+initialises randomly from its config. On `synthetic` data with random weights
+and no `options.model`, nothing comes from the hub: a DistilBERT-shaped model
+(distilbert-base-uncased's config) over a WordPiece vocabulary of the synthetic
+words, so that run is offline like every other task's. A loaded export (trainer.export) takes config
 and tokenizer from the same place and its weights from the export, so a model
 trained from a `file://` folder loads offline. The classifier head is resized to
 `numClasses`.
@@ -140,12 +143,40 @@ def hf_datasets(name: str, options: dict) -> tuple[TextDataset, TextDataset]:
     return split("train"), split(eval_split)
 
 
+def _synthetic_tokenizer(folder: Path):
+    """A WordPiece tokenizer whose vocabulary is SYNTHETIC_WORDS, its vocab.txt written in `folder`."""
+    import inspect
+
+    from transformers import BertTokenizer
+
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *SYNTHETIC_WORDS]) + "\n")
+    # transformers 5 names the argument `vocab`; 4.x `vocab_file`
+    arg = "vocab" if "vocab" in inspect.signature(BertTokenizer).parameters else "vocab_file"
+    return BertTokenizer(**{arg: str(vocab)})
+
+
+def offline_synthetic(cfg) -> bool:
+    """Random weights on synthetic sentences: the hub's tokenizer and config would add nothing but a download."""
+    return cfg.pretrained is False and "model" not in cfg.options and cfg.data.source == "synthetic"
+
+
 def load_model_and_tokenizer(cfg, weights: _weights.WeightsReader | None = None):
     try:
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     except ImportError:
         raise UserError("training.task: bert-sentiment needs Hugging Face transformers: "
                         "pip install 'kubetrain[nlp]'") from None
+    if offline_synthetic(cfg):
+        import tempfile
+
+        from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+        with tempfile.TemporaryDirectory() as folder:
+            tokenizer = _synthetic_tokenizer(Path(folder))
+        # DistilBertConfig's defaults are distilbert-base-uncased's, but for the vocabulary
+        config = DistilBertConfig(vocab_size=len(tokenizer), num_labels=cfg.num_classes)
+        return DistilBertForSequenceClassification(config), tokenizer
     source = str(cfg.options.get("model", "distilbert-base-uncased"))
     key = "training.options.model"
     if isinstance(cfg.pretrained, str):
@@ -170,17 +201,11 @@ def save_tiny_model(folder: str | Path, num_labels: int = 2, seed: int = 0) -> P
     """A 2-layer, hidden-32 BERT with random weights and a WordPiece tokenizer over
     SYNTHETIC_WORDS, saved like a hub model: an offline stand-in for smoke tests and
     benchmarks (`training.pretrained: file://<folder>`)."""
-    import inspect
-
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+    from transformers import BertConfig, BertForSequenceClassification
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *SYNTHETIC_WORDS]) + "\n")
-    # transformers 5 names the argument `vocab`; 4.x `vocab_file`
-    arg = "vocab" if "vocab" in inspect.signature(BertTokenizer).parameters else "vocab_file"
-    tokenizer = BertTokenizer(**{arg: str(vocab)})
+    tokenizer = _synthetic_tokenizer(folder)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
     torch.manual_seed(seed)
