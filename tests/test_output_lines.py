@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from support import REPO
-from trainer.controller.local import summary_in
+from trainer.summary import find as summary_in
 
 WRITER = """
 import sys

@@ -29,7 +29,7 @@ from trainer.config import trainer_config_document, trainer_config_from_values
 from trainer.controller.kinds import replica_name
 from trainer.controller.checks import container_env, trainer_command
 from trainer.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_STORAGE_UNAVAILABLE, UserError, is_retryable
-from trainer.summary import MARKER, find, locate, to_json
+from trainer.summary import MARKER, locate, to_json
 
 STOP_GRACE_SECONDS = 30.0
 # How long `kubetrain run` gives s3.endpoint to accept a connection before it starts anything. Pods retry
@@ -147,9 +147,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-summary_in = find  # master-0's JSON summary in a line of its output, even with other text around it
 
 
 def shown(url: str) -> str:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.config import TrainerConfig, TrainingConfig
-from trainer.errors import UserError
+from trainer.errors import EXIT_FAILURE, UserError
 from trainer.tasks import get_task
 from trainer.tasks._finetune import freeze as freeze_parameters
 from trainer.tasks._weights import WeightsReader
@@ -37,6 +37,8 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite: a permanent failure (exit 1), told in one line."""
+
+    exit_code = EXIT_FAILURE
 
 
 @dataclass

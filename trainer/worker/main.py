@@ -128,14 +128,10 @@ def run(config_path: str) -> int:
             metrics.close(wait_for_scrape=False)
             return EXIT_PREEMPTED
         return EXIT_OK
-    except UserError as e:
+    except (UserError, TrainingDiverged) as e:  # not a code error: one line, no traceback
         log.error("%s", e)
         report(failed_summary(trainer, experiment, str(e), started))
         return e.exit_code
-    except TrainingDiverged as e:  # not a code error: one line, no traceback
-        log.error("%s", e)
-        report(failed_summary(trainer, experiment, str(e), started))
-        return EXIT_FAILURE
     except Exception as e:
         retryable = e if isinstance(e, RetryableError) else None
         if retryable is None and is_collective_failure(e):  # a peer died or hung: a restart, not the code, fixes it
