@@ -59,7 +59,10 @@ class Prometheus:
     """A real Prometheus server on loopback with its own config and TSDB in tmp_path."""
 
     def __init__(self, binary: str, workdir: Path, targets: list[str]):
+        taken = {int(target.rsplit(":", 1)[1]) for target in targets}
         self.port = free_port_pair()
+        while self.port in taken:  # a free port now may be the one a target binds later (rank 1's P+1)
+            self.port = free_port_pair()
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": "kubetrain", "static_configs": [{"targets": targets}]}],
