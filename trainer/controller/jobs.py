@@ -17,8 +17,8 @@ import threading
 import time
 from typing import Iterator, TextIO
 
-from trainer.controller.kinds import JOB_KINDS, JobKind, kind_of
-from trainer.controller.kube import EXPERIMENT_KINDS, ApiError, Kube, experiment_selector
+from trainer.controller.kinds import JOB_KINDS, TRAINJOB, JobKind, kind_of
+from trainer.controller.kube import EXPERIMENT_KINDS, ApiError, Forbidden, Kube, experiment_selector
 from trainer.errors import UserError
 from trainer.summary import find
 
@@ -52,6 +52,57 @@ def require_job_api(kube: Kube, job: dict) -> None:
                     f"(its CRD defines it){instead}")
 
 
+# ---------------------------------------------------------------- Trainer's version
+TRAINJOB_CRD = "trainjobs.trainer.kubeflow.org"
+_PATCHED_POD = "spec.runtimePatches[].trainingRuntimeSpec.template.spec.replicatedJobs[].template.spec.template.spec"
+# What the chart's TrainJob relies on that Kubeflow Trainer's released CRDs first declare in v2.3.0 (v2.1 has
+# podTemplateOverrides instead of runtimePatches; v2.2's patched pod spec has no grace period). The API server
+# prunes a field its CRD does not declare without an error (helm applies client-side), so an older Trainer
+# would run the job without it: (path, what the CRD lacks, what breaks).
+TRAINER_NEEDS = [
+    ("spec.runtimePatches", "its TrainJob CRD has no spec.runtimePatches: v2.1 or older",
+     "the API server would drop the chart's whole runtime patch: the pods' service account, termination grace "
+     "period, volumes, security context and scheduling"),
+    (f"{_PATCHED_POD}.terminationGracePeriodSeconds",
+     "its TrainJob CRD's runtime patches have no terminationGracePeriodSeconds: v2.2",
+     "the API server would drop the pods' termination grace period, so a preempted rank has no time to commit "
+     "its checkpoint"),
+]
+
+
+def schema_keeps(schema: dict, path: str) -> bool:
+    """Whether a CRD's structural schema keeps `path` (`a.b[].c`) rather than pruning it."""
+    node = schema
+    for part in path.split("."):
+        if node.get("x-kubernetes-preserve-unknown-fields"):
+            return True
+        node = (node.get("properties") or {}).get(part.removesuffix("[]"))
+        if node is None:
+            return False
+        if part.endswith("[]"):
+            node = node.get("items") or {}
+    return True
+
+
+def require_trainer_version(kube: Kube, err: TextIO = sys.stderr) -> None:
+    """Refuse a TrainJob where the served CRD is older than Trainer v2.3.0; a user who may not read CRDs
+    gets a warning and goes on."""
+    try:
+        crd = kube.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", TRAINJOB_CRD) or {}
+    except Forbidden:
+        err.write(f"warning: may not read CRD {TRAINJOB_CRD}, so the cluster's Kubeflow Trainer version is not "
+                  f"checked; kubetrain's TrainJob needs v2.3.0 or later\n")
+        err.flush()
+        return
+    version = TRAINJOB.api_version.split("/")[1]
+    served = next((v for v in (crd.get("spec") or {}).get("versions") or [] if v.get("name") == version), {})
+    schema = (served.get("schema") or {}).get("openAPIV3Schema")
+    for path, lacks, breaks in TRAINER_NEEDS if schema else ():
+        if not schema_keeps(schema, path):
+            raise UserError(f"the cluster's Kubeflow Trainer is older than v2.3.0 ({lacks}); "
+                            f"kubetrain's TrainJob needs v2.3.0 or later ({breaks})")
+
+
 # ---------------------------------------------------------------- submit
 def submit(kube: Kube, name: str, flags, target: tuple[str | None, str | None], dry_run: bool = False,
            force: bool = False, wait: bool = False, out: TextIO = sys.stdout) -> int:
@@ -62,6 +113,8 @@ def submit(kube: Kube, name: str, flags, target: tuple[str | None, str | None], 
     objects = helm.manifests(helm.template(name, flags, False, kube.namespace, verb="submit"))
     job = next(obj for obj in objects if obj["kind"] in {kind.kind for kind in JOB_KINDS})
     require_job_api(kube, job)
+    if kind_of(job) is TRAINJOB:
+        require_trainer_version(kube)
     digest = spec_hash(job)
     existing = find_job(kube, name)
     if existing is not None:

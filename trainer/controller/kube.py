@@ -59,6 +59,10 @@ class ApiError(Exception):
         self.status, self.message, self.reason = status, message, reason
 
 
+class Forbidden(UserError):
+    """403: the user may not read or write this; a check that is only a courtesy goes on without it."""
+
+
 def _ssl_context(config: ClusterConfig) -> ssl.SSLContext:
     context = ssl.create_default_context(cadata=config.ca_pem.decode() if config.ca_pem else None)
     if config.insecure:
@@ -294,5 +298,5 @@ def _raise_for_status(response: http.client.HTTPResponse, data: bytes) -> None:
     except (ValueError, AttributeError):
         message, reason = data.decode("utf-8", errors="replace").strip() or response.reason, ""
     if response.status in (401, 403):
-        raise UserError(f"the API server refused: {message}")
+        raise (Forbidden if response.status == 403 else UserError)(f"the API server refused: {message}")
     raise ApiError(response.status, message, reason)
