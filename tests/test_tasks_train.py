@@ -55,6 +55,70 @@ def test_bert_sentiment_on_synthetic_data_trains_with_the_hub_offline(tmp_path):
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
+def empty_caches(tmp_path) -> dict[str, str]:
+    """Hub and weights caches that hold nothing, whatever this machine has cached."""
+    return {"HF_HUB_CACHE": str(tmp_path / "hf-cache"), "KUBETRAIN_WEIGHTS_CACHE": str(tmp_path / "weights-cache")}
+
+
+@pytest.mark.parametrize("sets, env, error", [
+    ("training.task=bert-sentiment,training.options.model=distilbert-base-uncased", {"HF_HUB_OFFLINE": "1"},
+     "training.options.model: 'distilbert-base-uncased' needs its tokenizer and config from the Hugging Face hub, "
+     "but HF_HUB_OFFLINE is set"),
+    ("training.task=bert-sentiment,training.pretrained=true", {"TRANSFORMERS_OFFLINE": "1"},
+     "training.pretrained: 'distilbert-base-uncased' needs its weights, tokenizer and config from the Hugging Face "
+     "hub, but TRANSFORMERS_OFFLINE is set"),
+    ("training.task=bert-sentiment,training.data.source=file,training.data.path=reviews.csv",
+     {"HF_HUB_OFFLINE": "true"}, "training.options.model: 'distilbert-base-uncased' needs its tokenizer and config"),
+    ("training.task=causal-lm,training.pretrained=hf://Qwen/Qwen2.5-0.5B@main", {"HF_HUB_OFFLINE": "1"},
+     "training.pretrained: 'Qwen/Qwen2.5-0.5B' needs its model folder from the Hugging Face hub"),
+    # the pods' own env (values `env`) is what the replicas get
+    ("training.task=bert-sentiment,training.options.model=org/model,env[0].name=HF_HUB_OFFLINE,env[0].value=ON", {},
+     "training.options.model: 'org/model' needs its tokenizer and config from the Hugging Face hub"),
+], ids=["options-model", "pretrained-true", "file-data", "causal-lm-hf", "values-env"])
+def test_a_hub_model_is_refused_before_any_replica_starts_when_the_run_is_offline(tmp_path, sets, env, error):
+    """It loaded the replicas and then failed in transformers (after about a minute of retries without a
+    route out, 3 s with HF_HUB_OFFLINE=1), in a two-line message."""
+    result = run_cli("run", "hub", "--workdir", str(tmp_path / "run"), "--set", sets, env={**empty_caches(tmp_path),
+                                                                                           **env})
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"Error: {error}"), lines[0]
+    assert "set training.pretrained to a file:// or s3:// folder written by save_pretrained" in lines[0]
+    assert not (tmp_path / "run").exists() and "[master-0]" not in result.stdout  # nothing started or written
+
+
+def test_the_trainer_refuses_an_offline_hub_model_before_rendezvous(tmp_path):
+    """A pod's trainer, where `kubetrain run` did not look (submit): the same refusal, before the process group."""
+    config = tmp_path / "config.yaml"
+    config.write_text("experiment: hub\ntraining: {task: bert-sentiment, pretrained: true}\n"
+                      "metrics: {enabled: false}\n")
+    result = run_cli("--config", str(config), module="trainer", env={**empty_caches(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.summary["status"] == "failed" and result.summary["error"].startswith(
+        "training.pretrained: 'distilbert-base-uncased' needs its weights, tokenizer and config from the "
+        "Hugging Face hub, but HF_HUB_OFFLINE is set"), result.summary
+    assert "rank table" not in result.stdout and "Traceback" not in result.stdout + result.stderr, result.stdout
+
+
+def test_a_hub_model_in_the_local_cache_trains_offline(tmp_path):
+    """The check reads huggingface_hub's cache layout as transformers does: a cached name is not refused."""
+    pytest.importorskip("transformers", reason="bert-sentiment needs the nlp extra: pip install 'kubetrain[nlp]'")
+    cache = tmp_path / "hf-cache" / "models--kubetrain-tests--tiny-bert"
+    snapshot = cache / "snapshots" / ("0" * 40)
+    snapshot.parent.mkdir(parents=True)
+    tiny_bert_dir(tmp_path).rename(snapshot)
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("0" * 40)
+    result = run_cli("run", "cached", "--workdir", str(tmp_path / "run"), "--set",
+                     "job.nodes=1,training.task=bert-sentiment,training.options.model=kubetrain-tests/tiny-bert,"
+                     "training.pretrained=true,training.maxSteps=2,training.batchSize=8,training.data.trainSamples=32,"
+                     "training.data.evalSamples=8,metrics.enabled=false",
+                     env={**ENV, **empty_caches(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert result.summary["steps"] == 2, result.summary
+
+
 def test_custom_entrypoint_from_a_package_outside_the_repo(tmp_path, values_file):
     package = tmp_path / "user_src" / "ring_model"
     package.mkdir(parents=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -47,12 +48,15 @@ def value_flags(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from trainer.config import trainer_config_from_values
+    from trainer.controller.checks import container_env
     from trainer.controller.local import LocalRunner, unreachable_endpoint
+    from trainer.hub import require_reachable_models
     from trainer.values import resolve_python_path
 
     values = checked_values(args)  # what render and submit refuse, run refuses
     values = resolve_python_path(values, args.values, args.set_values + args.set_string + args.set_json)
-    trainer_config_from_values(args.name, values)  # the sections check before any process starts
+    config = trainer_config_from_values(args.name, values)  # the sections check before any process starts
+    require_reachable_models(config.training, {**os.environ, **container_env(values)})  # the replicas' env
     unreachable = unreachable_endpoint(values)  # in seconds, before anything starts or is written
     if unreachable:
         print(f"Error: {unreachable}", file=sys.stderr)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -26,10 +25,11 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from trainer.errors import UserError
+from trainer.hub import WEIGHTS_CACHE_ENV, weights_cache
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "KUBETRAIN_WEIGHTS_CACHE"
+CACHE_ENV = WEIGHTS_CACHE_ENV
 CACHE_MARKER = ".kubetrain-fetched.json"  # {file: size}, written last: a folder without it is partial
 
 
@@ -104,8 +104,8 @@ class WeightsReader:
             return path
         if parsed.scheme not in ("s3", "hf"):
             raise UserError(f"{key}: {uri!r} must be a file://, s3:// or hf:// URI, or a model name")
-        root = Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "kubetrain-weights")
-        folder = root / hashlib.sha256(uri.encode()).hexdigest()[:20]
+        folder = weights_cache(uri)
+        root = folder.parent
         try:
             root.mkdir(parents=True, exist_ok=True)
             with open(root / f"{folder.name}.lock", "w") as lock:

@@ -181,7 +181,7 @@ def load_model_and_tokenizer(cfg, weights: _weights.WeightsReader | None = None)
     key = "training.options.model"
     if isinstance(cfg.pretrained, str):
         source, key = cfg.pretrained, "training.pretrained"
-    if source.startswith(("file://", "s3://")):
+    if source.startswith(("file://", "s3://", "hf://")):  # hf://: into the run's weights cache, like causal-lm
         source = str(_weights.current_reader(weights).fetch_directory(source, key))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -85,6 +85,7 @@ def run(config_path: str) -> int:
     host_memory = keep_freed_memory()  # before training allocates; DataLoader workers inherit it
     # Heavy imports happen here so `--help` and config errors answer fast.
     from trainer.config import describe_changes, load_trainer_config
+    from trainer.hub import require_reachable_models
     from trainer.worker.distributed import (ProcessGroup, device_for, fit_threads_to_cpu_limit, log_rank_table,
                                             pick_backend, resolve_rank)
     from trainer.worker.loop import Trainer, TrainingDiverged
@@ -103,6 +104,7 @@ def run(config_path: str) -> int:
     try:
         config = load_trainer_config(config_path)
         experiment = config.experiment
+        require_reachable_models(config.training)  # an offline pod: at once, not after a minute of retries
         info = resolve_rank()
         fit_threads_to_cpu_limit(info)
         backend = pick_backend(config.training.distributed.backend)
