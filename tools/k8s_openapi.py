@@ -23,6 +23,9 @@ OUT = REPO / "tools" / "k8s_pod_types.json"
 ROOTS = ("Toleration", "Affinity", "Volume", "VolumeMount", "EnvVar")
 PREFIX = "#/components/schemas/"
 KEEP = ("type", "properties", "required", "items", "enum", "oneOf", "additionalProperties", "$ref")
+# Enums whose empty value the API server accepts though the document leaves it out: a toleration's
+# empty effect matches every effect, its empty operator means Equal.
+EMPTY_ALLOWED = {("io.k8s.api.core.v1.Toleration", "effect"), ("io.k8s.api.core.v1.Toleration", "operator")}
 
 
 def _trim(schema: dict) -> dict:
@@ -66,6 +69,9 @@ def pod_types(openapi: dict) -> dict:
         name = pending.pop()
         if name not in definitions:
             definitions[name] = _trim(schemas[name])
+            for owner, field in EMPTY_ALLOWED:
+                if owner == name:
+                    definitions[name]["properties"][field]["enum"].insert(0, "")
             pending += sorted(_refs(definitions[name]) - set(definitions))
     return dict(sorted(definitions.items()))
 
