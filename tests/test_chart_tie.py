@@ -182,6 +182,13 @@ CHART_FAILURES = [
     ("v2", ["job.kind=TrainJob,job.runtime=torch-distributed,job.restartPolicy=Never"]),
     ("v2", ["job.kind=TrainJob,job.runtime=torch-distributed,job.backoffLimit=0"]),
     ("v2", ["job.kind=TrainJob,env[0].name=PET_NNODES,env[0].value=three"]),
+    # The user's volumes, mounts and env against the pod's own (more in tests/test_pod_values.py).
+    ("pod", ["volumes[0].name=tmp,volumes[0].emptyDir.medium=Memory"]),
+    ("pod", ["volumes[0].name=d,volumes[0].emptyDir.medium=Memory,volumes[1].name=d,volumes[1].emptyDir.medium="]),
+    ("pod", ["volumeMounts[0].name=data,volumeMounts[0].mountPath=/data"]),
+    ("pod", ["volumeMounts[0].name=tmp,volumeMounts[0].mountPath=/etc/kubetrain/"]),
+    ("pod", ["volumeMounts[0].name=tmp,volumeMounts[0].mountPath=/a,volumeMounts[1].name=dshm,volumeMounts[1].mountPath=/a"]),
+    ("pod", ["env[0].name=HOME,env[0].value=/home/me"]),
 ]
 
 
@@ -212,6 +219,12 @@ ODD_TEXT = st.text(
     max_size=16,
 )
 LABEL_MAP = st.dictionaries(st.from_regex(r"[a-z][a-z0-9./-]{0,12}[a-z0-9]", fullmatch=True), ODD_TEXT, max_size=3)
+# A pod's labels, node selector and annotations: Kubernetes' key syntax (and label values), which the schema
+# enforces; odd text too, which both paths refuse alike.
+POD_KEY = st.from_regex(r"([a-z0-9]{1,5}\.[a-z]{2,3}/)?[a-z][a-z0-9._-]{0,10}[a-z0-9]", fullmatch=True)
+POD_LABELS = st.dictionaries(POD_KEY, st.one_of(
+    st.from_regex(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,20}[A-Za-z0-9])?)?", fullmatch=True), ODD_TEXT), max_size=3)
+POD_ANNOTATIONS = st.dictionaries(POD_KEY, ODD_TEXT, max_size=3)
 NAME = st.one_of(
     st.from_regex(r"[a-z]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True),
     st.integers(40, 53).map(lambda n: ("long-" + "x" * 60)[:n - 1] + "z"),
@@ -237,7 +250,9 @@ def values_sets(draw) -> tuple[str, dict]:
                              "maxNodes": draw(st.sampled_from([0, nodes, nodes + 3, max(1, nodes - 1)])),
                              "maxRestarts": draw(st.integers(0, 5))}}
     values: dict = {
-        "image": {"repository": "x" + draw(ODD_TEXT), "tag": draw(ODD_TEXT),
+        "image": {"repository": draw(st.one_of(st.sampled_from(["kubetrain/trainer", "ghcr.io/org/trainer",
+                                                                 "localhost:5000/kt"]), ODD_TEXT.map("x".__add__))),
+                  "tag": draw(st.one_of(st.sampled_from(["", "v1", "0.1.0-rc_1"]), ODD_TEXT)),
                   "pullSecrets": draw(st.lists(st.sampled_from(["regcred", "mirror"]), max_size=2, unique=True))},
         "job": job,
         "training": {"data": {"root": draw(ODD_TEXT)}, "seed": draw(st.integers(0, 2**31)),
@@ -259,9 +274,9 @@ def values_sets(draw) -> tuple[str, dict]:
                                         st.one_of(ODD_TEXT, st.integers(0, 10**7), st.booleans()), max_size=3)),
         "env": draw(st.lists(st.builds(lambda i, v: {"name": f"EXTRA_{i}", "value": v}, st.integers(0, 9), ODD_TEXT),
                              max_size=2, unique_by=lambda e: e["name"])),
-        "podAnnotations": draw(LABEL_MAP),
-        "podLabels": draw(LABEL_MAP),
-        "nodeSelector": draw(LABEL_MAP),
+        "podAnnotations": draw(POD_ANNOTATIONS),
+        "podLabels": draw(POD_LABELS),
+        "nodeSelector": draw(POD_LABELS),
         "priorityClassName": draw(st.sampled_from(["", "training-high"])),
         "schedulerName": draw(st.sampled_from(["", "volcano"])),
         "kueue": {"queueName": draw(st.sampled_from(["", "team-a"]))},
@@ -273,8 +288,9 @@ def values_sets(draw) -> tuple[str, dict]:
                                            max_size=2))},
     }
     if draw(st.booleans()):
-        values["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule",
-                                  "tolerationSeconds": draw(st.integers(0, 10**6))}]
+        values["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                                 {"key": "node.kubernetes.io/unreachable", "operator": "Exists",
+                                  "effect": "NoExecute", "tolerationSeconds": draw(st.integers(0, 10**6))}]
         values["affinity"] = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [{"matchExpressions": [
                 {"key": "gpu", "operator": "In", "values": [draw(ODD_TEXT)]}]}]}}}

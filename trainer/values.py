@@ -356,8 +356,8 @@ def _message(error: jsonschema.ValidationError) -> str:
         return "; ".join(f"Additional property {name} is not allowed" for name in extra)
     if "then" in error.schema_path and error.schema.get("description"):  # a task's rule: say which and why
         return f"{error.instance!r} is not valid: {error.schema['description']}"
-    if error.validator == "pattern" and error.schema.get("errorMessage"):  # a regex says nothing to a user
-        return f"{error.instance!r} is not valid: {error.schema['errorMessage']}"
+    if error.validator in ("pattern", "not", "const") and error.schema.get("errorMessage"):
+        return f"{error.instance!r} is not valid: {error.schema['errorMessage']}"  # a regex says nothing to a user
     if error.validator == "oneOf":
         return f"{error.instance!r} is not valid: {error.schema.get('errorMessage', 'no alternative matched')}"
     if error.validator == "type" and "integer" in error.validator_value and _is_fraction(error.instance):

@@ -25,6 +25,8 @@ from trainer.values_model import key_name
 from trainer.values import HelmValuesLoader
 
 CHART = Path(__file__).resolve().parent.parent / "helm" / "kubetrain"
+# Kubernetes' definitions of the pod-level types (tools/k8s_openapi.py vendors them from the API server).
+K8S_TYPES = Path(__file__).resolve().parent.parent / "tools" / "k8s_pod_types.json"
 HEADER = """\
 # Default values for kubetrain: one Helm release is one experiment, and the
 # release name is the experiment (and PyTorchJob) name.
@@ -152,12 +154,37 @@ def task_rules() -> list[dict]:
     return rules
 
 
+def k8s_types() -> dict:
+    return json.loads(K8S_TYPES.read_text(encoding="utf-8"))
+
+
+def _exactly_one(node: Any, definitions: dict) -> Any:
+    """`exactlyOneOf: Kind` -> a oneOf requiring one of that definition's properties (but `name`): a volume's
+    sources, an env var's valueFrom sources, as many as the vendored Kubernetes version has."""
+    if isinstance(node, list):
+        return [_exactly_one(item, definitions) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "exactlyOneOf":
+            names = definitions[f"io.k8s.api.core.v1.{value}"]["properties"]
+            out["oneOf"] = [{"required": [name]} for name in names if name != "name"]
+        else:
+            out[key] = _exactly_one(value, definitions)
+    return out
+
+
 def values_schema() -> dict:
     root = object_schema(values_model.Values, "")
     root["properties"] = {"global": {"type": "object", "description": "global is Helm's global values (unused)."},
                           **root["properties"]}
     root["properties"]["training"]["allOf"] = task_rules()
-    return {"$schema": "http://json-schema.org/draft-07/schema#", "title": "kubetrain values", **root}
+    vendored = k8s_types()
+    root = _exactly_one(root, vendored["definitions"])
+    return {"$schema": "http://json-schema.org/draft-07/schema#", "title": "kubetrain values", **root,
+            "definitions": vendored["definitions"],
+            "$comment": f"definitions: Kubernetes {vendored['kubernetes']}'s OpenAPI types (tools/k8s_pod_types.json)"}
 
 
 def schema_text() -> str:

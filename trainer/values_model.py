@@ -31,6 +31,13 @@ QUANTITY = (r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+
             r"|(\.[0-9]+))))?$")
 STRING_MAP = {"type": "string"}
 
+# Image references as container runtimes parse them (distribution's reference grammar): a registry host is
+# told from a path by a dot, a port or `localhost`, and paths are lowercase; a tag or digest is not part of it.
+_HOST_PART = "(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_PATH_PART = "[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+IMAGE_REPOSITORY = (f"^(?:(?:{_HOST_PART}(?:\\.{_HOST_PART})+(?::[0-9]+)?|{_HOST_PART}:[0-9]+|localhost)/)?"
+                    f"{_PATH_PART}(?:/{_PATH_PART})*$")
+
 
 def setting(default, doc: str, *, invalid: str = "", **schema):
     """A key: its default, doc and JSON Schema keywords (minimum=, enum=, pattern=, items=, ...).
@@ -67,8 +74,14 @@ def chart_only_keys() -> dict[str, tuple[str, ...]]:
 # ------------------------------------------------------------------ the job (chart only)
 @dataclass(frozen=True)
 class ImageValues:
-    repository: str = setting("kubetrain/trainer", "is the trainer image without its tag.", minLength=1)
-    tag: str = setting("", "defaults to the chart's appVersion when empty.")
+    repository: str = setting("kubetrain/trainer", "is the trainer image without its tag.", minLength=1,
+                              maxLength=255, pattern=IMAGE_REPOSITORY,
+                              invalid="an image repository without a tag or digest: lowercase path components, "
+                                      "after an optional registry host[:port]/ (e.g. ghcr.io/org/trainer); the tag "
+                                      "goes in image.tag")
+    tag: str = setting("", "defaults to the chart's appVersion when empty.", pattern="^$|^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$",
+                       invalid="an image tag: up to 128 letters, digits, '_', '.' and '-', not starting with '.' or "
+                               "'-' (empty = the chart's appVersion)")
     pull_policy: str = setting("IfNotPresent", "is the container's imagePullPolicy.",
                                enum=["Always", "IfNotPresent", "Never"])
     pull_secrets: tuple[str, ...] = setting((), "lists the names of Secrets used to pull the image.",
@@ -462,11 +475,64 @@ class KueueValues:
                               pattern=OPTIONAL_DNS_SUBDOMAIN)
 
 
-ENV_VAR = {
-    "type": "object", "additionalProperties": False, "required": ["name"],
-    "properties": {"name": {"type": "string", "pattern": "^[-._a-zA-Z][-._a-zA-Z0-9]*$"},
-                   "value": {"type": "string"}, "valueFrom": {"type": "object"}},
+# ---- Kubernetes' own types (tools/k8s_pod_types.json, vendored from the API server's OpenAPI document by
+# tools/k8s_openapi.py; values_codegen puts them under the schema's definitions), plus the rules of its
+# validation that OpenAPI cannot say. `exactlyOneOf` names a definition whose properties (but `name`)
+# are alternatives: values_codegen writes the oneOf from the vendored file.
+def k8s(kind: str) -> dict:
+    return {"$ref": f"#/definitions/io.k8s.api.core.v1.{kind}"}
+
+
+DNS_LABEL = {"type": "string", "maxLength": 63, "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+             "errorMessage": "a DNS-1123 label: at most 63 lowercase letters, digits and '-', starting and ending "
+                             "with a letter or digit"}
+# A label or annotation key: an optional DNS subdomain prefix (253) and '/', then a name of at most 63.
+QUALIFIED_NAME = {"type": "string", "allOf": [
+    {"pattern": "^([^/]{1,253}/)?[^/]{1,63}$",
+     "errorMessage": "a key is [prefix/]name: a prefix of at most 253 characters and a name of at most 63"},
+    {"pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+     "errorMessage": "a key is [prefix/]name: the name of letters, digits, '-', '_' and '.', starting and ending "
+                     "with a letter or digit; the prefix a lowercase DNS subdomain"}]}
+LABEL_VALUE = {"type": "string", "maxLength": 63, "pattern": "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+               "errorMessage": "a label value: at most 63 letters, digits, '-', '_' and '.', starting and ending "
+                               "with a letter or digit (or empty)"}
+LABELS = {"additionalProperties": LABEL_VALUE, "propertyNames": QUALIFIED_NAME}
+
+
+def _then(rule: dict, why: str) -> dict:
+    """A rule inside an if/then: its description is the message (trainer/values.py shows it)."""
+    return {**rule, "description": why, "errorMessage": why}
+
+
+TOLERATION = {"allOf": [k8s("Toleration"), {"properties": {
+    "key": {"anyOf": [{"const": ""}, QUALIFIED_NAME]},
+    "value": {**LABEL_VALUE}}}], "if": {"properties": {"operator": {"const": "Exists"}}, "required": ["operator"]},
+    "then": {"properties": {"value": _then({"const": ""}, "a toleration with operator Exists matches any value: "
+                                                        "leave value out")}},
+    "else": {"if": {"properties": {"key": {"const": ""}}},
+             "then": {"required": ["operator"], "properties": {"operator": _then(
+                 {"const": "Exists"}, "a toleration without a key must have operator Exists")},
+                 "description": "a toleration without a key must have operator Exists"}},
 }
+TOLERATION_SECONDS = {"if": {"required": ["tolerationSeconds"]}, "then": {
+    "required": ["effect"], "description": "tolerationSeconds is for effect NoExecute only",
+    "properties": {"effect": _then({"const": "NoExecute"}, "tolerationSeconds is for effect NoExecute only")}}}
+ENV_VAR = {"allOf": [k8s("EnvVar"), {
+    "properties": {"name": {"pattern": "^[-._a-zA-Z][-._a-zA-Z0-9]*$",
+                            "errorMessage": "an environment variable name: letters, digits, '_', '-' and '.', "
+                                            "not starting with a digit"},
+                   "valueFrom": {"exactlyOneOf": "EnvVarSource",
+                                 "errorMessage": "valueFrom takes exactly one source (fieldRef, resourceFieldRef, "
+                                                 "configMapKeyRef, secretKeyRef or fileKeyRef)"}},
+    "not": {"required": ["value", "valueFrom"], "properties": {"value": {"minLength": 1}}},
+    "errorMessage": "an env entry takes value or valueFrom, not both"}]}
+VOLUME = {"allOf": [k8s("Volume"), {
+    "properties": {"name": DNS_LABEL},
+    "exactlyOneOf": "Volume",
+    "errorMessage": "a volume takes exactly one source (e.g. persistentVolumeClaim, configMap, secret, emptyDir): "
+                    "none would be an emptyDir, two are refused by Kubernetes"}]}
+VOLUME_MOUNT = {"allOf": [k8s("VolumeMount"), {"properties": {"name": DNS_LABEL}}]}
 
 
 @dataclass(frozen=True)
@@ -488,25 +554,27 @@ class Values:
                                  '"1"}.', additionalProperties=False,
                              patternProperties={"^NCCL_[A-Z0-9_]+$": {"type": ["string", "integer", "boolean"]}})
     volumes: tuple[dict, ...] = setting((), "are extra pod volumes, e.g. a PersistentVolumeClaim holding "
-                                            "training.data.root.", items={"type": "object", "required": ["name"]})
+                                            "training.data.root.", items=VOLUME)
     volume_mounts: tuple[dict, ...] = setting((), "are extra trainer container mounts of the volumes above.",
-                                              items={"type": "object", "required": ["name", "mountPath"]})
+                                              items=VOLUME_MOUNT)
     service_account: ServiceAccountValues = section(ServiceAccountValues, "is the pods' identity; its API token is "
                                                                           "never mounted.")
     rbac: RbacValues = section(RbacValues, "ships a Role for people (or CI bots) who run `kubetrain "
                                            "submit/status/logs/list/delete` against this namespace: what those verbs "
                                            "need, and no access to Secrets.")
-    pod_annotations: dict = setting({}, "are added to every trainer pod.", additionalProperties=STRING_MAP)
-    pod_labels: dict = setting({}, "are added to every trainer pod.", additionalProperties=STRING_MAP)
+    pod_annotations: dict = setting({}, "are added to every trainer pod.", additionalProperties=STRING_MAP,
+                                    propertyNames=QUALIFIED_NAME)
+    pod_labels: dict = setting({}, "are added to every trainer pod.", **LABELS)
     pod_security_context: PodSecurityContextValues = section(PodSecurityContextValues, "is the pods' security context.")
     security_context: SecurityContextValues = section(SecurityContextValues, "is the trainer container's security "
                                                                              "context; /tmp stays writable on the "
                                                                              "read-only root filesystem.")
     termination_grace_period_seconds: int = setting(300, "is how long a pod has after SIGTERM to commit a checkpoint "
                                                          "and exit 143.", minimum=0)
-    node_selector: dict = setting({}, "constrains the pods to nodes with these labels.", additionalProperties=STRING_MAP)
-    tolerations: tuple[dict, ...] = setting((), "let the pods onto tainted (e.g. GPU) nodes.", items={"type": "object"})
-    affinity: dict = setting({}, "is the pods' node/pod affinity.")
+    node_selector: dict = setting({}, "constrains the pods to nodes with these labels.", **LABELS)
+    tolerations: tuple[dict, ...] = setting((), "let the pods onto tainted (e.g. GPU) nodes.",
+                                            items={"allOf": [TOLERATION, TOLERATION_SECONDS]})
+    affinity: dict = setting({}, "is the pods' node/pod affinity.", allOf=[k8s("Affinity")])
     priority_class_name: str = setting("", "is the pods' PriorityClass (empty = the cluster default).",
                                        pattern=OPTIONAL_DNS_SUBDOMAIN)
     scheduler_name: str = setting("", "is the pods' scheduler (empty = default-scheduler), e.g. volcano for gang "

@@ -17,6 +17,9 @@ CONFIG_PATH = f"{CONFIG_DIR}/config.json"
 MAX_NAME = 63  # DNS-1035 label: the operator names pods and Services `<job>-worker-<i>`
 MAX_RELEASE_NAME = 53  # Helm refuses longer release names
 TRAINJOB_RENDEZVOUS_PORT = 29500  # Trainer v2's torch plugin sets PET_MASTER_PORT to it, whatever job.masterPort says
+# The pod's own volumes and where the trainer container mounts them (`kubetrain.chartVolumes` and
+# `kubetrain.chartVolumeMounts`; tests/test_pod_values.py holds these to what helm renders).
+CHART_MOUNTS = {"config": CONFIG_DIR, "dshm": "/dev/shm", "tmp": "/tmp"}
 
 
 def max_nodes(job: dict) -> int:
@@ -66,6 +69,44 @@ def _check_sections(name: str, values: dict) -> None:
         raise UserError(chart_message("devSecretExclusive"))
     if s3["devSecret"]["enabled"] and not (s3["devSecret"]["accessKeyId"] and s3["devSecret"]["secretAccessKey"]):
         raise UserError(chart_message("devSecretKeys"))
+    check_pod(values)
+
+
+def chart_env_names(values: dict) -> list[str]:
+    """`kubetrain.chartEnv`'s names: HOME, the S3 credentials when a Secret holds them, ncclEnv."""
+    s3 = values["s3"]
+    secret = s3["credentialsSecret"] or s3["devSecret"]["enabled"]
+    return ["HOME", *(["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] if secret else []),
+            *sorted(values.get("ncclEnv") or {})]
+
+
+def check_pod(values: dict) -> None:
+    """`kubetrain.validatePod`: the user's volumes, mounts and env against the pod's own, mounts against
+    volumes; what spans keys, which the schema cannot hold. Kubernetes would refuse every pod (or, for
+    env, silently let the user's entry replace the chart's)."""
+    own = list(CHART_MOUNTS)
+    volumes = list(own)
+    for i, volume in enumerate(values.get("volumes") or []):
+        if volume["name"] in own:
+            raise UserError(chart_message("volumeReserved", i, volume["name"], ", ".join(own)))
+        if volume["name"] in volumes:
+            raise UserError(chart_message("volumeTwice", i, volume["name"]))
+        volumes.append(volume["name"])
+    paths = {path: name for name, path in CHART_MOUNTS.items()}
+    user_paths: list[str] = []
+    for i, mount in enumerate(values.get("volumeMounts") or []):
+        if mount["name"] not in volumes:
+            raise UserError(chart_message("mountNoVolume", i, mount["name"], ", ".join(own)))
+        path = mount["mountPath"].removesuffix("/") or "/"
+        if path in paths:
+            raise UserError(chart_message("mountPathReserved", i, mount["mountPath"], paths[path]))
+        if path in user_paths:
+            raise UserError(chart_message("mountPathTwice", i, mount["mountPath"]))
+        user_paths.append(path)
+    chart_env = chart_env_names(values)
+    for i, var in enumerate(values.get("env") or []):
+        if var["name"] in chart_env:
+            raise UserError(chart_message("envReserved", i, var["name"], ", ".join(chart_env)))
 
 
 def check_train_job(values: dict) -> None:

@@ -103,10 +103,10 @@ def connect(args: argparse.Namespace):
 def cmd_submit(args: argparse.Namespace) -> int:
     from trainer.controller import helm, jobs
 
-    checked_values(args)  # every values/name check before helm or the cluster
+    values = checked_values(args)  # every values/name check before helm or the cluster
     helm.binary("submit")
     return jobs.submit(connect(args), args.name, value_flags(args), (args.kubeconfig, args.context),
-                       dry_run=args.dry_run, force=args.force, wait=args.wait)
+                       dry_run=args.dry_run, force=args.force, wait=args.wait, values=values)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

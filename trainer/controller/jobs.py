@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import codecs
 import datetime
+import io
 import sys
 import threading
 import time
@@ -105,16 +106,20 @@ def require_trainer_version(kube: Kube, err: TextIO = sys.stderr) -> None:
 
 # ---------------------------------------------------------------- submit
 def submit(kube: Kube, name: str, flags, target: tuple[str | None, str | None], dry_run: bool = False,
-           force: bool = False, wait: bool = False, out: TextIO = sys.stdout) -> int:
+           force: bool = False, wait: bool = False, out: TextIO = sys.stdout, values: dict | None = None) -> int:
     """Install or upgrade the experiment's Helm release: `flags` are the user's value flags (already
-    checked), `target` the --kubeconfig and --context given, which helm gets too."""
+    checked, `values` what they resolve to), `target` the --kubeconfig and --context given, which helm
+    gets too. The job's pods are dry-run first (trainer/controller/pods.py)."""
     from trainer.controller import helm  # only submit runs helm: the other verbs skip its imports
+    from trainer.controller.pods import dry_run_pods
 
     objects = helm.manifests(helm.template(name, flags, False, kube.namespace, verb="submit"))
     job = next(obj for obj in objects if obj["kind"] in {kind.kind for kind in JOB_KINDS})
     require_job_api(kube, job)
     if kind_of(job) is TRAINJOB:
         require_trainer_version(kube)
+    if values is not None:  # reported on a dry run; a refusal stops either
+        dry_run_pods(kube, objects, values, out if dry_run else io.StringIO())
     digest = spec_hash(job)
     existing = find_job(kube, name)
     if existing is not None:

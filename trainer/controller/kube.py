@@ -202,6 +202,20 @@ class Kube:
         except ApiError as e:
             raise UserError(f"{kind}/{name} rejected by the API server: {e.message}") from None
 
+    def dry_run_create(self, obj: dict) -> tuple[int, str]:
+        """POST obj with dryRun=All and strict field validation, into our namespace: (status, the server's
+        message); 2xx means it would be created. Admission runs, nothing is stored."""
+        path = self._path(obj["apiVersion"], obj["kind"])
+        query = {"dryRun": "All", "fieldValidation": "Strict", "fieldManager": FIELD_MANAGER}
+        response, _ = self._send("POST", path, query, obj, "application/json")
+        data = response.read()
+        if response.status < 400:
+            return response.status, ""
+        try:
+            return response.status, json.loads(data).get("message") or response.reason
+        except (ValueError, AttributeError):
+            return response.status, data.decode("utf-8", errors="replace").strip() or response.reason
+
     def get(self, api_version: str, kind: str, name: str) -> dict | None:
         path = self._path(api_version, kind, name)
         if path is None:

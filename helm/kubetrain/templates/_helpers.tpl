@@ -153,6 +153,57 @@ values.yaml itself; tests/test_chart_tie.py fails if these and trainer/values_mo
 {{- if and .Values.s3.devSecret.enabled (not (and .Values.s3.devSecret.accessKeyId .Values.s3.devSecret.secretAccessKey)) -}}
 {{- fail $say.devSecretKeys -}}
 {{- end -}}
+{{- include "kubetrain.validatePod" . -}}
+{{- end -}}
+
+{{/*
+The user's volumes, mounts and env against the pod's own (what the chart itself renders: the
+kubetrain.chart* helpers below), and mounts against volumes: rules that span keys, which the schema
+cannot hold. trainer/controller/checks.py checks the same, in the same order.
+*/}}
+{{- define "kubetrain.validatePod" -}}
+{{- $say := .Files.Get "files/messages.yaml" | fromYaml -}}
+{{- $chartVolumes := list -}}
+{{- range include "kubetrain.chartVolumes" . | fromYamlArray -}}
+{{- $chartVolumes = append $chartVolumes .name -}}
+{{- end -}}
+{{- $volumes := $chartVolumes -}}
+{{- range $i, $volume := .Values.volumes -}}
+{{- if has $volume.name $chartVolumes -}}
+{{- fail (printf $say.volumeReserved $i $volume.name (join ", " $chartVolumes)) -}}
+{{- end -}}
+{{- if has $volume.name $volumes -}}
+{{- fail (printf $say.volumeTwice $i $volume.name) -}}
+{{- end -}}
+{{- $volumes = append $volumes $volume.name -}}
+{{- end -}}
+{{- $paths := dict -}}
+{{- range include "kubetrain.chartVolumeMounts" . | fromYamlArray -}}
+{{- $_ := set $paths .mountPath .name -}}
+{{- end -}}
+{{- $userPaths := list -}}
+{{- range $i, $mount := .Values.volumeMounts -}}
+{{- if not (has $mount.name $volumes) -}}
+{{- fail (printf $say.mountNoVolume $i $mount.name (join ", " $chartVolumes)) -}}
+{{- end -}}
+{{- $path := trimSuffix "/" $mount.mountPath | default "/" -}}
+{{- if hasKey $paths $path -}}
+{{- fail (printf $say.mountPathReserved $i $mount.mountPath (get $paths $path)) -}}
+{{- end -}}
+{{- if has $path $userPaths -}}
+{{- fail (printf $say.mountPathTwice $i $mount.mountPath) -}}
+{{- end -}}
+{{- $userPaths = append $userPaths $path -}}
+{{- end -}}
+{{- $chartEnv := list -}}
+{{- range include "kubetrain.chartEnv" . | fromYamlArray -}}
+{{- $chartEnv = append $chartEnv .name -}}
+{{- end -}}
+{{- range $i, $var := .Values.env -}}
+{{- if has $var.name $chartEnv -}}
+{{- fail (printf $say.envReserved $i $var.name (join ", " $chartEnv)) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The trainer's command: torchrun reads PET_* (set by the operator) for nodes, rank and rendezvous. */}}
@@ -251,8 +302,15 @@ annotations:
   {{- mergeOverwrite (dict "sidecar.istio.io/inject" "false") (.Values.podAnnotations | default dict) | toYaml | nindent 2 }}
 {{- end -}}
 
-{{/* The trainer container's environment. */}}
+{{/* The trainer container's environment: the chart's, then the user's env. */}}
 {{- define "kubetrain.env" -}}
+{{ include "kubetrain.chartEnv" . }}
+{{- with .Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "kubetrain.chartEnv" -}}
 {{- $s3Secret := include "kubetrain.s3SecretName" . -}}
 # A writable home on the read-only root filesystem (torch hub, triton caches).
 - name: HOME
@@ -273,13 +331,17 @@ annotations:
 - name: {{ $key }}
   value: {{ include "kubetrain.string" $value | quote }}
 {{- end }}
-{{- with .Values.env }}
-{{ toYaml . }}
-{{- end }}
 {{- end -}}
 
 {{/* The trainer container's mounts: the config, shared memory, a writable /tmp, the user's. */}}
 {{- define "kubetrain.volumeMounts" -}}
+{{ include "kubetrain.chartVolumeMounts" . }}
+{{- with .Values.volumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "kubetrain.chartVolumeMounts" -}}
 - name: config
   mountPath: /etc/kubetrain
   readOnly: true
@@ -287,12 +349,16 @@ annotations:
   mountPath: /dev/shm
 - name: tmp
   mountPath: /tmp
-{{- with .Values.volumeMounts }}
+{{- end -}}
+
+{{- define "kubetrain.volumes" -}}
+{{ include "kubetrain.chartVolumes" . }}
+{{- with .Values.volumes }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
 
-{{- define "kubetrain.volumes" -}}
+{{- define "kubetrain.chartVolumes" -}}
 - name: config
   configMap:
     name: {{ .Release.Name }}-config
@@ -304,9 +370,6 @@ annotations:
     {{- end }}
 - name: tmp
   emptyDir: {}
-{{- with .Values.volumes }}
-{{ toYaml . }}
-{{- end }}
 {{- end -}}
 
 {{/* requests = limits: cpu, memory and nvidia.com/gpu when GPUs are asked for. */}}
