@@ -1,9 +1,10 @@
 """A TCP proxy on loopback in front of a real server, that makes the faults a client must survive.
 
 Per connection, `answer()` decides: bytes are sent back as the whole HTTP response, after the
-request was read, and the connection is closed (a throttling or unavailable server); None forwards
-the bytes both ways to the upstream server. `drop_after` cuts every forwarded connection after
-that many seconds (a load balancer's idle timeout, a server restart). With `tls`, the proxy
+request was read, and the connection is closed (a throttling or unavailable server); b"" closes it
+without an answer (a server that died mid-request); None forwards the bytes both ways to the
+upstream server. `drop_after` resets every forwarded connection after
+that many seconds (a TCP RST, as from a load balancer's idle timeout or a restarted server). With `tls`, the proxy
 terminates TLS with that server context and opens TLS to the upstream with `upstream_tls`, so it
 can answer HTTPS clients itself (they authenticate by bearer token: a client certificate ends here).
 s3server.SlowDownProxy (S3's 503 SlowDown) and the cluster tier's 429 proxy are made of it.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from typing import Callable
@@ -83,7 +85,7 @@ class FaultProxy:
             while body < length and (chunk := conn.recv(65536)):
                 body += len(chunk)
         self.refused += 1
-        conn.sendall(response or http_answer("503 Service Unavailable"))
+        conn.sendall(http_answer("503 Service Unavailable") if response is None else response)
 
     def _forward(self, conn: socket.socket) -> None:
         upstream = socket.create_connection(self.upstream)
@@ -99,7 +101,8 @@ class FaultProxy:
                     wait = None if until is None else until - time.monotonic()
                     if wait is not None and wait <= 0:
                         self.dropped += 1
-                        return
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return  # closed with linger 0: the client reads ECONNRESET
                     ready = select.select(list(peer), [], [], wait)[0]
                 for s in ready:
                     chunk = s.recv(65536)

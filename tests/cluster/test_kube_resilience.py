@@ -146,11 +146,13 @@ def test_logs_follow_renews_a_token_without_expiry_on_401(apiserver, namespace, 
     assert len(calls.read_text().split()) >= 2  # ... and the plugin ran again
 
 
-def test_throttled_and_unavailable_answers_are_retried(apiserver, namespace, experiment, tmp_path):
-    """429 with Retry-After, then 503 without it, then the real apiserver: `list` succeeds."""
+def test_throttled_unavailable_and_dropped_requests_are_retried(apiserver, namespace, experiment, tmp_path):
+    """429 with Retry-After, then 503 without it, then two connections closed before any answer (the
+    first is taken for a kept-alive one the server closed: tried again at once; the second waits a
+    backoff), then the real apiserver: `list` succeeds."""
     answers = [http_answer("429 Too Many Requests", b'{"message": "slow down"}', "application/json",
                            "Retry-After: 1\r\n"),
-               http_answer("503 Service Unavailable", b"upstream connect error")]
+               http_answer("503 Service Unavailable", b"upstream connect error"), b"", b""]
     proxy = tls_proxy(apiserver, answer=lambda: answers.pop(0) if answers else None)
     plugin, _ = expiring_plugin(apiserver, tmp_path, expiry=True)
     try:
@@ -159,7 +161,7 @@ def test_throttled_and_unavailable_answers_are_retried(apiserver, namespace, exp
     finally:
         proxy.close()
     assert result.returncode == 0, result.stderr
-    assert experiment in result.stdout.split() and proxy.refused == 2, (result.stdout, proxy.refused)
+    assert experiment in result.stdout.split() and proxy.refused == 4, (result.stdout, proxy.refused)
 
 
 def test_a_server_that_stays_unavailable_is_one_line_naming_it(apiserver, tmp_path, monkeypatch):

@@ -174,7 +174,7 @@ class Kube:
                 resendable = idempotent or isinstance(e, ConnectionRefusedError)  # refused: never sent
                 if not (self._answered and resendable and isinstance(e, _DROPPED)):
                     raise UserError(f"cannot reach the Kubernetes API server at {self.config.server}: {e}") from None
-                delay, last = None, f"{type(e).__name__}: {e}".rstrip(": ")
+                delay, last = None, f"cannot reach the Kubernetes API server at {self.config.server}: {e}"
             else:
                 self._answered = True
                 retry_after = response.getheader("Retry-After")
@@ -188,7 +188,8 @@ class Kube:
                     if not streaming:
                         self._local.connection, self._local.generation = connection, self._tls_generation
                     return response, connection
-                last = f"{status} {_message(response.reason, response.read())}"
+                last = (f"the Kubernetes API server at {self.config.server} still answered "
+                        f"{status} {_message(response.reason, response.read())}")
                 if streaming:
                     connection.close()
                 else:
@@ -198,8 +199,7 @@ class Kube:
             delay = delay if delay is not None else min(8.0, 0.25 * 2 ** tries) * random.uniform(0.5, 1.0)
             tries += 1
             if time.monotonic() + delay > deadline:
-                raise UserError(f"the Kubernetes API server at {self.config.server} still answered {last} "
-                                f"after {tries} tries in {RETRY_SECONDS}s") from None
+                raise UserError(f"{last} after {tries} tries in {RETRY_SECONDS}s") from None
             time.sleep(delay)
 
     def request(self, method: str, path: str, query: dict | None = None, body: dict | None = None,
