@@ -152,8 +152,9 @@ class Kube:
 
     def _send(self, method: str, path: str, query: dict | None, body: dict | None, content_type: str | None,
               streaming: bool = False, timeout: float | None = REQUEST_TIMEOUT_S):
-        """(response, connection) once the server gave an answer not worth retrying (see the module's
-        docstring); a streaming request gets a connection of its own, others reuse the thread's."""
+        """(response, connection, body) once the server gave an answer not worth retrying (see the
+        module's docstring). A streaming request gets a connection of its own and its body unread
+        (None); others reuse the thread's connection, and a body cut short is retried as a drop."""
         target = self._prefix + path + ("?" + urlencode(query) if query else "")
         payload = json.dumps(body).encode() if body is not None else None
         idempotent = method != "POST" or bool(query and query.get("dryRun"))
@@ -166,10 +167,12 @@ class Kube:
             try:
                 connection.request(method, target, body=payload, headers=headers)
                 response = connection.getresponse()
+                data = None if streaming else response.read()
             except (OSError, http.client.HTTPException) as e:
                 connection.close()
                 self._local.connection = None
-                if kept is not None and isinstance(e, (http.client.RemoteDisconnected, ConnectionError)):
+                if kept is not None and isinstance(e, http.client.RemoteDisconnected if not idempotent
+                                                   else (http.client.RemoteDisconnected, ConnectionError)):
                     continue  # the server closed a kept-alive connection: at once on a new one
                 resendable = idempotent or isinstance(e, ConnectionRefusedError)  # refused: never sent
                 if not (self._answered and resendable and isinstance(e, _DROPPED)):
@@ -179,21 +182,21 @@ class Kube:
                 self._answered = True
                 retry_after = response.getheader("Retry-After")
                 status = response.status
-                if status == 401 and not renewed and credentials.renew is not None:
-                    response.read()  # e.g. a token revoked or expired early: renew once, send again
+                retry = status == 429 or idempotent and (status in RETRY_STATUSES or status >= 500 and retry_after)
+                renew = status == 401 and not renewed and credentials.renew is not None
+                if streaming and (retry or renew):
+                    data = response.read()
+                    connection.close()
+                elif not streaming:
+                    self._local.connection, self._local.generation = connection, self._tls_generation
+                if renew:  # e.g. a token revoked or expired early: renew once, send again
                     renewed = True
                     self._credentials(renew=credentials)
                     continue
-                if not (status == 429 or idempotent and (status in RETRY_STATUSES or status >= 500 and retry_after)):
-                    if not streaming:
-                        self._local.connection, self._local.generation = connection, self._tls_generation
-                    return response, connection
+                if not retry:
+                    return response, connection, data
                 last = (f"the Kubernetes API server at {self.config.server} still answered "
-                        f"{status} {_message(response.reason, response.read())}")
-                if streaming:
-                    connection.close()
-                else:
-                    self._local.connection, self._local.generation = connection, self._tls_generation
+                        f"{status} {_message(response.reason, data)}")
                 delay = float(retry_after) if (retry_after or "").isdigit() else None
             # Exponential backoff with jitter (0.25 s doubling up to 8 s), or the delay the server asked for.
             delay = delay if delay is not None else min(8.0, 0.25 * 2 ** tries) * random.uniform(0.5, 1.0)
@@ -204,14 +207,13 @@ class Kube:
 
     def request(self, method: str, path: str, query: dict | None = None, body: dict | None = None,
                 content_type: str = "application/json") -> dict:
-        response, _ = self._send(method, path, query, body, content_type)
-        data = response.read()
+        response, _, data = self._send(method, path, query, body, content_type)
         _raise_for_status(response, data)
         return json.loads(data) if data else {}
 
     def stream(self, path: str, query: dict, timeout: float | None) -> http.client.HTTPResponse:
         """A long GET (watch, log follow) on its own connection; the caller reads and closes it."""
-        response, connection = self._send("GET", path, query, None, None, streaming=True, timeout=timeout)
+        response, connection, _ = self._send("GET", path, query, None, None, streaming=True, timeout=timeout)
         if response.status >= 400:
             data = response.read()
             connection.close()
