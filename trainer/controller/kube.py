@@ -36,7 +36,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from trainer import __version__
 from trainer.controller.kinds import JOB_KINDS, JobKind
-from trainer.controller.kubeconfig import ClusterConfig, load_cluster_config
+from trainer.controller.kubeconfig import ClusterConfig, Credentials, load_cluster_config
 from trainer.errors import UserError
 
 FIELD_MANAGER = "kubetrain"
@@ -44,8 +44,8 @@ REQUEST_TIMEOUT_S = 60  # one request; watches and log streams set their own
 RETRY_SECONDS = 60  # how long one request is retried while the server throttles, is unavailable or drops it
 RETRY_STATUSES = (429, 502, 503, 504)  # and any 5xx that carries Retry-After
 # A connection that the server (or a load balancer) closed, reset or refused: worth another try.
-_DROPPED = (ConnectionError, TimeoutError, http.client.RemoteDisconnected, http.client.IncompleteRead,
-            http.client.BadStatusLine)
+_DROPPED = (ConnectionError, TimeoutError, ssl.SSLEOFError, http.client.RemoteDisconnected,
+            http.client.IncompleteRead, http.client.BadStatusLine)
 # What `kubetrain delete` removes: every kind the chart renders, selected by the experiment label.
 EXPERIMENT_KINDS = [
     *(kind.api for kind in JOB_KINDS),
@@ -120,7 +120,7 @@ class Kube:
                                   context=self._context)
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
-    def _credentials(self, renew: object = None):
+    def _credentials(self, renew: Credentials | None = None) -> Credentials:
         """The credentials to send, renewed first when stale, or when `renew` is the set a 401 refused
         (a set another thread already replaced is not renewed twice)."""
         with self._auth_lock:
@@ -132,7 +132,7 @@ class Kube:
                     self._context, self._tls_generation = _ssl_context(self.config), self._tls_generation + 1
             return self.config.credentials
 
-    def _headers(self, credentials, content_type: str | None) -> dict:
+    def _headers(self, credentials: Credentials, content_type: str | None) -> dict:
         headers = {"Accept": "application/json", "User-Agent": f"kubetrain/{__version__}"}
         if credentials.token:
             headers["Authorization"] = f"Bearer {credentials.token}"
