@@ -11,6 +11,8 @@ import contextlib
 import ctypes
 import dataclasses
 import glob
+import http.server
+import json
 import os
 import re
 import secrets
@@ -19,6 +21,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -148,6 +151,71 @@ class Process:
             return False
 
 
+# --------------------------------------------------------------------------- expiring tokens
+class TokenWebhook:
+    """The kube-apiserver's authentication webhook (TokenReview v1), served on loopback by the test
+    process, as a cloud's IAM answers for the short-lived tokens its exec plugin hands out (EKS, GKE).
+
+    It accepts a token `expiring_token_source()` printed until the expiry written in it, and counts
+    the refusals. The apiserver caches a success for 10 s (its default token cache), so a token is
+    refused from 10 s after its first use or its expiry, whichever is later.
+    """
+
+    PREFIX = "kubetrain-expiring"
+
+    def __init__(self, work: Path):
+        self.refused = 0
+        webhook = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                review = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                user = webhook.user_of(str(review.get("spec", {}).get("token", "")))
+                status = {"authenticated": True, "user": {"username": user}} if user else {"authenticated": False}
+                body = json.dumps({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                                   "status": status}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.config = work / "token-webhook.kubeconfig"
+        self.config.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "webhook", "cluster": {
+                "server": f"http://127.0.0.1:{self.server.server_port}/authenticate"}}],
+            "users": [{"name": "kube-apiserver", "user": {}}],
+            "contexts": [{"name": "webhook", "context": {"cluster": "webhook", "user": "kube-apiserver"}}],
+            "current-context": "webhook"}))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def user_of(self, token: str) -> str:
+        """The user a token names while it has not expired; "" (and one more refusal) otherwise."""
+        prefix, _, rest = token.partition(".")
+        if prefix != self.PREFIX:
+            return ""  # not ours (another test's wrong token): not a refusal of an expired one
+        user, _, expires = rest.partition(".")
+        if time.time() < float(expires.partition(".")[0] or 0) / 1000:
+            return user
+        self.refused += 1
+        return ""
+
+    def expiring_token_source(self, user: str, lifetime_s: float) -> str:
+        """Python source that prints a new token for `user`, valid for `lifetime_s` from now, and
+        its expiry in ms since the epoch (for an exec plugin to put in its ExecCredential)."""
+        return (f"import secrets, time\nexpires = int((time.time() + {lifetime_s}) * 1000)\n"
+                f"token = f'{self.PREFIX}.{user}.{{expires}}.' + secrets.token_hex(4)\n")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 # --------------------------------------------------------------------------- the cluster
 @dataclasses.dataclass
 class Cluster:
@@ -160,6 +228,7 @@ class Cluster:
     workdir: Path
     ca_file: Path
     _ca: CertAuthority = dataclasses.field(repr=False)
+    token_webhook: TokenWebhook | None = None  # the cluster tier's: tokens that expire on cue
     monitoring_crds: bool = False  # PodMonitor/PrometheusRule served (prometheus-operator CRDs installed)
     trainer_crds: bool = False     # TrainJob & co served (Kubeflow Trainer v2's CRDs installed)
 
@@ -181,6 +250,10 @@ class Cluster:
             cert, key = self._ca.client(name, tuple(groups))
             write_kubeconfig(path, self.server, self.ca_file, name, cert, key)
         return path
+
+    def serving_cert(self, stem: str) -> tuple[Path, Path]:
+        """A certificate and key for 127.0.0.1 that clients of this cluster trust (its CA signed it)."""
+        return self._ca.serving(stem)
 
     def env(self, kubeconfig: Path | None = None) -> dict[str, str]:
         """os.environ with KUBECONFIG pointing at this cluster (admin unless given)."""
@@ -325,6 +398,7 @@ def apiserver_on_loopback(work: Path, crds: bool = True):
     Skips (or fails, under KUBETRAIN_REQUIRE_CLUSTER=1) when the assets are missing."""
     assets, crd = find_assets()
     procs: list[Process] = []
+    webhook = TokenWebhook(work)
     try:
         ca = CertAuthority(work)
         serving_cert, serving_key = ca.serving()
@@ -361,16 +435,21 @@ def apiserver_on_loopback(work: Path, crds: bool = True):
             "--disable-admission-plugins=ServiceAccount",
             "--allow-privileged=true",
             "--profiling=false",
+            # Bearer tokens it does not know itself are asked of the test's webhook, uncached by it.
+            f"--authentication-token-webhook-config-file={webhook.config}",
+            "--authentication-token-webhook-version=v1",
+            "--authentication-token-webhook-cache-ttl=0s",
         ], work / "kube-apiserver.log"))
 
         wait_ready(server, ca.cert, admin_cert, admin_key, procs)
         kubeconfig = work / "kubeconfig"
         write_kubeconfig(kubeconfig, server, ca.cert, "kubetrain-admin", admin_cert, admin_key)
         cluster = Cluster(server=server, kubeconfig=kubeconfig, kubectl_path=assets / "kubectl",
-                          crd_path=crd, workdir=work, ca_file=ca.cert, _ca=ca)
+                          crd_path=crd, workdir=work, ca_file=ca.cert, _ca=ca, token_webhook=webhook)
         if crds:
             install_crds(cluster, crd, monitoring_crd_files(assets), trainer_crd_files())
         yield cluster
     finally:
         for p in reversed(procs):  # kube-apiserver first, then etcd
             p.stop()
+        webhook.close()

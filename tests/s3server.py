@@ -14,11 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from fault_proxy import FaultProxy, http_answer
 from trainer.controller.local import free_port
 
 # Test-only placeholders, never real credentials: moto accepts any keys, SeaweedFS gets these as its identity.
@@ -166,75 +165,13 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Co
              b"<Message>Please reduce your request rate.</Message></Error>")
 
 
-class SlowDownProxy:
-    """A TCP proxy on loopback in front of a real S3 server: for `fail_seconds` it answers every request
+class SlowDownProxy(FaultProxy):
+    """A proxy on loopback in front of a real S3 server: for `fail_seconds` it answers every request
     with 503 SlowDown (what S3 returns when it throttles), then forwards the bytes both ways. Without
     an upstream it answers 503 for ever. `refused` counts the 503 answers."""
 
     def __init__(self, upstream: S3Server | None = None, fail_seconds: float = float("inf")):
-        self.upstream, self.refused = upstream, 0
-        self.until = time.monotonic() + fail_seconds
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        try:  # wakes the accept() blocked in the other thread: close() alone leaves the port listening
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:  # closed
-                return
-            failing = self.upstream is None or time.monotonic() < self.until
-            threading.Thread(target=self._refuse if failing else self._forward, args=(conn,), daemon=True).start()
-
-    def _refuse(self, conn: socket.socket) -> None:
-        with conn:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                head += chunk
-            headers = head.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
-            if "expect: 100-continue" not in headers:  # the body follows at once: read it first
-                length = next((int(line.split(":", 1)[1]) for line in headers.split("\r\n")
-                               if line.startswith("content-length:")), 0)
-                body = len(head.split(b"\r\n\r\n", 1)[1])
-                while body < length and (chunk := conn.recv(65536)):
-                    body += len(chunk)
-            self.refused += 1
-            conn.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(SLOW_DOWN) + SLOW_DOWN)
-
-    def _forward(self, conn: socket.socket) -> None:
-        upstream = socket.create_connection((self.upstream.host, self.upstream.port))
-
-        def pump(source: socket.socket, sink: socket.socket) -> None:
-            try:
-                while chunk := source.recv(65536):
-                    sink.sendall(chunk)
-            except OSError:
-                pass
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-        back = threading.Thread(target=pump, args=(upstream, conn), daemon=True)
-        back.start()
-        pump(conn, upstream)
-        back.join()
-        conn.close()
-        upstream.close()
+        until = time.monotonic() + fail_seconds
+        answer = http_answer("503 Slow Down", SLOW_DOWN, "application/xml")
+        super().__init__(upstream and (upstream.host, upstream.port),
+                         lambda: answer if time.monotonic() < until else None)

@@ -7,6 +7,17 @@ only the group versions a verb touches. The official `kubernetes` package took
 start-up budget (benchmarks/cli_startup.py). Server-side apply (`submit
 --dry-run`) uses field manager `kubetrain`; helm installs releases. Refusals a user can act on (401/403, a rejected object, an
 unreachable server) become UserError; other API errors are ApiError.
+
+`status --watch`, `submit --wait` and `logs --follow` run as long as a job, so every request
+(streams included) goes through one path that keeps the client working:
+- credentials that expire (an exec plugin's token, a rotated token file) are renewed before a
+  request once stale, and once on a 401, after which that request is sent again;
+- 429 (with its Retry-After), 502/503/504 and any 5xx with Retry-After, and a connection that
+  drops, resets or is refused once the server has answered, are retried with exponential backoff
+  and jitter for RETRY_SECONDS in all, then reported in one line naming the server and what it
+  last said. Only a POST is not resent after a 5xx or a drop: it may have been processed (this
+  client sends GET, DELETE and server-side apply, all idempotent). A server that never answered
+  is reported at once: a wrong address is likelier than a blip.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import base64
 import http.client
 import json
 import os
+import random
 import ssl
 import tempfile
 import threading
@@ -24,12 +36,16 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from trainer import __version__
 from trainer.controller.kinds import JOB_KINDS, JobKind
-from trainer.controller.kubeconfig import ClusterConfig, load_cluster_config
+from trainer.controller.kubeconfig import ClusterConfig, Credentials, load_cluster_config
 from trainer.errors import UserError
 
 FIELD_MANAGER = "kubetrain"
 REQUEST_TIMEOUT_S = 60  # one request; watches and log streams set their own
-THROTTLED_RETRIES = 10  # client-go's: 429 (and a 5xx with Retry-After) is retried after the delay asked
+RETRY_SECONDS = 60  # how long one request is retried while the server throttles, is unavailable or drops it
+RETRY_STATUSES = (429, 502, 503, 504)  # and any 5xx that carries Retry-After
+# A connection that the server (or a load balancer) closed, reset or refused: worth another try.
+_DROPPED = (ConnectionError, TimeoutError, ssl.SSLEOFError, http.client.RemoteDisconnected,
+            http.client.IncompleteRead, http.client.BadStatusLine)
 # What `kubetrain delete` removes: every kind the chart renders, selected by the experiment label.
 EXPERIMENT_KINDS = [
     *(kind.api for kind in JOB_KINDS),
@@ -92,6 +108,8 @@ class Kube:
         self._host, self._port, self._prefix = url.hostname, url.port, url.path.rstrip("/")
         self._context = _ssl_context(config) if self._https else None
         self._local = threading.local()  # one kept-alive connection per thread
+        self._auth_lock, self._tls_generation = threading.Lock(), 0  # generation: bumped on a new client cert
+        self._answered = False  # the server has answered once: from then on a refused connection is a blip
         self._served: dict[str, dict[str, tuple[str, bool]] | None] = {}  # group version -> kind -> resource
 
     @classmethod
@@ -106,9 +124,20 @@ class Kube:
                                   context=self._context)
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
-    def _headers(self, content_type: str | None) -> dict:
+    def _credentials(self, renew: Credentials | None = None) -> Credentials:
+        """The credentials to send, renewed first when stale, or when `renew` is the set a 401 refused
+        (a set another thread already replaced is not renewed twice)."""
+        with self._auth_lock:
+            current = self.config.credentials
+            if current.renew is not None and (current is renew or current.stale()):
+                fresh = current.renew()
+                self.config.credentials = fresh
+                if (fresh.cert_pem, fresh.key_pem) != (current.cert_pem, current.key_pem) and self._https:
+                    self._context, self._tls_generation = _ssl_context(self.config), self._tls_generation + 1
+            return self.config.credentials
+
+    def _headers(self, credentials: Credentials, content_type: str | None) -> dict:
         headers = {"Accept": "application/json", "User-Agent": f"kubetrain/{__version__}"}
-        credentials = self.config.credentials
         if credentials.token:
             headers["Authorization"] = f"Bearer {credentials.token}"
         elif credentials.basic:
@@ -118,44 +147,77 @@ class Kube:
             headers["Content-Type"] = content_type
         return headers
 
+    def _kept(self) -> http.client.HTTPConnection | None:
+        kept = getattr(self._local, "connection", None)
+        if kept is not None and getattr(self._local, "generation", 0) != self._tls_generation:
+            kept.close()  # made with a client certificate that has since been renewed
+            kept = self._local.connection = None
+        return kept
+
     def _send(self, method: str, path: str, query: dict | None, body: dict | None, content_type: str | None,
               streaming: bool = False, timeout: float | None = REQUEST_TIMEOUT_S):
-        """(response, connection); a streaming request gets a connection of its own, others reuse the thread's."""
+        """(response, connection, body) once the server gave an answer not worth retrying (see the
+        module's docstring). A streaming request gets a connection of its own and its body unread
+        (None); others reuse the thread's connection, and a body cut short is retried as a drop."""
         target = self._prefix + path + ("?" + urlencode(query) if query else "")
         payload = json.dumps(body).encode() if body is not None else None
-        headers = self._headers(content_type if payload is not None else None)
-        kept = None if streaming else getattr(self._local, "connection", None)
+        idempotent = method != "POST" or bool(query and query.get("dryRun"))
+        deadline, tries, renewed = time.monotonic() + RETRY_SECONDS, 0, False
         while True:
+            credentials = self._credentials()
+            headers = self._headers(credentials, content_type if payload is not None else None)
+            kept = None if streaming else self._kept()
             connection = kept or self._new_connection(timeout)
             try:
                 connection.request(method, target, body=payload, headers=headers)
                 response = connection.getresponse()
+                data = None if streaming else response.read()
             except (OSError, http.client.HTTPException) as e:
                 connection.close()
                 self._local.connection = None
-                closed = isinstance(e, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError))
-                if kept is not None and closed:
-                    kept = None  # the server closed a kept-alive connection: once more on a new one
+                if kept is not None and isinstance(e, http.client.RemoteDisconnected if not idempotent
+                                                   else (http.client.RemoteDisconnected, ConnectionError)):
+                    continue  # the server closed a kept-alive connection: at once on a new one
+                resendable = idempotent or isinstance(e, ConnectionRefusedError)  # refused: never sent
+                if not (self._answered and resendable and isinstance(e, _DROPPED)):
+                    raise UserError(f"cannot reach the Kubernetes API server at {self.config.server}: {e}") from None
+                delay, last = None, f"cannot reach the Kubernetes API server at {self.config.server}: {e}"
+            else:
+                self._answered = True
+                retry_after = response.getheader("Retry-After")
+                status = response.status
+                retry = status == 429 or idempotent and (status in RETRY_STATUSES or status >= 500 and retry_after)
+                renew = status == 401 and not renewed and credentials.renew is not None
+                if streaming and (retry or renew):
+                    data = response.read()
+                    connection.close()
+                elif not streaming:
+                    self._local.connection, self._local.generation = connection, self._tls_generation
+                if renew:  # e.g. a token revoked or expired early: renew once, send again
+                    renewed = True
+                    self._credentials(renew=credentials)
                     continue
-                raise UserError(f"cannot reach the Kubernetes API server at {self.config.server}: {e}") from None
-            if not streaming:
-                self._local.connection = connection
-            return response, connection
+                if not retry:
+                    return response, connection, data
+                last = (f"the Kubernetes API server at {self.config.server} still answered "
+                        f"{status} {_message(response.reason, data)}")
+                delay = float(retry_after) if (retry_after or "").isdigit() else None
+            # Exponential backoff with jitter (0.25 s doubling up to 8 s), or the delay the server asked for.
+            delay = delay if delay is not None else min(8.0, 0.25 * 2 ** tries) * random.uniform(0.5, 1.0)
+            tries += 1
+            if time.monotonic() + delay > deadline:
+                raise UserError(f"{last} after {tries} tries in {RETRY_SECONDS}s") from None
+            time.sleep(delay)
 
     def request(self, method: str, path: str, query: dict | None = None, body: dict | None = None,
                 content_type: str = "application/json") -> dict:
-        for attempt in range(THROTTLED_RETRIES + 1):
-            response, _ = self._send(method, path, query, body, content_type)
-            data, retry_after = response.read(), response.getheader("Retry-After")
-            if attempt == THROTTLED_RETRIES or not (response.status == 429 or response.status >= 500 and retry_after):
-                break
-            time.sleep(min(float(retry_after) if (retry_after or "").isdigit() else 1.0, 10.0))
+        response, _, data = self._send(method, path, query, body, content_type)
         _raise_for_status(response, data)
         return json.loads(data) if data else {}
 
     def stream(self, path: str, query: dict, timeout: float | None) -> http.client.HTTPResponse:
         """A long GET (watch, log follow) on its own connection; the caller reads and closes it."""
-        response, connection = self._send("GET", path, query, None, None, streaming=True, timeout=timeout)
+        response, connection, _ = self._send("GET", path, query, None, None, streaming=True, timeout=timeout)
         if response.status >= 400:
             data = response.read()
             connection.close()
@@ -255,8 +317,12 @@ class Kube:
         response = self.stream(path, query, timeout=timeout + 30)
         try:
             for line in response:
+                if not line.endswith(b"\n"):
+                    break  # cut mid-event: the stream dropped
                 if line.strip():
                     yield json.loads(line)
+        except _DROPPED:
+            pass  # a dropped watch just ends early: the caller watches again from the last resourceVersion
         finally:
             response.close()
 
@@ -282,6 +348,8 @@ class Kube:
         try:
             while chunk := response.read1(65536):
                 yield chunk
+        except _DROPPED:
+            pass  # a dropped stream ends like a finished one; the caller looks at the pod again
         finally:
             response.close()
 
@@ -303,14 +371,22 @@ class _TLSConnection(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(self.sock, server_hostname=self._server_name)
 
 
+def _message(default: str, data: bytes) -> str:
+    """The message of an API Status body, else the body's text, else `default` (the HTTP reason)."""
+    try:
+        return str(json.loads(data).get("message") or default)
+    except (ValueError, AttributeError):
+        return data.decode("utf-8", errors="replace").strip()[:200] or default
+
+
 def _raise_for_status(response: http.client.HTTPResponse, data: bytes) -> None:
     if response.status < 400:
         return
+    message = _message(response.reason, data)
     try:
-        status = json.loads(data)
-        message, reason = status.get("message") or response.reason, status.get("reason") or ""
+        reason = str(json.loads(data).get("reason") or "")
     except (ValueError, AttributeError):
-        message, reason = data.decode("utf-8", errors="replace").strip() or response.reason, ""
+        reason = ""
     if response.status in (401, 403):
         raise (Forbidden if response.status == 403 else UserError)(f"the API server refused: {message}")
     raise ApiError(response.status, message, reason)
