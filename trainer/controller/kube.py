@@ -269,8 +269,7 @@ class Kube:
         message); 2xx means it would be created. Admission runs, nothing is stored."""
         path = self._path(obj["apiVersion"], obj["kind"])
         query = {"dryRun": "All", "fieldValidation": "Strict", "fieldManager": FIELD_MANAGER}
-        response, _ = self._send("POST", path, query, obj, "application/json")
-        data = response.read()
+        response, _, data = self._send("POST", path, query, obj, "application/json")
         if response.status < 400:
             return response.status, ""
         try:
