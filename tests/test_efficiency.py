@@ -4,80 +4,41 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from support import run_cli
 
-# A stack of linear layers over padded "token" positions: FLOPs in closed form. Every sample has
-# T positions of which 1 + i % T are real (the mask); the model runs on all T, the tokens count the real.
-LINEAR_STACK = """
-import torch
-from torch import nn
-from trainer.tasks import TaskSpec
-
-B, T, D, H, C, N = {batch}, {positions}, {width_in}, {hidden}, {classes}, {samples}
-
-
-class Stack(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, H),
-                                    nn.ReLU(), nn.Linear(H, C))
-
-    def forward(self, x, mask):
-        out = self.layers(x)  # [B, T, C]
-        return (out * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
-
-
-class Padded(torch.utils.data.Dataset):
-    def __len__(self):
-        return N
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(i)
-        mask = (torch.arange(T) < 1 + i % T).float()
-        return {{"x": torch.randn(T, D, generator=g) * mask.unsqueeze(-1), "mask": mask}}, i % C
-
-
-def count_tokens(batch):
-    inputs, _ = batch
-    return inputs["mask"].sum().long()
-
-
-def build():
-    return TaskSpec(model=Stack(), train_dataset=Padded(), count_tokens=count_tokens, accuracy=False)
-"""
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TOKEN_TASK = ["--set", "training.task=custom,training.entrypoint=token_stack:build",
+              "--set-json", f"training.pythonPath={json.dumps([str(FIXTURES)])}"]
 
 
 def test_mfu_and_tokens_per_second_of_a_linear_stack_match_the_hand_count(tmp_path):
-    shape = dict(batch=8, positions=16, width_in=8, hidden=256, classes=4, samples=64)
-    (tmp_path / "linear_stack.py").write_text(LINEAR_STACK.format(**shape))
-    peak = 10**12
-    result = run_cli("run", "mfu", "--workdir", str(tmp_path / "run"), "--set",
-                     f"job.nodes=1,training.task=custom,training.entrypoint=linear_stack:build,training.epochs=1,"
-                     f"training.batchSize={shape['batch']},training.logEverySteps=4,metrics.enabled=false,"
-                     f"metrics.peakFlops={peak}",
-                     "--set-json", f"training.pythonPath={json.dumps([str(tmp_path)])}",
-                     env={"OMP_NUM_THREADS": "1"})
+    from fixtures import token_stack  # linear layers over padded positions
+
+    s, batch, peak = token_stack.shape({}), 8, 10**12
+    result = run_cli("run", "mfu", "--workdir", str(tmp_path / "run"), *TOKEN_TASK, "--set",
+                     f"job.nodes=1,training.epochs=1,training.batchSize={batch},training.logEverySteps=4,"
+                     f"metrics.enabled=false,metrics.peakFlops={peak}", env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    b, t, d, h, c = (shape[k] for k in ("batch", "positions", "width_in", "hidden", "classes"))
-    # Per matmul of a [B*T, in] x [in, out] layer: 2*B*T*in*out forward, the same for the weight gradient and
-    # for the input gradient, except the first layer's (its input needs none): 6*B*T*sum(in*out) - 2*B*T*D*H.
-    layers = [(d, h), (h, h), (h, h), (h, c)]
-    hand = 6 * b * t * sum(i * o for i, o in layers) - 2 * b * t * d * h
+    # Per [B*T, in] x [in, out] layer: 2*B*T*in*out forward, the same for the weight gradient and for the
+    # input gradient, except the first layer's (its input needs none): 6*B*T*sum(in*out) - 2*B*T*in0*out0.
+    (d, h), t = token_stack.layers(s)[0], s["positions"]
+    hand = 6 * batch * t * sum(i * o for i, o in token_stack.layers(s)) - 2 * batch * t * d * h
     logged = float(re.search(r"model FLOPs per step: (\S+) per rank", result.stdout)[1])
     assert logged == pytest.approx(hand, rel=0.02)
     # MFU = FLOPs per step x the reported step rate / peak; the step rate is samples/s over samples per step.
     summary = result.summary
-    steps_per_second = summary["samples_per_second"] / b
+    steps_per_second = summary["samples_per_second"] / batch
     assert summary["mfu"] == pytest.approx(hand * steps_per_second / peak, rel=0.02)
     assert re.search(r"step 8/8 .* mfu \d+\.\d%", result.stdout)
     # Tokens: the real positions of all 64 samples (one epoch), not the 64 x 16 padded ones.
-    real = sum(1 + i % t for i in range(shape["samples"]))
-    assert real < shape["samples"] * t
-    wall = shape["samples"] / summary["samples_per_second"]  # the one epoch's samples over samples/s
+    real = sum(1 + i % t for i in range(s["samples"]))
+    assert real < s["samples"] * t
+    wall = s["samples"] / summary["samples_per_second"]  # the one epoch's samples over samples/s
     assert summary["tokens_per_second"] * wall == pytest.approx(real, rel=1e-6)
     assert re.search(r"step 8/8 .* tokens/s \d+", result.stdout)
 
