@@ -1,11 +1,12 @@
-"""Step time with the efficiency figures and /metrics on vs all off, side by side in one process.
+"""Step time with the efficiency figures (and /metrics) on vs all off, side by side in one process.
 
 The same Trainer runs a token task (tests/fixtures/token_stack.py: linear layers over padded
-positions, so every step counts tokens) alternately
+positions, so every step counts tokens) alternately (the order rotating from repeat to repeat)
 - off: metrics disabled, no token counting, no FLOP count, no MFU;
-- on: /metrics served and scraped every `--scrape-interval` s, tokens counted every micro-batch,
-  the first step's FLOPs counted with FlopCounterMode, MFU and GPU figures at log steps.
-Prints each run, the median step times and on/off (goal: <= 1.01). It also times the two costs
+- efficiency: tokens counted every micro-batch, the first step's FLOPs counted with
+  FlopCounterMode, tokens/s and MFU at log steps; metrics still disabled;
+- all on: the same with /metrics served and scraped every `--scrape-interval` s.
+Prints each run, the median step times and each side over off (goal: <= 1.01). It also times the two costs
 alone: the per-micro-batch token count (count_tokens + the device add) and the one-off FLOP count
 of the first step, which bound the overhead independently of machine noise.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import statistics
@@ -110,14 +112,23 @@ def main() -> None:
     sys.path.insert(0, str(FIXTURES))
     cfg = config(args.steps, args.batch, 10**12)
     run(config(20, args.batch, 10**12), DISABLED, efficiency=False)  # warm up allocator and kernels once
-    off, on = [], []
+    sides = {
+        "off": lambda: run(cfg, DISABLED, efficiency=False),
+        "efficiency": lambda: run(cfg, DISABLED, efficiency=True),
+        "all on": lambda: with_metrics(cfg, args.scrape_interval, lambda c, m: run(c, m, efficiency=True)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    off, efficiency, on = times.values()
     for i in range(args.repeats):
-        off.append(run(cfg, DISABLED, efficiency=False))
-        on.append(with_metrics(cfg, args.scrape_interval, lambda c, m: run(c, m, efficiency=True)))
-        print(f"repeat {i + 1}: off {off[-1] * 1e3:7.3f} ms/step   on {on[-1] * 1e3:7.3f} ms/step", flush=True)
-    median_off, median_on = statistics.median(off), statistics.median(on)
-    print(f"median: off {median_off * 1e3:.3f} ms/step, on {median_on * 1e3:.3f} ms/step, "
-          f"ratio on/off = {median_on / median_off:.4f} "
+        order = list(sides)[i % 3:] + list(sides)[:i % 3]  # each side runs first, second and last in turn
+        for name in order:
+            gc.collect()  # the last run's garbage is not collected on this one's clock
+            times[name].append(sides[name]())
+        print(f"repeat {i + 1}: off {off[-1] * 1e3:7.3f}   efficiency {efficiency[-1] * 1e3:7.3f}   "
+              f"all on {on[-1] * 1e3:7.3f} ms/step", flush=True)
+    median_off, median_eff, median_on = (statistics.median(x) for x in (off, efficiency, on))
+    print(f"median: off {median_off * 1e3:.3f}, efficiency {median_eff * 1e3:.3f}, all on {median_on * 1e3:.3f} "
+          f"ms/step; efficiency/off = {median_eff / median_off:.4f}, all on/off = {median_on / median_off:.4f} "
           f"({args.repeats} alternating repeats x {args.steps} steps, batch {args.batch} x 16 positions, "
           f"{args.threads} thread(s), scrape every {args.scrape_interval:g}s)")
     tokens = token_count_microseconds(cfg)

@@ -86,7 +86,7 @@ class LogWindow:
 
     def add_tokens(self, count) -> None:
         """A micro-batch's real tokens: a tensor (on the device or a CPU scalar) or an int; no sync."""
-        self.tokens += count
+        self.tokens += torch.as_tensor(count).long()  # a float mask's sum counts too
         self.counts_tokens = True
 
     def due(self, step: int) -> bool:
