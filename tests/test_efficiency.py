@@ -41,6 +41,12 @@ def test_mfu_and_tokens_per_second_of_a_linear_stack_match_the_hand_count(tmp_pa
     wall = s["samples"] / summary["samples_per_second"]  # the one epoch's samples over samples/s
     assert summary["tokens_per_second"] * wall == pytest.approx(real, rel=1e-6)
     assert re.search(r"step 8/8 .* tokens/s \d+", result.stdout)
+    # TensorBoard: both figures at each log step.
+    from test_tensorboard_export import scalars
+
+    curves, _ = scalars(tmp_path / "run" / "tensorboard")
+    for tag in ("train/tokens_per_second", "train/mfu"):
+        assert [step for step, value in curves[tag] if value > 0] == [4, 8], (tag, curves.get(tag))
 
 
 def test_without_a_known_peak_mfu_is_not_reported_and_the_log_says_why():
