@@ -34,8 +34,8 @@ from loop_vs_plain import SpanClock  # noqa: E402
 from trainer.config import trainer_config_from_values  # noqa: E402
 from trainer.values import resolve_values  # noqa: E402
 from trainer.worker.distributed import resolve_rank  # noqa: E402
+from trainer.worker.efficiency import table_peak  # noqa: E402  (the trainer's peak table, for MFU)
 
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
 GOAL_MFU = 0.40
 
 
@@ -143,7 +143,7 @@ def main() -> None:
                 rates[side].append((plain if side == "plain" else ours)(folder, data, args, device) * args.seq)
                 print(f"  repeat {i + 1} {side:>5}: {rates[side][-1]:10.0f} tokens/s", flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak = table_peak(name, "bf16")
     print(f"\n{name}, {'tiny BERT' if args.tiny else 'BERT-base'}, bf16, batch {args.batch} x seq {args.seq}, "
           f"{per_token / 1e6:.2f} MFLOP/token, medians of {args.repeats} alternating x {args.steps} steps")
     print(f"{'loop':>6} {'tokens/s':>10} {'MFU':>7}")

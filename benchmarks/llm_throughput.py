@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bert_throughput import PEAK_BF16  # noqa: E402
 from loop_vs_plain import SpanClock  # noqa: E402
 
 from trainer.config import trainer_config_from_values  # noqa: E402
 from trainer.values import resolve_values  # noqa: E402
 from trainer.worker.distributed import resolve_rank  # noqa: E402
+from trainer.worker.efficiency import table_peak  # noqa: E402  (the trainer's peak table, for MFU)
 
 SIZES = {
     "tiny": dict(hidden=64, layers=2, intermediate=128),
@@ -189,7 +189,7 @@ def main() -> None:
                 peaks[side] = max(peaks[side], peak)
                 print(f"  repeat {i + 1} {side:>5}: {rate:10.0f} tokens/s", flush=True)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        peak_flops = next((v for k, v in PEAK_BF16.items() if k in name), None) if args.precision == "bf16" else None
+        peak_flops = table_peak(name, "bf16") if args.precision == "bf16" else None
         print(f"\n{name}, Llama-shaped {args.size} ({per_token / 6e6 if args.method == 'full' else per_token / 4e6:.1f}"
               f" M params), {args.method}, {args.precision}, batch {args.batch} x seq {args.seq}, medians of "
               f"{args.repeats} alternating x {args.steps} steps")

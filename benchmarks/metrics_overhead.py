@@ -44,7 +44,8 @@ def step_seconds(cfg, metrics: MetricsProcessor) -> float:
     return summary["wall_seconds"] / summary["steps"]
 
 
-def with_metrics(cfg, scrape_interval: float) -> float:
+def with_metrics(cfg, scrape_interval: float, measure=None) -> float:
+    """`measure(cfg, metrics)` (default: step_seconds) with /metrics served and scraped."""
     metrics = MetricsProcessor("bench", 0, free_port())
     metrics.start()
     stop = threading.Event()
@@ -56,7 +57,7 @@ def with_metrics(cfg, scrape_interval: float) -> float:
     scraper = threading.Thread(target=scrape, daemon=True)
     scraper.start()
     try:
-        return step_seconds(cfg, metrics)
+        return (measure or step_seconds)(cfg, metrics)
     finally:
         stop.set()
         scraper.join()

@@ -3,7 +3,9 @@
 `live_metrics_run` serves the `live_run` fixture (tests/conftest.py) that the
 metrics, dashboard and alert tests share: Prometheus scrapes both ranks every
 second while the run trains, and a poller keeps one raw scrape of each rank for
-`promtool check metrics`.
+`promtool check metrics`. A second, shorter 2-rank run of a token task
+(tests/fixtures/token_stack.py) follows on the same ports, so that the token
+series exist too.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 
 import yaml
 
-from support import EXAMPLES, run_cli, tool
+from support import EXAMPLES, REPO, run_cli, tool
+
+TOKENS_EXPERIMENT = "metrics-tokens"
 
 
 def free_port_pair() -> int:
@@ -144,6 +148,8 @@ class LiveRun:
     started: float
     ended: float
     scrapes: dict[int, str] = field(default_factory=dict)  # rank -> raw /metrics text
+    tokens_summary: dict = field(default_factory=dict)  # of the token run after it (TOKENS_EXPERIMENT)
+    tokens_ended: float = 0.0
 
     def query_after_run(self, promql: str) -> list[dict]:
         """An instant query evaluated just after the run ended, whenever a test asks.
@@ -157,6 +163,12 @@ class LiveRun:
         """When Prometheus last held live series of the run (they go stale once it ended)."""
         result = self.prometheus.query('kubetrain_steps_total{rank="0"}', start=self.started,
                                        end=self.ended + 2, step=0.5)
+        return max(float(t) for t, _ in result[0]["values"])
+
+    def last_tokens_scrape_time(self) -> float:
+        """When Prometheus last held live series of the token run."""
+        result = self.prometheus.query(f'kubetrain_steps_total{{experiment="{TOKENS_EXPERIMENT}",rank="0"}}',
+                                       start=self.ended, end=self.tokens_ended + 2, step=0.5)
         return max(float(t) for t, _ in result[0]["values"])
 
     def metric_names(self) -> set[str]:
@@ -186,6 +198,7 @@ def live_metrics_run(workdir: Path) -> Iterator[LiveRun]:
             "run", "metrics-demo", "-f", str(EXAMPLES / "quickstart.yaml"), "--workdir", str(workdir / "run"),
             # Long enough (~10 s on an idle 2-core box) for several 1 s scrapes even on a fast machine.
             "--set", f"metrics.port={port},training.maxSteps=600,training.epochs=10,training.logEverySteps=20",
+            "--set", "metrics.peakFlops=1000000000000",  # a CPU has no known peak: MFU against this one
             "--set", "training.data.trainSamples=2048,training.data.evalSamples=256,training.batchSize=16",
             "--set", f"checkpoint.uri={(workdir / 'checkpoints').as_uri()},checkpoint.everySteps=200",
             env={"OMP_NUM_THREADS": "1"},
@@ -195,7 +208,19 @@ def live_metrics_run(workdir: Path) -> Iterator[LiveRun]:
             keeper.done.set()
             keeper.join()
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+        tokens = run_cli(
+            "run", TOKENS_EXPERIMENT, "--workdir", str(workdir / "tokens"),
+            "--set", "training.task=custom,training.entrypoint=token_stack:build",
+            "--set-json", f"training.pythonPath={json.dumps([str(REPO / 'tests' / 'fixtures')])}",
+            "--set-json", 'training.options={"samples": 1024}',
+            "--set", f"metrics.port={port},training.maxSteps=400,training.epochs=10,training.logEverySteps=20",
+            "--set", "training.batchSize=8,metrics.peakFlops=1000000000000",
+            env={"OMP_NUM_THREADS": "1"},
+        )
+        assert tokens.returncode == 0, tokens.stdout[-3000:] + tokens.stderr
+        tokens_ended = time.time()
         time.sleep(1.5)  # let the last scrapes land in the TSDB
-        yield LiveRun(prometheus, result.summary, started, ended, {r: k.text for r, k in keepers.items()})
+        yield LiveRun(prometheus, result.summary, started, ended, {r: k.text for r, k in keepers.items()},
+                      tokens.summary, tokens_ended)
     finally:
         prometheus.stop()

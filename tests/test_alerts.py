@@ -51,7 +51,7 @@ def test_every_alert_is_unit_tested_both_ways():
 
 def test_rules_are_scoped_to_the_experiment_and_annotated():
     wanted = {"KubetrainHeartbeatStalled", "KubetrainLossNotFinite", "KubetrainThroughputDrop",
-              "KubetrainCheckpointFailing", "KubetrainRestarted"}
+              "KubetrainMFUDrop", "KubetrainCheckpointFailing", "KubetrainRestarted"}
     assert {a["alert"] for a in alerts()} == wanted
     raw = yaml.safe_load(RULES.read_text())
     for rule in raw["groups"][0]["rules"]:

@@ -175,6 +175,7 @@ def test_fine_tunes_from_a_local_model_folder(tmp_path, values_file, models, met
     result = train(tmp_path, values_file, f"{method}-{parallelism}",
                    values(folders[arch].as_uri(), method, parallelism))
     check_learned_and_export(tmp_path, f"{method}-{parallelism}", result, arch, models, method == "lora")
+    assert result.summary["tokens_per_second"] > 0  # counted on every rank, padding excluded
 
 
 # ------------------------------------------------------------------ resume

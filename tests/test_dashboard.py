@@ -33,8 +33,9 @@ def panel_queries(board: dict) -> list[tuple[str, str]]:
     return [(panel["title"], t["expr"]) for panel in board["panels"] for t in panel.get("targets", [])]
 
 
-def substitute(expr: str) -> str:
-    for name, value in sorted(GRAFANA_VARIABLES.items(), key=lambda kv: -len(kv[0])):
+def substitute(expr: str, **variables: str) -> str:
+    values = {**GRAFANA_VARIABLES, **{f"${k}": v for k, v in variables.items()}}
+    for name, value in sorted(values.items(), key=lambda kv: -len(kv[0])):
         expr = expr.replace(name, value)
     assert "$" not in expr, f"unsubstituted Grafana variable in {expr}"
     return expr
@@ -113,13 +114,24 @@ def test_dashboard_names_only_exported_or_dcgm_metrics(live_run):
 
 @pytest.mark.parametrize("title", ["Loss", "Eval accuracy", "Samples/s per rank and total", "Step time p50 / p95",
                                    "Data wait (share of step time)", "Gradient norm",
-                                   "Last committed checkpoint step"])
+                                   "Last committed checkpoint step", "MFU per rank"])
 def test_core_panels_show_data_from_the_real_run(live_run, title):
     queries = [expr for t, expr in panel_queries(dashboard()) if t == title]
     when = live_run.last_scrape_time()
     for expr in queries:
         result = live_run.prometheus.query(substitute(expr), time=when)
         assert result, f"{title}: {expr} returned no data for the run"
+
+
+def test_token_panel_shows_data_from_the_real_token_run(live_run):
+    from prometheus_server import TOKENS_EXPERIMENT
+
+    queries = [expr for t, expr in panel_queries(dashboard()) if t == "Tokens/s per rank and total"]
+    assert queries
+    when = live_run.last_tokens_scrape_time()
+    for expr in queries:
+        result = live_run.prometheus.query(substitute(expr, experiment=TOKENS_EXPERIMENT), time=when)
+        assert result and max(float(r["value"][1]) for r in result) > 0, f"{expr} returned {result}"
 
 
 @pytest.mark.parametrize("renderer", ["kubetrain", "helm"])

@@ -57,6 +57,27 @@ def test_prometheus_holds_both_ranks_falling_loss_and_fresh_heartbeat(live_run):
     written = _by_rank(at_end('max_over_time(kubetrain_checkpoint_saved_bytes_total[5m])'))
     assert written["0"] > 0
 
+    # metrics.peakFlops gives the CPU run a peak: MFU from both ranks, with the same FLOPs per step.
+    mfu = _by_rank(at_end('last_over_time(kubetrain_mfu_ratio{experiment="metrics-demo"}[5m])'))
+    assert set(mfu) == {"0", "1"} and all(0 < v < 1 for v in mfu.values()), mfu
+    flops = _by_rank(at_end('last_over_time(kubetrain_model_flops_per_step{experiment="metrics-demo"}[5m])'))
+    assert set(flops) == {"0", "1"} and flops["0"] == flops["1"] > 0, flops
+
+
+def test_prometheus_holds_the_real_tokens_of_both_ranks(live_run):
+    """The token run: each rank's counter holds its own real tokens; together, what the summary reports."""
+    from prometheus_server import TOKENS_EXPERIMENT
+
+    at_end = lambda q: live_run.prometheus.query(q, time=live_run.tokens_ended + 2)  # noqa: E731
+    tokens = _by_rank(at_end(f'max_over_time(kubetrain_tokens_total{{experiment="{TOKENS_EXPERIMENT}"}}[5m])'))
+    assert set(tokens) == {"0", "1"} and all(v > 0 for v in tokens.values()), tokens
+    summary = live_run.tokens_summary
+    samples = summary["steps"] * 8 * 2  # batchSize 8 on 2 ranks
+    wall = samples / summary["samples_per_second"]
+    assert sum(tokens.values()) == pytest.approx(summary["tokens_per_second"] * wall, rel=1e-6)
+    assert sum(tokens.values()) < samples * 16  # 16 positions per sample, most of them padding
+    assert summary["mfu"] is not None
+
 
 def test_live_scrape_passes_promtool_check_metrics(live_run):
     promtool = tool("KUBETRAIN_PROMTOOL", "promtool")
@@ -85,11 +106,13 @@ def test_exported_names_and_labels_follow_the_conventions(live_run):
         "kubetrain_checkpoint_load_duration_seconds", "kubetrain_checkpoint_saved_bytes_total",
         "kubetrain_checkpoint_loaded_bytes_total", "kubetrain_checkpoint_failures_total",
         "kubetrain_restarts_total", "kubetrain_gpu_memory_allocated_bytes", "kubetrain_gpu_memory_peak_bytes",
-        "kubetrain_info",
+        "kubetrain_info", "kubetrain_tokens_total", "kubetrain_model_flops_per_step", "kubetrain_mfu_ratio",
+        "kubetrain_gpu_memory_reserved_bytes", "kubetrain_gpu_utilization_ratio", "kubetrain_gpu_power_watts",
     }
     assert expected <= set(families), expected - set(families)
-    # On CPU the GPU gauges are declared but hold no series.
-    assert not re.search(r"^kubetrain_gpu_memory_\w+\{", text, re.M)
+    # On CPU the GPU gauges are declared but hold no series; a task without tokens has no token series.
+    assert not re.search(r"^kubetrain_gpu_\w+\{", text, re.M)
+    assert not re.search(r"^kubetrain_tokens_total\{", text, re.M)
 
 
 def test_a_taken_metrics_port_is_a_one_line_user_error(tmp_path):

@@ -53,6 +53,7 @@ def test_bert_sentiment_on_synthetic_data_trains_with_the_hub_offline(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert result.summary["steps"] == 2 and result.summary["model"], result.summary
     assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert result.summary["tokens_per_second"] > 0  # a token task: the attention mask's tokens
 
 
 def empty_caches(tmp_path) -> dict[str, str]:

@@ -68,6 +68,11 @@ ROWS = [  # (row title, [(panel title, unit, [(expr, legend)])])
              f"sum by (rank) ({rate('kubetrain_step_duration_seconds_sum')})", "rank {{rank}}"),
         ]),
         ("Epoch", "none", [(f'max(kubetrain_epoch{{{SEL}}})', "epoch")]),
+        ("Tokens/s per rank and total", "short", [
+            (f"sum by (rank) ({rate('kubetrain_tokens_total')})", "rank {{rank}}"),
+            (f"sum({rate('kubetrain_tokens_total')})", "total"),
+        ]),
+        ("MFU per rank", "percentunit", [(f'kubetrain_mfu_ratio{{{SEL}}}', "rank {{rank}}")]),
     ]),
     ("Checkpoints", [
         ("Checkpoint save / load duration (mean over 15m)", "s", [
@@ -87,8 +92,9 @@ ROWS = [  # (row title, [(panel title, unit, [(expr, legend)])])
         ]),
     ]),
     ("GPU", [
-        ("GPU memory allocated / peak", "bytes", [
+        ("GPU memory allocated / reserved / peak", "bytes", [
             (f'kubetrain_gpu_memory_allocated_bytes{{{SEL}}}', "allocated rank {{rank}}"),
+            (f'kubetrain_gpu_memory_reserved_bytes{{{SEL}}}', "reserved rank {{rank}}"),
             (f'kubetrain_gpu_memory_peak_bytes{{{SEL}}}', "peak rank {{rank}}"),
         ]),
         ("GPU utilisation (DCGM)", "percent", [
@@ -118,6 +124,12 @@ DESCRIPTIONS = {
     "Data wait (share of step time)": "Time spent waiting for the next batch over wall time per step: "
                                       "near 1 means the data loader is the bottleneck (raise numWorkers).",
     "Epoch": "The epoch being trained (from 0).",
+    "Tokens/s per rank and total": "Real (non-padding) training tokens per second of each rank and of the job; "
+                                   "only token tasks (bert-sentiment, causal-lm, custom tasks with count_tokens) "
+                                   "count them.",
+    "MFU per rank": "Model FLOPs utilisation over each rank's last log window: model FLOPs per step (counted on "
+                    "the first step) times steps/s over the GPU's dense peak at training.precision, or "
+                    "metrics.peakFlops. No series where no peak is known (CPU, an unlisted GPU).",
     "Checkpoint save / load duration (mean over 15m)": "Mean seconds per checkpoint save and load on each rank. "
                                                        "Saves are minutes apart, so the window is a fixed 15m "
                                                        "rather than the scrape-based rate interval.",
@@ -125,7 +137,9 @@ DESCRIPTIONS = {
         "Checkpoint bytes moved to and from the store, averaged over 15m (saves are rare; a scrape-interval "
         "rate would be mostly 0).",
     "Last committed checkpoint step": "The newest step whose checkpoint is committed: what a restart resumes from.",
-    "GPU memory allocated / peak": "CUDA memory held by tensors on each rank, and its peak since the start.",
+    "GPU memory allocated / reserved / peak": "CUDA memory held by tensors on each rank, what PyTorch's caching "
+                                              "allocator reserved (what the GPU sees in use), and the tensors' "
+                                              "peak since the start.",
     "GPU utilisation (DCGM)": "DCGM_FI_DEV_GPU_UTIL of the GPUs used by this experiment's pods, joined on "
                               "`pod`. The DCGM exporter must be scraped with honorLabels: true so that `pod` is "
                               "the training pod (not the exporter's).",

@@ -385,6 +385,10 @@ class MetricsConfig:
     enabled: bool = setting(True, "serves /metrics on every rank.")
     port: int = setting(9400, "is the /metrics port of local rank 0; local rank N listens on port+N.",
                         minimum=1, maximum=65535)
+    peak_flops: Optional[float] = setting(None, "is the accelerator's peak FLOP/s per rank that MFU is measured "
+                                                "against (null = the dense peak of a known GPU at "
+                                                "training.precision; MFU is not reported where none is known, "
+                                                "e.g. on CPU).", exclusiveMinimum=0)
     pod_monitor: PodMonitorValues = section(PodMonitorValues, "makes the Prometheus operator scrape every rank (needs "
                                                               "the monitoring.coreos.com CRDs).", chart_only=True)
     prometheus_rule: PrometheusRuleValues = section(PrometheusRuleValues, "ships the alert rules (needs the "

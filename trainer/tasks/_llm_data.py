@@ -211,6 +211,12 @@ class CausalCollate:
         inputs = {"input_ids": torch.tensor(ids), "position_ids": torch.tensor(positions), "use_cache": False}
         return inputs, torch.tensor(labels)
 
+    def count_tokens(self, batch) -> torch.Tensor:
+        """Real tokens of a collated batch: padding is the pad id without a label (a real token that is
+        the pad id, an end-of-sequence say, keeps its label where it is trained on)."""
+        inputs, labels = batch
+        return ((inputs["input_ids"] != self.pad_id) | (labels != IGNORE)).sum()
+
 
 class WithLengths(Dataset):
     """(Example, its packed lengths or None): what CausalCollate takes."""

@@ -74,6 +74,12 @@ class DynamicPaddingCollate:
         return dict(inputs), torch.tensor(labels, dtype=torch.long)
 
 
+def count_tokens(batch) -> torch.Tensor:
+    """Real tokens of a padded batch: the attention mask's ones (special tokens included, padding not)."""
+    inputs, _ = batch
+    return inputs["attention_mask"].sum()
+
+
 def synthetic_text(num_samples: int, seed: int) -> TextDataset:
     g = torch.Generator().manual_seed(seed)
     texts, labels = [], []
@@ -224,7 +230,8 @@ def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
     if not building().data:
         model, tokenizer = load_model_and_tokenizer(cfg, weights)
         return TaskSpec(model=model, loss_fn=logits_cross_entropy,
-                        collate_fn=DynamicPaddingCollate(tokenizer, int(cfg.options.get("maxLength", 128))))
+                        collate_fn=DynamicPaddingCollate(tokenizer, int(cfg.options.get("maxLength", 128))),
+                        count_tokens=count_tokens)
     if data.source == "synthetic":
         if cfg.num_classes != 2:
             raise UserError("training.numClasses must be 2 for bert-sentiment on synthetic data")
@@ -250,4 +257,4 @@ def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
     model, tokenizer = load_model_and_tokenizer(cfg, weights)
     collate = DynamicPaddingCollate(tokenizer, int(cfg.options.get("maxLength", 128)))
     return TaskSpec(model=model, train_dataset=train, eval_dataset=test, loss_fn=logits_cross_entropy,
-                    collate_fn=collate)
+                    collate_fn=collate, count_tokens=count_tokens)

@@ -243,9 +243,10 @@ def build(cfg, weights: _weights.WeightsReader | None = None) -> TaskSpec:
                  nbytes / 1e6, uri, after / 1e6, (after - before) / 1e6)
 
     options = cfg.options
+    collate = data.CausalCollate(tokenizer.pad_token_id)
     return TaskSpec(
         model=model, train_dataset=data.WithLengths(train_set), eval_dataset=data.WithLengths(eval_set),
-        loss_fn=causal_lm_loss, collate_fn=data.CausalCollate(tokenizer.pad_token_id), accuracy=True,
+        loss_fn=causal_lm_loss, collate_fn=collate, count_tokens=collate.count_tokens, accuracy=True,
         eval_counts=label_counts, materialize=materialize,
         generate=Generations(tokenizer, eval_rows, fmt, int(options.get("evalPrompts", 4)),
                              int(options.get("maxNewTokens", 16))),

@@ -42,6 +42,9 @@ class TaskSpec:
         the adapters; the frozen rest is the pretrained weights, loaded at every start).
     export: (full CPU state dict, folder) -> {name: subfolder}: write the exported model
         (rank 0, at the end) instead of kubetrain's model.safetensors + model.json.
+    count_tokens: batch -> the real (non-padding) tokens of one training micro-batch as the loader
+        yields it, `(inputs, target)`: a tensor or an int. The loop adds them up on the device and
+        reads the sum at log steps only, for tokens/s (token tasks; others report none).
     perplexity: the eval loss is a mean per-token cross-entropy (language models): report
         its exponential beside it, in the log and TensorBoard.
     """
@@ -62,4 +65,5 @@ class TaskSpec:
     generate: Optional[Callable] = None
     checkpoint_keys: Optional[Callable[[str], bool]] = None
     export: Optional[Callable] = None
+    count_tokens: Optional[Callable] = None
     perplexity: bool = False

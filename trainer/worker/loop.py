@@ -21,6 +21,7 @@ from trainer.tasks._finetune import freeze as freeze_parameters
 from trainer.tasks._weights import WeightsReader
 from trainer.worker.data import build_loaders, move
 from trainer.worker.distributed import RankInfo
+from trainer.worker.efficiency import Efficiency
 from trainer.worker.parallel import (even_eval_batches, fsdp_mixed_precision, gradient_sync, is_fsdp,
                                      parallelize, run_epoch_start_hook)
 from trainer.worker.phases import PHASES
@@ -130,6 +131,9 @@ class Trainer:
             self.autocast_dtype = None  # FSDP's MixedPrecisionPolicy casts instead
         self.state = TrainState()
         self.samples_per_step = cfg.batch_size * cfg.grad_accum_steps * info.world_size
+        self.efficiency = Efficiency(device, cfg.precision, config.metrics.peak_flops)
+        if info.is_main:
+            log.info("%s", self.efficiency.describe())
         self.history: list[tuple[int, float]] = []  # (step, mean train loss over the log window)
         self.eval_loss: float | None = None  # of the last evaluation
         self.eval_accuracy: float | None = None
@@ -165,13 +169,18 @@ class Trainer:
         """One optimizer step over `gradAccumSteps` micro-batches; returns the mean loss (no sync)."""
         cfg = self.cfg
         total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            # Skip the gradient all-reduce (reduce-scatter under FSDP) on all but the last micro-batch.
-            with gradient_sync(self.model, enabled=last):
-                loss = self._forward_loss(batch) / len(micro_batches)
-                self.scaler.scale(loss).backward()
-            total += loss.detach().float()
+        count_tokens = self.spec.count_tokens if self.window is not None else None
+        # The model FLOPs of a step, counted on the first one (then a no-op): what MFU divides.
+        with self.efficiency.count(len(micro_batches), cfg.batch_size * len(micro_batches), self.info.is_main):
+            for i, batch in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1
+                if count_tokens is not None:
+                    self.window.add_tokens(count_tokens(batch))
+                # Skip the gradient all-reduce (reduce-scatter under FSDP) on all but the last micro-batch.
+                with gradient_sync(self.model, enabled=last):
+                    loss = self._forward_loss(batch) / len(micro_batches)
+                    self.scaler.scale(loss).backward()
+                total += loss.detach().float()
         next_step = self.state.step + 1
         log_step = next_step % cfg.log_every_steps == 0 or next_step >= self.total_steps
         if cfg.grad_clip_norm > 0:
@@ -387,6 +396,9 @@ class Trainer:
             "eval_loss": self.eval_loss,
             "eval_accuracy": self.eval_accuracy,
             "samples_per_second": steps_run * self.samples_per_step / wall if wall > 0 else 0.0,
+            # Real tokens of all ranks (token tasks only), and rank 0's MFU, over the same wall time.
+            "tokens_per_second": window.run_tokens / wall if window and window.counts_tokens and wall > 0 else None,
+            "mfu": self.efficiency.mfu(steps_run / wall) if wall > 0 else None,
             "wall_seconds": round(wall, 3),
             "checkpoint": checkpoints.url(committed) if committed is not None else None,
             "model": self.outputs.get("model"),
@@ -407,7 +419,10 @@ class Trainer:
     def _report_window(self, window: LogWindow) -> None:
         """A log step: the window's mean loss across ranks to the log, metrics and TensorBoard."""
         report = window.close(self.state.step)
-        self.metrics.observe_log(report.train_loss, self.grad_norm, self.device)
+        mfu = self.efficiency.mfu(report.steps_per_second)
+        self.metrics.observe_log(report.train_loss, self.grad_norm)
+        self.metrics.observe_efficiency(report.rank_tokens if window.counts_tokens else None, mfu,
+                                        self.efficiency.flops_per_step, self.efficiency.gpu_stats())
         if not window.finite:
             first = window.first_nonfinite_step() or self.state.step
             raise TrainingDiverged(
@@ -417,11 +432,14 @@ class Trainer:
         self.history.append((self.state.step, report.train_loss))
         lr = self.scheduler.get_last_lr()[0]
         self.tensorboard.log_train(self.state.step, report.train_loss, lr, self.grad_norm,
-                                   report.samples_per_second, self.tensorboard.step_times(report.step_seconds))
+                                   report.samples_per_second, self.tensorboard.step_times(report.step_seconds),
+                                   report.tokens_per_second, mfu)
         if self.info.is_main:
-            log.info("step %d/%d epoch %d loss %.4f lr %.3g samples/s %.0f eta %.0fs", self.state.step,
+            rates = "" if report.tokens_per_second is None else f" tokens/s {report.tokens_per_second:.0f}"
+            rates += "" if mfu is None else f" mfu {mfu:.1%}"
+            log.info("step %d/%d epoch %d loss %.4f lr %.3g samples/s %.0f%s eta %.0fs", self.state.step,
                      self.total_steps, self.state.epoch + 1, report.train_loss, lr, report.samples_per_second,
-                     report.eta_seconds)
+                     rates, report.eta_seconds)
 
     def _evaluate_and_report(self, announce: bool) -> None:
         self.eval_loss, self.eval_accuracy = self.evaluate()

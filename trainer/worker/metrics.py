@@ -7,8 +7,8 @@ which joins with the DCGM exporter's GPU series). A private CollectorRegistry
 keeps the process and platform collectors of prometheus-client out.
 
 The training loop calls `observe_step` every step (a few lock-protected
-additions, no device sync) and `observe_log` at log steps, where the loop
-already synchronises to read the loss. With `metrics.enabled: false` every
+additions, no device sync) and `observe_log` and `observe_efficiency` at log
+steps, where the loop already synchronises to read the loss. With `metrics.enabled: false` every
 method returns at once and no port is opened.
 
 The checkpoint manager reports through `observe_checkpoint_save`,
@@ -163,10 +163,24 @@ class MetricsProcessor:
                                           "Checkpoint saves or loads that failed.", LABELS + ("operation",))
         for operation in ("save", "load", "verify"):  # every series from the start: increase() sees the first
             self.checkpoint_failures.labels(*values, operation)
+        # Efficiency (trainer/worker/efficiency.py): series only where the run has the figure.
+        self.tokens = metric(Counter, "kubetrain_tokens", "Real (non-padding) tokens of the training batches "
+                             "of this rank, counted by token tasks at log steps.")
+        self.model_flops = metric(Gauge, "kubetrain_model_flops_per_step", "Model FLOPs of one optimizer step "
+                                  "on this rank, counted on the first step with FlopCounterMode.")
+        self.mfu = metric(Gauge, "kubetrain_mfu_ratio", "Model FLOPs utilisation over the last log window: "
+                          "this rank's model FLOP/s over the device's peak (metrics.peakFlops or the known-GPU "
+                          "table); no series where no peak is known.")
         self.gpu_allocated = metric(Gauge, "kubetrain_gpu_memory_allocated_bytes",
                                     "GPU memory held by tensors of this rank.")
+        self.gpu_reserved = metric(Gauge, "kubetrain_gpu_memory_reserved_bytes",
+                                   "GPU memory reserved by PyTorch's caching allocator on this rank.")
         self.gpu_peak = metric(Gauge, "kubetrain_gpu_memory_peak_bytes",
                                "Peak GPU memory held by tensors of this rank since the start.")
+        self.gpu_utilization = metric(Gauge, "kubetrain_gpu_utilization_ratio", "Share of the last sample "
+                                      "period in which a kernel ran on this rank's GPU (NVML, with nvidia-ml-py).")
+        self.gpu_power = metric(Gauge, "kubetrain_gpu_power_watts",
+                                "Power drawn by this rank's GPU (NVML, with nvidia-ml-py).")
 
     @classmethod
     def from_config(cls, config, local_rank: int, rank: int) -> "MetricsProcessor":
@@ -241,7 +255,7 @@ class MetricsProcessor:
         if self.enabled:
             self.heartbeat.set_to_current_time()
 
-    def observe_log(self, train_loss: float, grad_norm=None, device=None) -> None:
+    def observe_log(self, train_loss: float, grad_norm=None) -> None:
         """At log steps, where the loop has already synchronised; a NaN loss is exported as NaN.
 
         `grad_norm` is the tensor that clip_grad_norm_ returned (a DTensor under FSDP2).
@@ -254,11 +268,24 @@ class MetricsProcessor:
             if hasattr(grad_norm, "full_tensor"):  # sharded: a collective, which every rank reaches here
                 grad_norm = grad_norm.full_tensor()
             self.grad_norm.labels(*values).set(float(grad_norm))
-        if device is not None and device.type == "cuda":
-            import torch
 
-            self.gpu_allocated.labels(*values).set(torch.cuda.memory_allocated(device))
-            self.gpu_peak.labels(*values).set(torch.cuda.max_memory_allocated(device))
+    def observe_efficiency(self, tokens: int | None, mfu: float | None, flops_per_step: float | None,
+                           gpu: dict[str, float]) -> None:
+        """At log steps: the window's real tokens (None: the task counts none), its MFU (None: no peak),
+        and Efficiency.gpu_stats() (empty off CUDA)."""
+        if not self.enabled:
+            return
+        values = self.label_values
+        if tokens is not None:
+            self.tokens.labels(*values).inc(tokens)
+        if flops_per_step:
+            self.model_flops.labels(*values).set(flops_per_step)
+        if mfu is not None:
+            self.mfu.labels(*values).set(mfu)
+        gauges = {"allocated": self.gpu_allocated, "reserved": self.gpu_reserved, "peak": self.gpu_peak,
+                  "utilization": self.gpu_utilization, "power_watts": self.gpu_power}
+        for key, value in gpu.items():
+            gauges[key].labels(*values).set(value)
 
     def observe_eval(self, loss: float | None, accuracy: float | None) -> None:
         if not self.enabled:

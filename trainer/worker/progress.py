@@ -1,11 +1,12 @@
 """What the loop measures between log lines: step timing and the log window.
 
 StepTimer splits each step's wall time into data wait (from the end of the
-last step until the batch arrived) and the rest. LogWindow sums the loss and
-this rank's compute time over the steps since the last log line; closing it
-at a log step reduces the loss across ranks (the loop's only sync point
-besides checkpoints and evaluation) and yields what the log line, the
-metrics and TensorBoard report.
+last step until the batch arrived) and the rest. LogWindow sums the loss, the
+real tokens (of tasks that count them) and this rank's compute time over the
+steps since the last log line, the sums on the device; closing it at a log
+step reduces loss and tokens across ranks in one collective (the loop's only
+sync point besides checkpoints and evaluation) and yields what the log line,
+the metrics and TensorBoard report.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class WindowReport:
     samples_per_second: float
     eta_seconds: float
     step_seconds: float  # this rank's mean compute time per step (data wait excluded)
+    steps_per_second: float  # optimizer steps over the window's wall time
+    rank_tokens: int = 0  # real tokens this rank trained on in the window
+    tokens_per_second: float | None = None  # all ranks' real tokens over the window's wall time
 
 
 class LogWindow:
@@ -65,6 +69,9 @@ class LogWindow:
         self.first_step = first_step  # where this attempt started (a resume starts mid-run)
         self.run_start = self.start = time.perf_counter()
         self.loss = torch.zeros((), device=device)
+        self.tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.counts_tokens = False  # whether the task counted any (count_tokens)
+        self.run_tokens = 0.0  # all ranks' real tokens in the closed windows: the summary's tokens/s
         self.steps, self.compute = 0, 0.0
         self.last_loss: float | None = None  # of the last closed window: the run's train_loss
         # The first step whose loss was not finite, kept on the device (no sync per step); NEVER if none.
@@ -77,20 +84,37 @@ class LogWindow:
         bad = torch.where(torch.isfinite(step_loss), NEVER, step)
         torch.minimum(self.first_nonfinite, bad, out=self.first_nonfinite)
 
+    def add_tokens(self, count) -> None:
+        """A micro-batch's real tokens: a tensor (on the device or a CPU scalar) or an int; no sync."""
+        self.tokens += torch.as_tensor(count).long()  # a float mask's sum counts too
+        self.counts_tokens = True
+
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step >= self.total_steps
 
     def close(self, step: int) -> WindowReport:
         """A collective: every rank closes the window at the same step."""
-        self.last_loss = mean_across_ranks(self.loss / self.steps).item()
+        mine = self.tokens.double()
+        sums = torch.stack([self.loss.double() / self.steps, mine])
+        if dist.is_initialized():
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+            sums[0] /= dist.get_world_size()
+        loss, tokens = sums.tolist()
+        self.last_loss = loss
         now = time.perf_counter()
+        seconds = now - self.start
         report = WindowReport(
-            train_loss=self.last_loss,
-            samples_per_second=self.steps * self.samples_per_step / (now - self.start),
+            train_loss=loss,
+            samples_per_second=self.steps * self.samples_per_step / seconds,
             eta_seconds=(self.total_steps - step) * (now - self.run_start) / (step - self.first_step),
             step_seconds=self.compute / self.steps,
+            steps_per_second=self.steps / seconds,
         )
+        if self.counts_tokens:
+            report.rank_tokens, report.tokens_per_second = int(mine.item()), tokens / seconds
+            self.run_tokens += tokens
         self.loss.zero_()
+        self.tokens.zero_()
         self.steps, self.start, self.compute = 0, now, 0.0
         return report
 

@@ -2,7 +2,8 @@
 
 Scalars, with the optimizer step as x axis: `train/loss` (mean over ranks and
 the log window), `train/learning_rate`, `train/grad_norm`,
-`train/samples_per_second`, `step_time_seconds/rank_N` (each rank's mean
+`train/samples_per_second`, `train/tokens_per_second` (token tasks),
+`train/mfu` (rank 0's, where a peak is known), `step_time_seconds/rank_N` (each rank's mean
 compute time per step, data wait excluded), `eval/loss` and `eval/accuracy`;
 the resolved config as text. Written at log steps only, where the loop has
 synchronised anyway, so the cost is a few queued protobufs per log window.
@@ -119,7 +120,8 @@ class TensorBoardLogger:
         return [t.item() for t in gathered]
 
     def log_train(self, step: int, loss: float, lr: float, grad_norm: torch.Tensor | None,
-                  samples_per_second: float, step_times: list[float]) -> None:
+                  samples_per_second: float, step_times: list[float], tokens_per_second: float | None = None,
+                  mfu: float | None = None) -> None:
         if self.writer is None:
             return
         add = self.writer.add_scalar
@@ -128,6 +130,10 @@ class TensorBoardLogger:
         if grad_norm is not None:
             add("train/grad_norm", float(grad_norm), step)
         add("train/samples_per_second", samples_per_second, step)
+        if tokens_per_second is not None:
+            add("train/tokens_per_second", tokens_per_second, step)
+        if mfu is not None:
+            add("train/mfu", mfu, step)
         for rank, seconds in enumerate(step_times):
             add(f"step_time_seconds/rank_{rank}", seconds, step)
 
