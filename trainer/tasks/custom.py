@@ -106,7 +106,8 @@ def _checked(spec: TaskSpec, entrypoint: str) -> TaskSpec:
         raise UserError(f"training.entrypoint: {entrypoint} returned a model of type {type(spec.model).__name__}, "
                         "expected a torch.nn.Module")
     data = spec.train_dataset
-    if isinstance(data, IterableDataset) or not all(hasattr(type(data), m) for m in ("__getitem__", "__len__")):
+    map_style = all(hasattr(type(data), m) for m in ("__getitem__", "__len__"))
+    if data is not None and (isinstance(data, IterableDataset) or not map_style):
         # The loop samples items by index: that is how every rank gets its shard and a resume starts at its
         # data position without reading the epoch again.
         raise UserError(f"training.entrypoint: {entrypoint} returned a train_dataset of type {type(data).__name__}, "
