@@ -71,6 +71,23 @@ def test_custom_entrypoint_mistakes_name_the_key_and_what_was_found(tmp_path):
     assert not (tmp_path / "labels" / "model").exists()  # nothing exported
 
 
+def test_an_iterable_training_set_is_refused_by_name(tmp_path):
+    """The loop samples the training set by index (each rank its shard, a resume at its data position)."""
+    (tmp_path / "streamed.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Stream(torch.utils.data.IterableDataset):\n"
+        "    def __iter__(self):\n        return iter([(torch.randn(4), 0)] * 64)\n\n"
+        "def build(cfg):\n    return {'model': nn.Linear(4, cfg.num_classes), 'train_dataset': Stream()}\n")
+    result = run_cli("run", "stream", "--workdir", str(tmp_path / "w"), *FAST, "--set",
+                     f"training.task=custom,training.pythonPath[0]={tmp_path},training.entrypoint=streamed:build",
+                     env=ENV)
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert one_error_line(result) == ("Error: training.entrypoint: streamed:build returned a train_dataset of type "
+                                      "Stream, expected a map-style dataset (with __getitem__ and __len__), not an "
+                                      "iterable one")
+    assert not (tmp_path / "w" / "model").exists()
+
+
 def test_a_diverged_loss_names_its_step_exits_1_and_keeps_the_step_count(tmp_path):
     result = run_cli("run", "boom", "--workdir", str(tmp_path), *FAST,
                      "--set-json", "training.optimizer.lr=1e9", env=ENV)

@@ -41,6 +41,8 @@ class Example:
 class TokenDataset(Dataset):
     """Examples, one a dataset item; packed: per item, the lengths of the examples packed into it."""
 
+    deterministic_items = True  # tokenized and packed before training: a lookup
+
     def __init__(self, examples: list[Example], packed: list[list[int]] | None = None):
         self.examples = examples
         self.packed = packed
@@ -220,6 +222,8 @@ class CausalCollate:
 
 class WithLengths(Dataset):
     """(Example, its packed lengths or None): what CausalCollate takes."""
+
+    deterministic_items = True
 
     def __init__(self, data: TokenDataset):
         self.data = data

@@ -30,6 +30,8 @@ class LazyDataset(Dataset):
     epoch after the first costs nothing, as with a prebuilt tensor); DataLoader workers make items
     afresh rather than each holding a copy of the set."""
 
+    deterministic_items = True  # item i comes from its own generator (trainer/tasks/spec.py)
+
     def __init__(self, count: int, make: Callable[[int], tuple]):
         self.count, self.make = count, make
         self.cache: dict[int, tuple] = {}

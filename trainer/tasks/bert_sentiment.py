@@ -51,6 +51,8 @@ SYNTHETIC_WORDS = POSITIVE + NEGATIVE + FILLER
 
 
 class TextDataset(Dataset):
+    deterministic_items = True  # (text, label) lookups; the collate tokenizes without randomness
+
     def __init__(self, texts: list[str], labels: list[int]):
         self.texts, self.labels = texts, labels
 

@@ -33,6 +33,7 @@ import sys
 from collections.abc import Mapping
 
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from trainer.errors import UserError
 from trainer.tasks import TaskSpec, _weights, building, load_pretrained, register
@@ -104,4 +105,11 @@ def _checked(spec: TaskSpec, entrypoint: str) -> TaskSpec:
     if not isinstance(spec.model, nn.Module):
         raise UserError(f"training.entrypoint: {entrypoint} returned a model of type {type(spec.model).__name__}, "
                         "expected a torch.nn.Module")
+    data = spec.train_dataset
+    map_style = all(hasattr(type(data), m) for m in ("__getitem__", "__len__"))
+    if data is not None and (isinstance(data, IterableDataset) or not map_style):
+        # The loop samples items by index: that is how every rank gets its shard and a resume starts at its
+        # data position without reading the epoch again.
+        raise UserError(f"training.entrypoint: {entrypoint} returned a train_dataset of type {type(data).__name__}, "
+                        "expected a map-style dataset (with __getitem__ and __len__), not an iterable one")
     return spec

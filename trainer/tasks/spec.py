@@ -18,8 +18,14 @@ class TaskSpec:
     train_dataset / eval_dataset: map-style datasets of (inputs, target) pairs; None where the
         builder was asked for the network only (trainer.tasks.building(), load_exported).
     loss_fn: (outputs, targets) -> scalar loss; cross-entropy by default.
-    collate_fn: optional DataLoader collate function (e.g. dynamic padding).
+    collate_fn: optional DataLoader collate function (e.g. dynamic padding); it should draw no
+        randomness (with numWorkers > 0 a resume mid-epoch would not repeat it): augment in the dataset.
     accuracy: whether eval reports top-1 accuracy (classification tasks).
+
+    DataLoader workers make each training item under RNGs (torch CPU, `random`, NumPy) seeded from
+    (seed, epoch, index), so random augmentation repeats exactly in a run resumed mid-epoch
+    (trainer/worker/data.py). A dataset class that draws nothing from them may set
+    `deterministic_items = True` to skip that (a little per-item work; its `__getitems__` is kept).
 
     Optional hooks (all default to "not needed"):
     param_groups: model -> list of optimizer groups {"params": [...], "lr_scale": float};

@@ -242,16 +242,15 @@ class Trainer:
             if self.spec.on_epoch_start:  # e.g. unfreeze a backbone
                 self.model = run_epoch_start_hook(self.spec, self.model, self.raw_model, self.device,
                                                   self.state.epoch)
-            self.sampler.set_epoch(self.state.epoch)
+            # A resume starts at its data position: the batches before it are not loaded again.
+            self.sampler.set_epoch(self.state.epoch, skip=self.state.batch_in_epoch * self.cfg.batch_size)
             if isinstance(self.train_loader, torch.utils.data.DataLoader):
                 # Worker seeds from a per-epoch generator, not the global RNG: a mid-epoch resume that
                 # restores the RNG then recreates the iterator sees the same randomness as an unbroken run.
                 self.train_loader.generator = torch.Generator().manual_seed(
                     (self.cfg.seed + self.state.epoch) * 1_000_003 + self.info.rank)
             group: list = []
-            for index, batch in enumerate(self.train_loader):
-                if index < self.state.batch_in_epoch:
-                    continue  # consumed before a resume
+            for index, batch in enumerate(self.train_loader, start=self.state.batch_in_epoch):
                 if index >= self.steps_per_epoch * accum:
                     break  # a trailing partial step is dropped
                 group.append(batch)
