@@ -22,6 +22,7 @@ from trainer.tasks._weights import WeightsReader
 from trainer.worker.data import build_loaders, move
 from trainer.worker.distributed import RankInfo
 from trainer.worker.efficiency import Efficiency
+from trainer.worker.goodput import Goodput, describe as describe_goodput, heartbeat_key
 from trainer.worker.parallel import (even_eval_batches, fsdp_mixed_precision, gradient_sync, is_fsdp,
                                      parallelize, run_epoch_start_hook)
 from trainer.worker.phases import PHASES
@@ -141,6 +142,9 @@ class Trainer:
         self.window: LogWindow | None = None
         self.checkpoints = None  # the run's CheckpointManager
         self.outputs: dict[str, str] = {}  # the exported folders: {"model": URL} (and "adapter")
+        # The experiment's goodput account (trainer/worker/goodput.py), from this process's start.
+        self.goodput = Goodput(time.time() - (time.perf_counter() - STARTUP.origin))
+        self._saved_goodput: dict | None = None  # the account a resumed checkpoint held
 
     # ------------------------------------------------------------ steps
     def _autocast(self):
@@ -273,7 +277,7 @@ class Trainer:
             model = {k: v for k, v in model.items() if self.spec.checkpoint_keys(k)}
         return {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": dataclasses.asdict(self.state),
-                "rng": capture_rng()}
+                "rng": capture_rng(), "goodput": self.goodput.state(self.state.step)}
 
     def load_state_dict(self, state: dict) -> None:
         from trainer.worker.checkpoint import load_model_optimizer_state, restore_rng
@@ -285,6 +289,7 @@ class Trainer:
         self.state = TrainState(**state["train_state"])
         if "rng" in state:
             restore_rng(state["rng"])
+        self._saved_goodput = state.get("goodput")  # None in checkpoints from before goodput
 
     def _log_step(self, step_loss: torch.Tensor) -> None:
         """training.stepLogFile: one JSON line per optimizer step (mean loss over ranks)."""
@@ -299,6 +304,9 @@ class Trainer:
         from trainer.worker.preemption import PreemptionWatch
 
         self.checkpoints = checkpoints = CheckpointManager(self.config, self.info, metrics=self.metrics)
+        if checkpoints.enabled:  # the heartbeat lives beside the checkpoints
+            self.goodput.store = checkpoints.store
+            self.goodput.key = heartbeat_key(checkpoints.base, self.info.rank)
         preemption = PreemptionWatch(self.device).install()
         self.watchdog = HangWatchdog(self.cfg.distributed.hang_timeout_seconds)
         try:
@@ -313,9 +321,14 @@ class Trainer:
 
     def _fit(self, checkpoints, preemption, watchdog) -> dict:
         PHASES.enter("looking for a checkpoint to resume")
-        checkpoints.resume(self)
+        resumed = checkpoints.resume(self)
         self.tensorboard.start(self.state.step)
         STARTUP.mark("resume")
+        goodput = self.goodput
+        goodput.add("startup", time.perf_counter() - STARTUP.origin)  # the rest of start-up is data wait
+        if resumed is not None:
+            goodput.resumed(self._saved_goodput, resumed)
+        self._observe_goodput()
         watchdog.start()  # after the resume: downloading a checkpoint is not a hang
         self.model.train()
         self.window = window = LogWindow(self.device, self.cfg.log_every_steps, self.total_steps,
@@ -330,7 +343,9 @@ class Trainer:
             timer.batch_arrived()
             if group is None:  # an epoch ended
                 if (self.state.epoch + 1) % self.cfg.eval_every_epochs == 0 or self.done:
+                    started = time.perf_counter()
                     self._evaluate_and_report(announce=True)
+                    goodput.add("evaluation", time.perf_counter() - started)
                     watchdog.beat("evaluation")
                 timer.restart()
                 if self.done:
@@ -341,16 +356,25 @@ class Trainer:
             STARTUP.report(self.info.is_main)  # once: where the time to this first step went
             if self.cfg.step_log_file:
                 self._log_step(step_loss)
+            lap = timer.lap()
+            goodput.step(*lap)
             if window.due(self.state.step):
                 self._report_window(window)
-            self.metrics.observe_step(*timer.lap(), self.samples_per_step // self.info.world_size,
+                self._observe_goodput()
+                goodput.heartbeat(self.state.step)
+            self.metrics.observe_step(*lap, self.samples_per_step // self.info.world_size,
                                       self.scheduler.get_last_lr()[0], self.state.epoch)
             watchdog.beat(f"step {self.state.step}")
             PHASES.progress(self.state.step)
             preempted = preemption.should_stop()  # every rank, every step: agree on one boundary
             if preempted or self.done or self._checkpoint_due():
                 PHASES.enter(f"checkpoint at step {self.state.step}")
-                checkpoints.save(self, blocking=preempted or self.done)
+                started = time.perf_counter()
+                blocking = preempted or self.done or not checkpoints.async_save
+                checkpoints.save(self, blocking=blocking)
+                goodput.add("checkpoint_stall", time.perf_counter() - started)
+                if blocking and checkpoints.enabled:  # committed: a stop now loses nothing after it
+                    goodput.heartbeat(self.state.step)
                 self._training_phase()
                 watchdog.beat(f"checkpoint at step {self.state.step}")
                 timer.restart()
@@ -360,11 +384,15 @@ class Trainer:
                 break
             preempted = False
             if self.done and self.state.batch_in_epoch < self.steps_per_epoch * self.cfg.grad_accum_steps:
+                started = time.perf_counter()
                 self._evaluate_and_report(announce=False)  # maxSteps hit mid-epoch: evaluate once more
+                goodput.add("evaluation", time.perf_counter() - started)
                 break
         PHASES.enter("finishing the checkpoints")
         preemption.drain()
+        started = time.perf_counter()
         checkpoints.close()
+        goodput.add("checkpoint_stall", time.perf_counter() - started)
         if not preempted and self.done:
             from trainer.export import existing_export, export_model
 
@@ -374,7 +402,17 @@ class Trainer:
                 self.outputs = exported if isinstance(exported, dict) else {"model": exported} if exported else {}
             else:  # a rerun of a finished run: the export its first run wrote, if any
                 self.outputs = existing_export(self)
+        goodput.heartbeat(self.state.step)
+        report = self._observe_goodput()
+        if self.info.is_main:
+            log.info("%s", describe_goodput(report))
         return self.summary("preempted" if preempted else "succeeded")
+
+    def _observe_goodput(self) -> dict:
+        report = self.goodput.report()
+        self.metrics.observe_goodput(report)
+        self.tensorboard.log_goodput(self.state.step, report)
+        return report
 
     def summary(self, status: str, error: str | None = None) -> dict:
         """The run's JSON summary as this rank sees it: what fit() returns, and what a failure reports
@@ -383,6 +421,7 @@ class Trainer:
         wall = time.perf_counter() - window.run_start if window else 0.0
         steps_run = self.state.step - window.first_step if window else 0
         committed = checkpoints.last_committed if checkpoints is not None else None
+        goodput = self.goodput.report()
         return {
             "event": "summary",
             "status": status,
@@ -399,6 +438,11 @@ class Trainer:
             "tokens_per_second": window.run_tokens / wall if window and window.counts_tokens and wall > 0 else None,
             "mfu": self.efficiency.mfu(steps_run / wall) if wall > 0 else None,
             "wall_seconds": round(wall, 3),
+            # Since the experiment's first start, across restarts (trainer/worker/goodput.py).
+            "goodput": None if goodput["goodput"] is None else round(goodput["goodput"], 4),
+            "experiment_seconds": round(goodput["wall"], 3),
+            "productive_seconds": round(goodput["productive"], 3),
+            "goodput_losses": {name: round(seconds, 3) for name, seconds in goodput["losses"].items()},
             "checkpoint": checkpoints.url(committed) if committed is not None else None,
             "model": self.outputs.get("model"),
             **({"adapter": self.outputs["adapter"]} if "adapter" in self.outputs else {}),

@@ -11,7 +11,7 @@ additions, no device sync) and `observe_log` and `observe_efficiency` at log
 steps, where the loop already synchronises to read the loss. With `metrics.enabled: false` every
 method returns at once and no port is opened.
 
-The checkpoint manager reports through `observe_checkpoint_save`,
+`observe_goodput` exports the goodput account (trainer/worker/goodput.py). The checkpoint manager reports through `observe_checkpoint_save`,
 `observe_checkpoint_load` and `observe_checkpoint_failure`.
 """
 
@@ -181,6 +181,14 @@ class MetricsProcessor:
                                       "period in which a kernel ran on this rank's GPU (NVML, with nvidia-ml-py).")
         self.gpu_power = metric(Gauge, "kubetrain_gpu_power_watts",
                                 "Power drawn by this rank's GPU (NVML, with nvidia-ml-py).")
+        # Goodput (trainer/worker/goodput.py): since the experiment's first start, across restarts; gauges,
+        # as a resumed attempt carries the account on from its checkpoint.
+        self.goodput = metric(Gauge, "kubetrain_goodput_ratio", "Share of the experiment's wall time since its "
+                              "first start (across restarts) spent in training steps that were kept.").labels(*values)
+        self.goodput_productive = metric(Gauge, "kubetrain_goodput_productive_seconds", "Compute time of the "
+                                         "kept training steps since the experiment's first start.").labels(*values)
+        self.goodput_loss = metric(Gauge, "kubetrain_goodput_loss_seconds", "Wall time since the experiment's "
+                                   "first start that produced no kept progress, by reason.", LABELS + ("reason",))
 
     @classmethod
     def from_config(cls, config, local_rank: int, rank: int) -> "MetricsProcessor":
@@ -286,6 +294,16 @@ class MetricsProcessor:
                   "utilization": self.gpu_utilization, "power_watts": self.gpu_power}
         for key, value in gpu.items():
             gauges[key].labels(*values).set(value)
+
+    def observe_goodput(self, report: dict) -> None:
+        """Goodput.report(): at the start (after a resume), at log steps and at the end."""
+        if not self.enabled:
+            return
+        if report["goodput"] is not None:
+            self.goodput.set(report["goodput"])
+        self.goodput_productive.set(report["productive"])
+        for reason, seconds in report["losses"].items():
+            self.goodput_loss.labels(*self.label_values, reason).set(seconds)
 
     def observe_eval(self, loss: float | None, accuracy: float | None) -> None:
         if not self.enabled:

@@ -137,6 +137,16 @@ class TensorBoardLogger:
         for rank, seconds in enumerate(step_times):
             add(f"step_time_seconds/rank_{rank}", seconds, step)
 
+    def log_goodput(self, step: int, report: dict) -> None:
+        """Goodput since the experiment's first start, and its losses in seconds (trainer/worker/goodput.py)."""
+        if self.writer is None:
+            return
+        if report["goodput"] is not None:
+            self.writer.add_scalar("goodput/ratio", report["goodput"], step)
+        self.writer.add_scalar("goodput/productive_seconds", report["productive"], step)
+        for reason, seconds in report["losses"].items():
+            self.writer.add_scalar(f"goodput/loss_seconds/{reason}", seconds, step)
+
     def log_eval(self, step: int, loss: float | None, accuracy: float | None,
                  perplexity: float | None = None) -> None:
         if self.writer is None:
