@@ -13,7 +13,7 @@ import pytest
 from prometheus_server import free_port_pair, http_get
 from support import run_cli, tool
 
-LABELS_ALLOWED = {"experiment", "rank", "operation", "le",  # plus the _info metric's descriptive labels:
+LABELS_ALLOWED = {"experiment", "rank", "operation", "reason", "le",  # plus the _info metric's descriptive labels:
                   "task", "world_size", "backend", "precision", "parallelism", "version"}
 
 
@@ -79,6 +79,22 @@ def test_prometheus_holds_the_real_tokens_of_both_ranks(live_run):
     assert summary["mfu"] is not None
 
 
+def test_prometheus_holds_the_goodput_and_its_losses_of_both_ranks(live_run):
+    at_end = live_run.query_after_run
+    summary = live_run.summary
+    ratio = _by_rank(at_end('last_over_time(kubetrain_goodput_ratio{experiment="metrics-demo"}[5m])'))
+    assert set(ratio) == {"0", "1"} and all(0 < r < 1 for r in ratio.values()), ratio
+    # Rank 0's final value is the summary's figure, up to the time between the last scrape and the summary.
+    assert ratio["0"] == pytest.approx(summary["goodput"], abs=0.05), (ratio, summary["goodput"])
+    losses = at_end('last_over_time(kubetrain_goodput_loss_seconds{experiment="metrics-demo"}[5m])')
+    reasons = {(r["metric"]["rank"], r["metric"]["reason"]) for r in losses}
+    assert reasons == {(rank, reason) for rank in "01" for reason in summary["goodput_losses"]}, reasons
+    startup = {r["metric"]["rank"]: float(r["value"][1]) for r in losses if r["metric"]["reason"] == "startup"}
+    assert all(seconds > 0 for seconds in startup.values()), startup
+    productive = _by_rank(at_end('last_over_time(kubetrain_goodput_productive_seconds{experiment="metrics-demo"}[5m])'))
+    assert set(productive) == {"0", "1"} and all(p > 0 for p in productive.values()), productive
+
+
 def test_live_scrape_passes_promtool_check_metrics(live_run):
     promtool = tool("KUBETRAIN_PROMTOOL", "promtool")
     for rank, text in live_run.scrapes.items():
@@ -108,6 +124,7 @@ def test_exported_names_and_labels_follow_the_conventions(live_run):
         "kubetrain_restarts_total", "kubetrain_gpu_memory_allocated_bytes", "kubetrain_gpu_memory_peak_bytes",
         "kubetrain_info", "kubetrain_tokens_total", "kubetrain_model_flops_per_step", "kubetrain_mfu_ratio",
         "kubetrain_gpu_memory_reserved_bytes", "kubetrain_gpu_utilization_ratio", "kubetrain_gpu_power_watts",
+        "kubetrain_goodput_ratio", "kubetrain_goodput_productive_seconds", "kubetrain_goodput_loss_seconds",
     }
     assert expected <= set(families), expected - set(families)
     # On CPU the GPU gauges are declared but hold no series; a task without tokens has no token series.
