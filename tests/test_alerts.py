@@ -14,9 +14,16 @@ UNIT_TESTS = REPO / "tests" / "alerts" / "alert-rules_test.yaml"
 EXPERIMENT = "demo"  # what tests/alerts/ expects in place of __EXPERIMENT__
 
 
+def goodput_below() -> float:
+    """metrics.prometheusRule.goodputBelow's default (the chart's values.yaml, generated from the model)."""
+    values = yaml.safe_load((REPO / "helm" / "kubetrain" / "values.yaml").read_text())
+    return values["metrics"]["prometheusRule"]["goodputBelow"]
+
+
 def rendered_rules(experiment: str = EXPERIMENT) -> str:
-    """What the chart renders: the release name in place of the token."""
-    return RULES.read_text().replace("__EXPERIMENT__", experiment)
+    """What the chart renders: the release name and the thresholds from values in place of the tokens."""
+    return RULES.read_text().replace("__EXPERIMENT__", experiment).replace("__GOODPUT_BELOW__",
+                                                                          str(goodput_below()))
 
 
 def alerts() -> list[dict]:
@@ -51,7 +58,7 @@ def test_every_alert_is_unit_tested_both_ways():
 
 def test_rules_are_scoped_to_the_experiment_and_annotated():
     wanted = {"KubetrainHeartbeatStalled", "KubetrainLossNotFinite", "KubetrainThroughputDrop",
-              "KubetrainMFUDrop", "KubetrainCheckpointFailing", "KubetrainRestarted"}
+              "KubetrainMFUDrop", "KubetrainCheckpointFailing", "KubetrainRestarted", "KubetrainLowGoodput"}
     assert {a["alert"] for a in alerts()} == wanted
     raw = yaml.safe_load(RULES.read_text())
     for rule in raw["groups"][0]["rules"]:
@@ -65,3 +72,19 @@ def test_alerts_name_only_metrics_the_trainer_exports(live_run):
     for alert in alerts():
         names = metric_names(alert["expr"])
         assert names and names <= exported, f"{alert['alert']}: {sorted(names - exported)} not exported"
+
+
+def test_the_low_goodput_threshold_comes_from_values(values_file):
+    """The chart fills metrics.prometheusRule.goodputBelow into the rule (the unit tests use the default)."""
+    from support import helm_objects
+
+    assert goodput_below() == 0.5  # what tests/alerts/ expects
+
+    def rule(*files):
+        rules = next(o for o in helm_objects("demo", files=files) if o["kind"] == "PrometheusRule")
+        return next(r for g in rules["spec"]["groups"] for r in g["rules"] if r["alert"] == "KubetrainLowGoodput")
+
+    on = {"metrics": {"prometheusRule": {"enabled": True}}}
+    assert rule(values_file(on))["expr"].strip().endswith("< 0.5")
+    lower = values_file({"metrics": {"prometheusRule": {"enabled": True, "goodputBelow": 0.25}}})
+    assert rule(lower)["expr"].strip() == 'min by (experiment) (kubetrain_goodput_ratio{experiment="demo"}) < 0.25'

@@ -372,6 +372,10 @@ class PrometheusRuleValues:
     enabled: bool = setting(False, "renders the PrometheusRule.")
     labels: dict = setting({}, "are added to the PrometheusRule, e.g. what your Prometheus' ruleSelector matches.",
                            additionalProperties=STRING_MAP)
+    goodput_below: float = setting(0.5, "is the goodput (the share of the experiment's wall time since its first "
+                                   "start, across restarts, spent in training steps that were kept) under which "
+                                   "the KubetrainLowGoodput alert fires after 30 minutes; 0 turns it off.",
+                                   minimum=0, maximum=1)
 
 
 @dataclass(frozen=True)
