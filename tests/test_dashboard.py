@@ -65,7 +65,7 @@ def test_dashboard_has_the_variables_and_panels_users_look_for():
     assert variables["rank"]["multi"] and variables["rank"]["includeAll"]
     titles = " | ".join(p["title"].lower() for p in board["panels"])
     for wanted in ("loss", "accuracy", "samples/s per rank and total", "step time p50 / p95", "data wait",
-                   "checkpoint save / load duration", "gpu memory", "gpu utilisation"):
+                   "checkpoint save / load duration", "gpu memory", "gpu utilisation", "goodput"):
         assert wanted in titles, wanted
     queries = dict(panel_queries(board))
     for title, expr in panel_queries(board):
@@ -114,7 +114,8 @@ def test_dashboard_names_only_exported_or_dcgm_metrics(live_run):
 
 @pytest.mark.parametrize("title", ["Loss", "Eval accuracy", "Samples/s per rank and total", "Step time p50 / p95",
                                    "Data wait (share of step time)", "Gradient norm",
-                                   "Last committed checkpoint step", "MFU per rank"])
+                                   "Last committed checkpoint step", "MFU per rank", "Goodput per rank",
+                                   "Where the experiment's time went"])
 def test_core_panels_show_data_from_the_real_run(live_run, title):
     queries = [expr for t, expr in panel_queries(dashboard()) if t == title]
     when = live_run.last_scrape_time()

@@ -91,6 +91,13 @@ ROWS = [  # (row title, [(panel title, unit, [(expr, legend)])])
             (f'max(kubetrain_checkpoint_last_saved_step{{{SEL}}})', "step"),
         ]),
     ]),
+    ("Goodput", [
+        ("Goodput per rank", "percentunit", [(f'kubetrain_goodput_ratio{{{SEL}}}', "rank {{rank}}")]),
+        ("Where the experiment's time went", "s", [
+            (f'max(kubetrain_goodput_productive_seconds{{{SEL}}})', "productive"),
+            (f'max by (reason) (kubetrain_goodput_loss_seconds{{{SEL}}})', "{{reason}}"),
+        ]),
+    ]),
     ("GPU", [
         ("GPU memory allocated / reserved / peak", "bytes", [
             (f'kubetrain_gpu_memory_allocated_bytes{{{SEL}}}', "allocated rank {{rank}}"),
@@ -137,6 +144,13 @@ DESCRIPTIONS = {
         "Checkpoint bytes moved to and from the store, averaged over 15m (saves are rare; a scrape-interval "
         "rate would be mostly 0).",
     "Last committed checkpoint step": "The newest step whose checkpoint is committed: what a restart resumes from.",
+    "Goodput per rank": "The share of the experiment's wall time since its first start, across restarts and "
+                        "resumes, spent in training steps that were kept (KubetrainLowGoodput fires under "
+                        "metrics.prometheusRule.goodputBelow).",
+    "Where the experiment's time went": "Seconds since the experiment's first start: kept step time (productive) "
+                                        "and each loss: start-up, data wait, checkpoint stall, evaluation, work "
+                                        "lost after the last checkpoint of an attempt that died, time between "
+                                        "attempts, and the rest (other).",
     "GPU memory allocated / reserved / peak": "CUDA memory held by tensors on each rank, what PyTorch's caching "
                                               "allocator reserved (what the GPU sees in use), and the tensors' "
                                               "peak since the start.",
@@ -205,7 +219,7 @@ def dashboard() -> dict:
         # Filled in per release (configmap-dashboard.yaml): two experiments in one Grafana must not collide.
         "uid": "__DASHBOARD_UID__",
         "title": "kubetrain: __EXPERIMENT__",
-        "description": "One kubetrain experiment: loss, throughput, step time, data wait, checkpoints and GPUs "
+        "description": "One kubetrain experiment: loss, throughput, step time, data wait, goodput, checkpoints and GPUs "
                        "per rank (metrics from every rank's /metrics; GPU utilisation from the DCGM exporter).",
         "tags": ["kubetrain", "pytorch", "training"],
         "editable": True, "graphTooltip": 1, "refresh": "30s", "schemaVersion": 39, "version": 1,
