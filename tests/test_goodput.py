@@ -8,10 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from support import FAST_TRAINING, REPO, finish, read_until
+from test_tensorboard_export import scalars
 from trainer.storage import FileStore
 from trainer.worker.goodput import LOSSES, Goodput, heartbeat_key
 
@@ -59,6 +61,34 @@ def test_a_clean_preemption_loses_nothing_a_later_heartbeat_is_lost_work_none_is
     assert old.first_start == 1020.0 and not any(old.losses.values())
 
 
+class RefusingStore(FileStore):
+    """A real local store whose writes fail, as an unreachable bucket's do after s3.retrySeconds."""
+
+    writes = 0
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        RefusingStore.writes += 1
+        raise OSError("connection refused")
+
+
+def test_heartbeats_reach_the_store_and_a_failing_store_stops_them_with_one_warning(tmp_path, caplog):
+    account = _attempt(tmp_path, time.time())
+    account.step(1.0, 0.25)
+    account.heartbeat(4)  # beside training
+    account._writing.join()
+    assert json.loads(account.store.read_bytes(account.key))["step"] == 4
+    account.heartbeat(8, wait=True)
+    assert json.loads(account.store.read_bytes(account.key)) == {**account.state(8), "time": pytest.approx(
+        time.time(), abs=5)}
+
+    failing = Goodput(time.time(), RefusingStore(tmp_path.as_uri()), heartbeat_key("exp", 1))
+    failing.heartbeat(4, wait=True)  # no exception: goodput never stops training
+    failing.heartbeat(8, wait=True)
+    failing.heartbeat(12)
+    assert RefusingStore.writes == 1 and failing.store is None
+    assert caplog.text.count("cannot write the heartbeat") == 1 and "Traceback" not in caplog.text
+
+
 STEPS, EVERY = 48, 16  # checkpoints at 16, 32, 48; log lines (and heartbeats) every 4 steps
 RUN = [*FAST_TRAINING, "--set", f"training.maxSteps={STEPS},training.epochs=3,training.logEverySteps=4",
        "--set", f"checkpoint.everySteps={EVERY},metrics.enabled=false",
@@ -84,6 +114,11 @@ def _run(tmp_path, name: str, fault: signal.Signals | None) -> dict:
     summary = result.summary
     assert summary["status"] == "succeeded" and summary["restarts"] == (0 if fault is None else 1)
     assert "goodput " in result.stdout  # the log line at the end
+    curves, _ = scalars(workdir / "tensorboard")  # rank 0's events, every attempt's
+    step, ratio = curves["goodput/ratio"][-1]
+    assert step == STEPS and ratio == pytest.approx(summary["goodput"], abs=0.02), (curves["goodput/ratio"], summary)
+    summary["tensorboard_losses"] = {tag.rsplit("/", 1)[1]: points[-1][1] for tag, points in curves.items()
+                                     if tag.startswith("goodput/loss_seconds/")}
     return summary
 
 
@@ -92,6 +127,7 @@ def test_goodput_drops_with_a_preemption_and_a_kill_and_the_named_losses_explain
     runs = {name: _run(tmp_path, name, fault) for name, fault in
             (("steady", None), ("preempted", signal.SIGTERM), ("killed", signal.SIGKILL))}
     for name, s in runs.items():
+        print(name, {k: s[k] for k in ("goodput", "experiment_seconds", "productive_seconds", "goodput_losses")})
         named = sum(s["goodput_losses"][reason] for reason in LOSSES)
         # The named losses account for the wall time that was not productive, within 5%.
         unproductive = s["experiment_seconds"] - s["productive_seconds"]
@@ -108,5 +144,6 @@ def test_goodput_drops_with_a_preemption_and_a_kill_and_the_named_losses_explain
     assert preempted["goodput_losses"]["startup"] > steady["goodput_losses"]["startup"], runs
     # A kill after a log step past the checkpoint of step 16 loses that work; the resume redoes it.
     assert killed["goodput_losses"]["lost_work"] > 0, killed
+    assert killed["tensorboard_losses"]["lost_work"] == pytest.approx(killed["goodput_losses"]["lost_work"], abs=0.01)
     assert killed["goodput_losses"]["between_attempts"] > 0, killed
     assert killed["goodput_losses"]["startup"] > steady["goodput_losses"]["startup"], runs

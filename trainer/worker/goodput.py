@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class Goodput:
         self.productive = 0.0
         self.losses = {name: 0.0 for name in LOSSES}
         self.store, self.key = store, key
-        self._warned = False
+        self._writing: threading.Thread | None = None  # a heartbeat being written beside training
 
     # ------------------------------------------------------------ accounting
     def add(self, reason: str, seconds: float) -> None:
@@ -98,18 +99,35 @@ class Goodput:
         self.add("lost_work", last - base["time"])
         self.add("between_attempts", self.process_start - last)
 
-    def heartbeat(self, step: int) -> None:
-        """Leave the live account where the next attempt finds it; a storage failure only warns once
-        (the checkpoints report storage trouble)."""
+    def heartbeat(self, step: int, wait: bool = False) -> None:
+        """Leave the live account where the next attempt finds it. At log steps (`wait` False) the write
+        runs beside training, and is skipped while the last one is still in flight (the next supersedes
+        it); after a blocking save and at the end it is written before returning, after any in flight."""
         if self.store is None:
             return
+        record = json.dumps(self.state(step)).encode()
+        if self._writing is not None and self._writing.is_alive():
+            if not wait:
+                return
+            self._writing.join()
+        if wait:
+            self._write(record)
+        else:
+            self._writing = threading.Thread(target=self._write, args=(record,), name="goodput-heartbeat",
+                                             daemon=True)
+            self._writing.start()
+
+    def _write(self, record: bytes) -> None:
+        store = self.store
+        if store is None:
+            return
         try:
-            self.store.write_bytes(self.key, json.dumps(self.state(step)).encode())
-        except Exception as e:  # noqa: BLE001 - goodput must never stop training
-            if not self._warned:
-                log.warning("goodput: cannot write the heartbeat %s (%s); a restart counts the time since "
-                            "the last checkpoint as between attempts", self.store.url(self.key), e)
-                self._warned = True
+            store.write_bytes(self.key, record)
+        except Exception as e:  # noqa: BLE001 - goodput must never stop training; the checkpoints report storage
+            self.store = None  # no more heartbeats this attempt: each would wait out s3.retrySeconds again
+            log.warning("goodput: cannot write the heartbeat %s (%s); no more heartbeats from this attempt, so "
+                        "a restart counts its time since its last checkpoint as between attempts",
+                        store.url(self.key), e)
 
     def _read_heartbeat(self) -> dict | None:
         if self.store is None:

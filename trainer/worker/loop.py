@@ -374,7 +374,7 @@ class Trainer:
                 checkpoints.save(self, blocking=blocking)
                 goodput.add("checkpoint_stall", time.perf_counter() - started)
                 if blocking and checkpoints.enabled:  # committed: a stop now loses nothing after it
-                    goodput.heartbeat(self.state.step)
+                    goodput.heartbeat(self.state.step, wait=True)
                 self._training_phase()
                 watchdog.beat(f"checkpoint at step {self.state.step}")
                 timer.restart()
@@ -402,7 +402,7 @@ class Trainer:
                 self.outputs = exported if isinstance(exported, dict) else {"model": exported} if exported else {}
             else:  # a rerun of a finished run: the export its first run wrote, if any
                 self.outputs = existing_export(self)
-        goodput.heartbeat(self.state.step)
+        goodput.heartbeat(self.state.step, wait=True)
         report = self._observe_goodput()
         if self.info.is_main:
             log.info("%s", describe_goodput(report))
