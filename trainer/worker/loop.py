@@ -356,14 +356,17 @@ class Trainer:
             STARTUP.report(self.info.is_main)  # once: where the time to this first step went
             if self.cfg.step_log_file:
                 self._log_step(step_loss)
+            log_step = window.due(self.state.step)
+            if log_step:
+                self._report_window(window)
+            # After the log step: its sync is where a GPU's queued work of the window is waited for.
             lap = timer.lap()
             goodput.step(*lap)
-            if window.due(self.state.step):
-                self._report_window(window)
-                self._observe_goodput()
-                goodput.heartbeat(self.state.step)
             self.metrics.observe_step(*lap, self.samples_per_step // self.info.world_size,
                                       self.scheduler.get_last_lr()[0], self.state.epoch)
+            if log_step:
+                self._observe_goodput()
+                goodput.heartbeat(self.state.step)
             watchdog.beat(f"step {self.state.step}")
             PHASES.progress(self.state.step)
             preempted = preemption.should_stop()  # every rank, every step: agree on one boundary
