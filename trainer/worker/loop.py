@@ -277,7 +277,8 @@ class Trainer:
             model = {k: v for k, v in model.items() if self.spec.checkpoint_keys(k)}
         return {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "train_state": dataclasses.asdict(self.state),
-                "rng": capture_rng(), "goodput": self.goodput.state(self.state.step)}
+                "rng": capture_rng(), "goodput": self.goodput.state(self.state.step),
+                "efficiency": {"flops_per_step": self.efficiency.flops_per_step}}
 
     def load_state_dict(self, state: dict) -> None:
         from trainer.worker.checkpoint import load_model_optimizer_state, restore_rng
@@ -290,6 +291,11 @@ class Trainer:
         if "rng" in state:
             restore_rng(state["rng"])
         self._saved_goodput = state.get("goodput")  # None in checkpoints from before goodput
+        # The FLOP count travels too: counting runs a step under FlopCounterMode, whose kernel choices can
+        # differ in the last bits, and a resumed attempt must repeat the unbroken run's steps exactly.
+        saved_flops = (state.get("efficiency") or {}).get("flops_per_step")
+        if saved_flops is not None:
+            self.efficiency.flops_per_step = float(saved_flops)
 
     def _log_step(self, step_loss: torch.Tensor) -> None:
         """training.stepLogFile: one JSON line per optimizer step (mean loss over ranks)."""
