@@ -36,7 +36,8 @@ def test_prometheus_holds_both_ranks_falling_loss_and_fresh_heartbeat(live_run):
     assert values[-1] < 0.5 * values[0], f"loss did not fall in Prometheus: {values}"
     assert values[-1] == pytest.approx(summary["train_loss"], rel=1e-6)
 
-    heartbeat = _by_rank(at_end('last_over_time(kubetrain_last_step_timestamp_seconds[5m])'))
+    # Scoped to the demo run: the token run (TOKENS_EXPERIMENT) follows it on the same ports within seconds.
+    heartbeat = _by_rank(at_end('last_over_time(kubetrain_last_step_timestamp_seconds{experiment="metrics-demo"}[5m])'))
     for rank, stamp in heartbeat.items():
         assert live_run.ended - 30 < stamp <= live_run.ended, f"rank {rank} heartbeat is stale: {stamp}"
 
@@ -44,17 +45,17 @@ def test_prometheus_holds_both_ranks_falling_loss_and_fresh_heartbeat(live_run):
     assert {i["metric"]["world_size"] for i in info} == {"2"}
     assert {i["metric"]["task"] for i in info} == {"cifar10-convnet"}
 
-    eval_acc = _by_rank(at_end('last_over_time(kubetrain_eval_accuracy_ratio[5m])'))
+    eval_acc = _by_rank(at_end('last_over_time(kubetrain_eval_accuracy_ratio{experiment="metrics-demo"}[5m])'))
     assert eval_acc["0"] == pytest.approx(summary["eval_accuracy"])
-    samples = _by_rank(at_end('max_over_time(kubetrain_samples_total[5m])'))
+    samples = _by_rank(at_end('max_over_time(kubetrain_samples_total{experiment="metrics-demo"}[5m])'))
     assert sum(samples.values()) == summary["steps"] * 16 * 2
 
     # Checkpoints every 200 of 600 steps, reported by the checkpoint manager on every rank.
-    saves = _by_rank(at_end('max_over_time(kubetrain_checkpoint_save_duration_seconds_count[5m])'))
+    saves = _by_rank(at_end('max_over_time(kubetrain_checkpoint_save_duration_seconds_count{experiment="metrics-demo"}[5m])'))
     assert saves == {"0": 3, "1": 3}
-    last_saved = _by_rank(at_end('last_over_time(kubetrain_checkpoint_last_saved_step[5m])'))
+    last_saved = _by_rank(at_end('last_over_time(kubetrain_checkpoint_last_saved_step{experiment="metrics-demo"}[5m])'))
     assert last_saved == {"0": 600, "1": 600}
-    written = _by_rank(at_end('max_over_time(kubetrain_checkpoint_saved_bytes_total[5m])'))
+    written = _by_rank(at_end('max_over_time(kubetrain_checkpoint_saved_bytes_total{experiment="metrics-demo"}[5m])'))
     assert written["0"] > 0
 
     # metrics.peakFlops gives the CPU run a peak: MFU from both ranks, with the same FLOPs per step.
