@@ -270,12 +270,7 @@ class Kube:
         path = self._path(obj["apiVersion"], obj["kind"])
         query = {"dryRun": "All", "fieldValidation": "Strict", "fieldManager": FIELD_MANAGER}
         response, _, data = self._send("POST", path, query, obj, "application/json")
-        if response.status < 400:
-            return response.status, ""
-        try:
-            return response.status, json.loads(data).get("message") or response.reason
-        except (ValueError, AttributeError):
-            return response.status, data.decode("utf-8", errors="replace").strip() or response.reason
+        return response.status, "" if response.status < 400 else _message(response.reason, data)
 
     def get(self, api_version: str, kind: str, name: str) -> dict | None:
         path = self._path(api_version, kind, name)
